@@ -1,0 +1,187 @@
+"""The ``mammo`` command line: run the pipeline, inspect the store, open the UI, make data."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows import environment
+from mammo_core.config import load_params
+from mammo_core.errors import ParamsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+STAGE_HELP = "stage name (acquire, curate, ...)"
+
+
+def _stage_names() -> list[str]:
+    from tasks.registry import ORDER
+
+    return [s.name for s in ORDER]
+
+
+def select_stages(
+    from_: str | None, until: str | None, only: list[str] | None
+) -> list[str]:
+    """The stages a run executes, in order, from --from/--until/--only."""
+    names = _stage_names()
+    for name in [from_, until, *(only or [])]:
+        if name is not None and name not in names:
+            raise typer.BadParameter(f"unknown stage {name!r}; stages are: {', '.join(names)}")
+    if only:
+        return [n for n in names if n in set(only)]
+    start = names.index(from_) if from_ else 0
+    stop = names.index(until) + 1 if until else len(names)
+    return names[start:stop]
+
+
+def _table(outcomes: list[dict]) -> Table:
+    table = Table(title="mammo run", show_lines=False)
+    for col in ("stage", "status", "seconds", "key"):
+        table.add_column(col)
+    style = {"ran": "green", "cached": "cyan", "failed": "bold red"}
+    for row in outcomes:
+        table.add_row(
+            row["stage"],
+            f"[{style.get(row['status'], '')}]{row['status']}[/]",
+            f"{row['seconds']:.1f}",
+            row["key"],
+        )
+    return table
+
+
+@app.command()
+def run(
+    params: Path = typer.Option(Path("params/default.yaml"), "-p", "--params", help="params YAML file"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set curate.workers=4"),
+    from_: str | None = typer.Option(None, "--from", help=f"first {STAGE_HELP} to run"),
+    until: str | None = typer.Option(None, "--until", help=f"last {STAGE_HELP} to run"),
+    only: list[str] = typer.Option([], "--only", help=f"run only this {STAGE_HELP} (repeatable)"),
+    force: list[str] = typer.Option([], "--force", help="re-run this stage and its descendants"),
+    store: Path | None = typer.Option(None, "--store", help="artifact store (default $MAMMO_STORE or .mammo)"),
+) -> None:
+    """Run the pipeline; finished stages with unchanged inputs are reused."""
+    try:
+        load_params(params, set_)
+    except ParamsError as exc:
+        console.print(f"[bold red]invalid params[/]\n{exc}")
+        raise typer.Exit(2) from None
+    stages = select_stages(from_, until, only)
+    for name in force:
+        select_stages(None, None, [name])
+    root = environment.store_root(store)
+    environment.configure(root)
+    from flows.pipeline import PipelineFailed, pipeline
+
+    started = time.perf_counter()
+    try:
+        outcomes = pipeline(
+            params_file=str(params), overrides=list(set_), stages=stages, force=list(force), store=str(root)
+        )
+    except PipelineFailed as exc:
+        console.print(_table(exc.outcomes))
+        console.print(f"[bold red]stage {exc.stage} failed:[/] {exc.message}")
+        resume = ["mammo", "run", "-p", str(params), *sum((["--set", s] for s in set_), [])]
+        if store:
+            resume += ["--store", str(store)]
+        console.print("Fix the cause, then resume (finished stages are reused):")
+        console.print(f"  {shlex.join(resume + ['--from', exc.stage])}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(_table(outcomes))
+    console.print(f"done in {time.perf_counter() - started:.1f} s; store {root}")
+
+
+@app.command()
+def status(
+    params: Path = typer.Option(Path("params/default.yaml"), "-p", "--params"),
+    set_: list[str] = typer.Option([], "--set"),
+    store: Path | None = typer.Option(None, "--store"),
+) -> None:
+    """Per stage: key, done or missing, folder (no Prefect server is started)."""
+    try:
+        p = load_params(params, set_)
+    except ParamsError as exc:
+        console.print(f"[bold red]invalid params[/]\n{exc}")
+        raise typer.Exit(2) from None
+    root = environment.store_root(store)
+    from mammo_core.store import ArtifactStore
+    from tasks.registry import ORDER
+
+    art = ArtifactStore(root)
+    keys: dict[str, str] = {}
+    table = Table(title=f"store {root}")
+    for col in ("stage", "state", "key", "folder"):
+        table.add_column(col)
+    for spec in ORDER:
+        keys[spec.name] = spec.key(p, {u: keys[u] for u in spec.upstream})
+        found = art.find(spec.name, keys[spec.name])
+        table.add_row(
+            spec.name,
+            "[green]done[/]" if found else "[yellow]missing[/]",
+            keys[spec.name],
+            str(found.path) if found else "",
+        )
+    Console().print(table)
+
+
+@app.command()
+def ui(
+    store: Path | None = typer.Option(None, "--store"),
+    port: int = typer.Option(5000, "--port"),
+) -> None:
+    """Open the MLflow UI on the store, bound to 127.0.0.1."""
+    root = environment.store_root(store)
+    environment.configure(root)
+    from tasks.tracking import default_tracking_uri
+
+    uri = default_tracking_uri(root)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port)]
+    if uri.startswith("sqlite:"):
+        cmd += ["--default-artifact-root", (root / "mlartifacts").as_uri()]
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {root}); Ctrl-C to stop")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def phantom(
+    out: Path = typer.Argument(..., help="folder to write the CBIS-DDSM twin into"),
+    patients: int = typer.Option(20, "--patients"),
+    seed: int = typer.Option(0, "--seed"),
+    height: int = typer.Option(1024, "--height"),
+    width: int = typer.Option(640, "--width"),
+) -> None:
+    """Write a phantom CBIS-DDSM twin (CSVs + classic NBIA DICOM layout)."""
+    from mammo_core.phantom import generate_phantom
+
+    summary = generate_phantom(out, n_patients=patients, seed=seed, image_shape=(height, width))
+    console.print(summary)
+
+
+@app.command()
+def download(
+    out: Path = typer.Argument(..., help="target folder (resumable)"),
+    limit: int | None = typer.Option(None, "--limit", help="first N series only"),
+    workers: int = typer.Option(4, "--workers"),
+    base_url: str = typer.Option("https://services.cancerimagingarchive.net/nbia-api/services/v1", "--base-url"),
+    collection: str = typer.Option("CBIS-DDSM", "--collection"),
+) -> None:
+    """Download CBIS-DDSM from TCIA's public NBIA API (resumable, checksummed)."""
+    from mammo_core.tcia import download_collection
+
+    summary = download_collection(out, collection=collection, base_url=base_url, limit=limit, workers=workers)
+    console.print(summary)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,152 @@
+"""Typed params: the only place where pipeline parameters are defined.
+
+Params files (``params/*.yaml``) are validated against these models; an unknown key or a bad value is
+rejected with a message naming the file and the dotted key, so a typo never silently falls back to a
+default. ``--set section.key=value`` overrides are applied before validation and named the same way.
+Each stage's cache key covers only its own section(s), which is why the sections are small and separate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mammo_core.errors import ParamsError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunParams(_Section):
+    """Settings of the run itself; not part of any stage key."""
+
+    name: str = "mammo"
+    experiment: str = "mammo-fusion"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DataParams(_Section):
+    """Where the raw dataset comes from (acquire)."""
+
+    source: Literal["phantom", "cbis-tcia", "cbis-local", "cbis-jpeg"] = "phantom"
+    root: str | None = Field(
+        default=None, description="local dataset root (cbis-local, cbis-jpeg) or download target (cbis-tcia)"
+    )
+    # phantom
+    n_patients: int = Field(default=120, gt=0, le=100_000)
+    image_shape: tuple[int, int] = (1024, 640)
+    seed: int = 0
+    # cbis-tcia
+    base_url: str = "https://services.cancerimagingarchive.net/nbia-api/services/v1"
+    collection: str = "CBIS-DDSM"
+    limit: int | None = Field(default=None, gt=0)
+    download_workers: int = Field(default=4, ge=1, le=32)
+
+    @model_validator(mode="after")
+    def _root_for_real_data(self) -> DataParams:
+        if self.source in ("cbis-local", "cbis-jpeg") and not self.root:
+            raise ValueError(f"data.root is required when data.source is {self.source!r}")
+        if min(self.image_shape) < 64:
+            raise ValueError("data.image_shape must be at least 64 pixels on each side")
+        return self
+
+
+class TaskParams(_Section):
+    """What is being predicted (DESIGN.md §6)."""
+
+    classes: Literal["seven", "five", "binary"] = "seven"
+
+
+class CurateParams(_Section):
+    """Parsing, resolution, splitting and the preprocessed image cache."""
+
+    max_side: int = Field(default=1024, ge=64, le=8192, description="long side of cached images, pixels")
+    val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
+    split_seed: int = 0
+    workers: int = Field(default=2, ge=1, le=64)
+    min_box_area: int = Field(default=4, ge=1)
+    mask_aspect_tolerance: float = Field(default=0.01, gt=0.0, lt=0.2)
+
+
+class Params(BaseModel):
+    """The whole params file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: RunParams = RunParams()
+    data: DataParams = DataParams()
+    task: TaskParams = TaskParams()
+    curate: CurateParams = CurateParams()
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section as plain JSON-able data (what a stage key hashes)."""
+        return getattr(self, name).model_dump(mode="json")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ParamsError(f"--set {dotted}: expected section.key=value")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"--set {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=v`` -> ("a.b", v) with v parsed as YAML (so 3 is an int, [1, 2] a list, null None)."""
+    if "=" not in text:
+        raise ParamsError(f"--set {text}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from exc
+    return key.strip(), value
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read, override and validate a params file; ``None`` means all defaults."""
+    source = str(path) if path is not None else "<defaults>"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ParamsError(f"{source}: params file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{source}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ParamsError(f"{source}: top level must be a mapping of sections")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    if overrides:
+        source = f"{source} (with --set {', '.join(overrides)})"
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise ParamsError(_format_errors(source, exc)) from None

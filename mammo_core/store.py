@@ -1,0 +1,203 @@
+"""The artifact store: content-derived stage keys and atomic, manifest-sealed stage folders.
+
+Layout (DESIGN.md §3)::
+
+    <store>/stages/<stage>/<key>/          finished output; manifest.json is written last
+    <store>/stages/<stage>/.tmp-<key>-*    work in progress, renamed into place when sealed
+
+A folder at the final path always holds a manifest, because the rename is the last step; a crash leaves
+only a ``.tmp-`` sibling that the next attempt ignores and :func:`sweep_temporaries` removes. When two
+processes produce the same key at once, the first rename wins and the loser discards its copy: same key
+means same inputs, so the two outputs are interchangeable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+MANIFEST = "manifest.json"
+_HASH_CHUNK = 1 << 20
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON (sorted keys, no whitespace) so equal params always hash equal."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def source_digest(modules: Iterable[ModuleType]) -> str:
+    """sha256 over the source files of the modules a stage runs, in a stable order.
+
+    Only the code a stage actually runs enters its key, so editing a test or another stage's module
+    re-runs nothing here.
+    """
+    h = hashlib.sha256()
+    for module in sorted(set(modules), key=lambda m: m.__name__):
+        path = getattr(module, "__file__", None)
+        if not path:
+            raise ValueError(f"module {module.__name__} has no source file to hash")
+        h.update(module.__name__.encode())
+        h.update(b"\0")
+        h.update(Path(path).read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def stage_key(stage: str, code_digest: str, params: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
+    """Key of a stage = sha256(stage name, code, its params section, the keys of its upstream stages)."""
+    payload = canonical_json(
+        {"stage": stage, "code": code_digest, "params": params, "upstream": dict(sorted(upstream.items()))}
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON through a temporary sibling and ``os.replace``: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(value, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class StageFolder:
+    """A finished stage output and its manifest."""
+
+    stage: str
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict(self.manifest.get("metrics", {}))
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self.manifest.get("mlflow_run_id")
+
+
+class IntegrityError(RuntimeError):
+    """A sealed stage folder does not match its manifest."""
+
+
+class ArtifactStore:
+    """The ``stages/`` tree under a store root."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / "stages" / stage
+
+    def final_path(self, stage: str, key: str) -> Path:
+        return self.stage_dir(stage) / key
+
+    def find(self, stage: str, key: str) -> StageFolder | None:
+        """The finished folder for (stage, key), or None. A folder without manifest is never returned."""
+        path = self.final_path(stage, key)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            return None
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        return StageFolder(stage=stage, key=key, path=path, manifest=manifest)
+
+    def begin(self, stage: str, key: str) -> Path:
+        """A fresh temporary folder for producing (stage, key)."""
+        parent = self.stage_dir(stage)
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        return tmp
+
+    def seal(
+        self,
+        stage: str,
+        key: str,
+        tmp: Path,
+        *,
+        params: Mapping[str, Any],
+        upstream: Mapping[str, str],
+        metrics: Mapping[str, float],
+        mlflow_run_id: str | None,
+        extra: Mapping[str, Any] | None = None,
+        replace: bool = False,
+    ) -> StageFolder:
+        """Write the manifest last, then rename ``tmp`` into place.
+
+        ``replace`` (``--force``) moves an existing folder aside first; otherwise an existing folder
+        wins and ``tmp`` is discarded.
+        """
+        tmp = Path(tmp)
+        files = []
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel = f.relative_to(tmp).as_posix()
+            files.append({"path": rel, "size": f.stat().st_size, "sha256": file_sha256(f)})
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "created_unix": time.time(),
+            "params": dict(params),
+            "upstream": dict(upstream),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "mlflow_run_id": mlflow_run_id,
+            "files": files,
+            **(dict(extra) if extra else {}),
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+        final = self.final_path(stage, key)
+        if replace and final.exists():
+            aside = final.with_name(f".old-{key}-{uuid.uuid4().hex[:8]}")
+            os.rename(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / MANIFEST).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another producer won; same key, same content
+        found = self.find(stage, key)
+        assert found is not None
+        return found
+
+    def verify(self, folder: StageFolder) -> None:
+        """Check every file listed in the manifest: present, same size, same sha256."""
+        for entry in folder.manifest.get("files", []):
+            f = folder.path / entry["path"]
+            if not f.is_file():
+                raise IntegrityError(f"{folder.path}: missing {entry['path']}")
+            if f.stat().st_size != entry["size"] or file_sha256(f) != entry["sha256"]:
+                raise IntegrityError(f"{folder.path}: {entry['path']} does not match its manifest")
+
+    def sweep_temporaries(self, stage: str, older_than_s: float = 0.0) -> int:
+        """Remove abandoned ``.tmp-``/``.old-`` folders of a stage (left by killed runs)."""
+        parent = self.stage_dir(stage)
+        if not parent.is_dir():
+            return 0
+        removed = 0
+        now = time.time()
+        for child in parent.iterdir():
+            if child.name.startswith((".tmp-", ".old-")) and now - child.stat().st_mtime >= older_than_s:
+                shutil.rmtree(child, ignore_errors=True)
+                removed += 1
+        return removed

@@ -1,0 +1,30 @@
+"""The stages in pipeline order (a topological order of the DAG in DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from tasks import acquire, curate
+from tasks.runtime import StageSpec
+
+ORDER: tuple[StageSpec, ...] = (acquire.SPEC, curate.SPEC)
+STAGES: dict[str, StageSpec] = {spec.name: spec for spec in ORDER}
+
+
+def descendants(stage: str) -> set[str]:
+    """``stage`` and every stage downstream of it."""
+    out = {stage}
+    for spec in ORDER:
+        if any(u in out for u in spec.upstream):
+            out.add(spec.name)
+    return out
+
+
+def ancestors(stage: str) -> set[str]:
+    """Every stage ``stage`` needs, itself excluded."""
+    out: set[str] = set()
+    todo = list(STAGES[stage].upstream)
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo.extend(STAGES[name].upstream)
+    return out

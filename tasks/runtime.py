@@ -1,0 +1,300 @@
+"""The stage machinery shared by every stage module in ``tasks/``.
+
+A stage is a :class:`StageSpec`: a name, its upstream stages, the params sections and the code modules
+that enter its key, and a ``run`` function that writes its outputs into a temporary folder. This module
+turns a spec into (1) a content-derived key, (2) a Prefect task whose cache key is that stage key, (3) an
+MLflow child run, and (4) an atomically sealed folder in the artifact store.
+
+The store is the source of truth: the task body first looks for a sealed folder with the key, so a
+deleted Prefect database costs nothing but a few milliseconds per stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from mammo_core.config import Params
+from mammo_core.store import ArtifactStore, source_digest, stage_key
+from tasks import tracking
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of one ``mammo run`` shares. Plain data: it crosses thread/process boundaries."""
+
+    store: str
+    params: dict[str, Any]
+    params_file: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    flow_run_id: str
+    git_commit: str
+    force: frozenset[str] = frozenset()
+
+    def typed_params(self) -> Params:
+        return Params.model_validate(self.params)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage hands downstream (and what Prefect persists as the task result)."""
+
+    stage: str
+    key: str
+    path: str
+    metrics: dict[str, float]
+    mlflow_run_id: str | None
+    parent_run_id: str | None
+    seconds: float
+    ran: bool
+
+    def file(self, name: str) -> Path:
+        return Path(self.path) / name
+
+
+@dataclass
+class StageContext:
+    """Passed to a stage's ``run``: where to write, what came before, how to report."""
+
+    stage: str
+    key: str
+    workdir: Path
+    params: Params
+    upstream: dict[str, StageResult]
+    store_root: Path
+    client: MlflowClient
+    run_id: str
+    logger: logging.Logger | logging.LoggerAdapter
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def log_metric(self, name: str, value: float, step: int | None = None) -> None:
+        """Log to MLflow now; the last value of each name also goes to the manifest."""
+        tracking.log_metrics(self.client, self.run_id, {name: value}, step=step or 0)
+        self.metrics[name] = float(value)
+
+    def log_metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
+        tracking.log_metrics(self.client, self.run_id, values, step=step or 0)
+        self.metrics.update({k: float(v) for k, v in values.items()})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, path: Path, name: str, context: str) -> None:
+        tracking.log_file_dataset(self.client, self.run_id, path, name, context)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    upstream: tuple[str, ...]
+    sections: tuple[str, ...]
+    code: tuple[ModuleType, ...]
+    run: Callable[[StageContext], None]
+    manifest_extra: Callable[[StageContext], dict[str, Any]] | None = None
+
+    def params_of(self, params: Params) -> dict[str, Any]:
+        return {s: params.section(s) for s in self.sections}
+
+    def key(self, params: Params, upstream_keys: Mapping[str, str]) -> str:
+        missing = set(self.upstream) - set(upstream_keys)
+        if missing:
+            raise ValueError(f"stage {self.name}: upstream keys missing for {sorted(missing)}")
+        stage_module = sys.modules[self.run.__module__]
+        return stage_key(
+            self.name,
+            source_digest((stage_module, *self.code)),
+            self.params_of(params),
+            {u: upstream_keys[u] for u in self.upstream},
+        )
+
+
+def _result_from_store(spec: StageSpec, store: ArtifactStore, key: str) -> StageResult | None:
+    folder = store.find(spec.name, key)
+    if folder is None:
+        return None
+    return StageResult(
+        stage=spec.name,
+        key=key,
+        path=str(folder.path),
+        metrics=folder.metrics,
+        mlflow_run_id=folder.mlflow_run_id,
+        parent_run_id=folder.manifest.get("mlflow_parent_run_id"),
+        seconds=float(folder.manifest.get("seconds", 0.0)),
+        ran=False,
+    )
+
+
+def lookup(spec: StageSpec, ctx: RunContext, key: str) -> StageResult | None:
+    """The finished output of (stage, key) in the store, without running anything."""
+    return _result_from_store(spec, ArtifactStore(ctx.store), key)
+
+
+def still_sealed(result: StageResult) -> bool:
+    """True when the folder a (possibly Prefect-cached) result points to still carries its manifest."""
+    return (Path(result.path) / "manifest.json").is_file()
+
+
+def execute(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, StageResult]) -> StageResult:
+    """Produce (stage, key) unless the store already has it; the body of the Prefect task."""
+    store = ArtifactStore(ctx.store)
+    forced = spec.name in ctx.force
+    if not forced:
+        found = _result_from_store(spec, store, key)
+        if found is not None:
+            return found
+    try:
+        logger: logging.Logger | logging.LoggerAdapter = get_run_logger()
+    except Exception:  # called outside a Prefect run (unit tests of a stage)
+        logger = logging.getLogger(f"mammo.{spec.name}")
+    params = ctx.typed_params()
+    client = MlflowClient(ctx.tracking_uri)
+    run_id = tracking.start_run(
+        client,
+        ctx.experiment_id,
+        spec.name,
+        tags={
+            "stage": spec.name,
+            "stage_key": key,
+            "cache_hit": "false",
+            "prefect_flow_run_id": ctx.flow_run_id,
+            "params_file": ctx.params_file,
+            "git_commit": ctx.git_commit,
+            **{f"upstream.{u}": r.key for u, r in upstream.items()},
+        },
+        parent_run_id=ctx.parent_run_id,
+    )
+    _log_params(client, run_id, spec.params_of(params))
+    workdir = store.begin(spec.name, key)
+    started = time.perf_counter()
+    stage_ctx = StageContext(
+        stage=spec.name,
+        key=key,
+        workdir=workdir,
+        params=params,
+        upstream=upstream,
+        store_root=Path(ctx.store),
+        client=client,
+        run_id=run_id,
+        logger=logger,
+    )
+    try:
+        spec.run(stage_ctx)
+        seconds = time.perf_counter() - started
+        stage_ctx.log_metric(f"{spec.name}/seconds", seconds)
+        extra = {"seconds": seconds, "mlflow_parent_run_id": ctx.parent_run_id}
+        if spec.manifest_extra is not None:
+            extra.update(spec.manifest_extra(stage_ctx))
+        folder = store.seal(
+            spec.name,
+            key,
+            workdir,
+            params=spec.params_of(params),
+            upstream={u: r.key for u, r in upstream.items()},
+            metrics=stage_ctx.metrics,
+            mlflow_run_id=run_id,
+            extra=extra,
+            replace=forced,
+        )
+        client.log_artifact(run_id, str(folder.path / "manifest.json"))
+    except BaseException as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            client.set_tag(run_id, "error", "".join(traceback.format_exception_only(exc)).strip()[:4000])
+            tracking.finish_run(client, run_id, ok=False)
+        except Exception:
+            pass
+        raise
+    tracking.finish_run(client, run_id, ok=True)
+    return StageResult(
+        stage=spec.name,
+        key=key,
+        path=str(folder.path),
+        metrics=folder.metrics,
+        mlflow_run_id=run_id,
+        parent_run_id=ctx.parent_run_id,
+        seconds=seconds,
+        ran=True,
+    )
+
+
+def _log_params(client: MlflowClient, run_id: str, sections: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = str(value)[:6000]
+
+    walk("", sections)
+    items = [Param(k, v) for k, v in sorted(flat.items())]
+    for i in range(0, len(items), 90):
+        client.log_batch(run_id, params=items[i : i + 90])
+
+
+def record_cache_hit(spec: StageSpec, ctx: RunContext, result: StageResult) -> str:
+    """A child run for a stage reused from an earlier run, carrying its metrics for side-by-side views."""
+    client = MlflowClient(ctx.tracking_uri)
+    run_id = tracking.start_run(
+        client,
+        ctx.experiment_id,
+        spec.name,
+        tags={
+            "stage": spec.name,
+            "stage_key": result.key,
+            "cache_hit": "true",
+            "source_run_id": result.mlflow_run_id or "",
+            "prefect_flow_run_id": ctx.flow_run_id,
+            "params_file": ctx.params_file,
+            "git_commit": ctx.git_commit,
+            "stage_path": result.path,
+        },
+        parent_run_id=ctx.parent_run_id,
+    )
+    _log_params(client, run_id, spec.params_of(ctx.typed_params()))
+    tracking.log_metrics(client, run_id, result.metrics)
+    tracking.finish_run(client, run_id, ok=True)
+    return run_id
+
+
+def _task_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect's cache key is the stage key, never anything about the flow run."""
+    return f"{parameters['stage']}-{parameters['key']}"
+
+
+@task(cache_key_fn=_task_cache_key, persist_result=True, retries=0)
+def stage_task(stage: str, ctx: RunContext, key: str, upstream: dict[str, StageResult]) -> StageResult:
+    """The Prefect task behind every stage (renamed per stage with ``with_options``)."""
+    from tasks.registry import STAGES
+
+    return execute(STAGES[stage], ctx, key, upstream)
+
+
+@task(persist_result=False, cache_policy=NO_CACHE)
+def cache_hit_task(stage: str, ctx: RunContext, result: StageResult) -> str:
+    """Record a reused stage as its own child run (tagged cache_hit=true)."""
+    from tasks.registry import STAGES
+
+    return record_cache_hit(STAGES[stage], ctx, result)

@@ -1,0 +1,77 @@
+"""MLflow tracking for pipeline runs: one parent run per ``mammo run``, one child run per stage.
+
+Everything goes through an explicit ``MlflowClient`` and run ids, never the fluent API's implicit
+"active run": stages run in Prefect worker threads (or processes), where a thread-local active run
+would attach metrics to the wrong run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.time import get_current_time_millis
+
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+_MAX_BATCH = 900
+
+
+def default_tracking_uri(store: Path) -> str:
+    """``$MLFLOW_TRACKING_URI`` when set, else the embedded SQLite store under the artifact store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(store).resolve() / 'mlflow.db'}"
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
+    """The experiment id for ``name``, created with its artifact root under the store when new."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = Path(artifact_root).resolve().as_uri() if artifact_root is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def start_run(
+    client: MlflowClient,
+    experiment_id: str,
+    name: str,
+    tags: Mapping[str, str],
+    parent_run_id: str | None = None,
+) -> str:
+    all_tags = {RUN_NAME_TAG: name, **{k: str(v) for k, v in tags.items()}}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    return run.info.run_id
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Log many metrics in batches (one round trip per batch, not per metric)."""
+    now = get_current_time_millis()
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(items), _MAX_BATCH):
+        client.log_batch(run_id, metrics=items[i : i + _MAX_BATCH])
+
+
+def log_file_dataset(client: MlflowClient, run_id: str, path: Path, name: str, context: str) -> None:
+    """Record a produced table as an MLflow dataset input (digest = sha256 of the file)."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    dataset = Dataset(name=name, digest=digest, source_type="local", source=Path(path).resolve().as_uri())
+    client.log_inputs(
+        run_id, datasets=[DatasetInput(dataset=dataset, tags=[InputTag("mlflow.data.context", context)])]
+    )
+
+
+def finish_run(client: MlflowClient, run_id: str, ok: bool) -> None:
+    status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+    client.set_terminated(run_id, status=status)

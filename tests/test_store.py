@@ -1,0 +1,103 @@
+import json
+import os
+import threading
+
+import pytest
+
+from mammo_core import store as store_mod
+from mammo_core.store import ArtifactStore, IntegrityError, canonical_json, stage_key
+
+
+def test_key_depends_on_each_input():
+    base = stage_key("curate", "code1", {"a": 1, "b": [1, 2]}, {"acquire": "k1"})
+    assert base == stage_key("curate", "code1", {"b": [1, 2], "a": 1}, {"acquire": "k1"})  # order-free
+    others = {
+        stage_key("patches", "code1", {"a": 1, "b": [1, 2]}, {"acquire": "k1"}),
+        stage_key("curate", "code2", {"a": 1, "b": [1, 2]}, {"acquire": "k1"}),
+        stage_key("curate", "code1", {"a": 2, "b": [1, 2]}, {"acquire": "k1"}),
+        stage_key("curate", "code1", {"a": 1, "b": [1, 2]}, {"acquire": "k2"}),
+    }
+    assert base not in others and len(others) == 4
+
+
+def test_source_digest_follows_code(tmp_path, monkeypatch):
+    mod_file = tmp_path / "fake_stage_mod.py"
+    mod_file.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fake_stage_mod
+
+    d1 = store_mod.source_digest([fake_stage_mod])
+    mod_file.write_text("X = 2\n")
+    assert store_mod.source_digest([fake_stage_mod]) != d1
+
+
+def test_seal_writes_manifest_last_and_atomically(tmp_path):
+    art = ArtifactStore(tmp_path)
+    tmp = art.begin("curate", "k1")
+    (tmp / "a.txt").write_text("hello")
+    (tmp / "sub").mkdir()
+    (tmp / "sub" / "b.bin").write_bytes(b"\x00" * 10)
+    assert art.find("curate", "k1") is None  # not visible before sealing
+    folder = art.seal("curate", "k1", tmp, params={"x": 1}, upstream={"acquire": "a"},
+                      metrics={"m": 2}, mlflow_run_id="r1")
+    assert not tmp.exists()
+    m = json.loads((folder.path / "manifest.json").read_text())
+    assert {f["path"] for f in m["files"]} == {"a.txt", "sub/b.bin"}
+    assert m["files"][0]["size"] == 5
+    assert m["params"] == {"x": 1} and m["upstream"] == {"acquire": "a"} and m["metrics"] == {"m": 2.0}
+    assert m["mlflow_run_id"] == "r1"
+    art.verify(folder)
+    (folder.path / "a.txt").write_text("HELLO")
+    with pytest.raises(IntegrityError, match="a.txt does not match"):
+        art.verify(folder)
+
+
+def test_folder_without_manifest_is_never_found(tmp_path):
+    art = ArtifactStore(tmp_path)
+    (art.final_path("curate", "k") ).mkdir(parents=True)
+    assert art.find("curate", "k") is None
+
+
+def test_concurrent_producers_one_winner(tmp_path):
+    art = ArtifactStore(tmp_path)
+    barrier = threading.Barrier(4)
+    results = []
+
+    def produce(i):
+        tmp = art.begin("s", "same")
+        (tmp / "out.txt").write_text("same content")
+        barrier.wait()
+        results.append(art.seal("s", "same", tmp, params={}, upstream={}, metrics={}, mlflow_run_id=f"r{i}"))
+
+    threads = [threading.Thread(target=produce, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4
+    assert len({r.mlflow_run_id for r in results}) == 1  # everyone sees the winner's manifest
+    leftovers = [p for p in art.stage_dir("s").iterdir() if p.name != "same"]
+    assert leftovers == []
+    art.verify(results[0])
+
+
+def test_force_replaces_existing(tmp_path):
+    art = ArtifactStore(tmp_path)
+    for content, replace in (("v1", False), ("v2", True)):
+        tmp = art.begin("s", "k")
+        (tmp / "out.txt").write_text(content)
+        art.seal("s", "k", tmp, params={}, upstream={}, metrics={}, mlflow_run_id=content, replace=replace)
+    assert (art.final_path("s", "k") / "out.txt").read_text() == "v2"
+
+
+def test_sweep_removes_abandoned_temporaries(tmp_path):
+    art = ArtifactStore(tmp_path)
+    tmp = art.begin("s", "k")
+    old = 1_000_000
+    os.utime(tmp, (old, old))
+    assert art.sweep_temporaries("s", older_than_s=3600) == 1
+    assert not tmp.exists()
+
+
+def test_canonical_json_stable():
+    assert canonical_json({"b": 1, "a": [1, {"d": 2, "c": 3}]}) == '{"a":[1,{"c":3,"d":2}],"b":1}'
