@@ -170,18 +170,20 @@ def test_limit_takes_the_first_series_in_stable_order(tmp_path: Path) -> None:
         summary = _download(server, tmp_path, limit=2)
         requested = sorted(s.series_uid for s in series if server.image_requests(s.series_uid))
     assert summary.downloaded == SORTED_UIDS[:2] == requested
-    assert [r["SeriesInstanceUID"] for r in json.loads((tmp_path / "series.json").read_text())] == SORTED_UIDS[:2]
+    listed = json.loads((tmp_path / "series.json").read_text())
+    assert [r["SeriesInstanceUID"] for r in listed] == SORTED_UIDS[:2]
 
 
 def test_series_filter_selects_before_limit(tmp_path: Path) -> None:
     with FakeNbiaServer(_series()) as server:
-        summary = _download(server, tmp_path, series_filter=lambda s: s.patient_id.startswith("Mass"), limit=1)
+        summary = _download(
+            server, tmp_path, series_filter=lambda s: s.patient_id.startswith("Mass"), limit=1
+        )
     assert summary.downloaded == [f"{ROOT_UID}.200"]
 
 
 def test_without_md5_endpoint_the_series_size_verifies(tmp_path: Path) -> None:
     series = _series()
-    series[0].files["1-1.dcm"] += b""  # unchanged: size check passes
     with FakeNbiaServer(series, md5_endpoint=False) as server:
         summary = _download(server, tmp_path)
     assert summary.downloaded == SORTED_UIDS
