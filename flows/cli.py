@@ -74,11 +74,11 @@ def run(
     except ParamsError as exc:
         console.print(f"[bold red]invalid params[/]\n{exc}")
         raise typer.Exit(2) from None
+    root = environment.store_root(store)
+    environment.configure(root)  # before anything imports prefect: it reads its settings once
     stages = select_stages(from_, until, only)
     for name in force:
         select_stages(None, None, [name])
-    root = environment.store_root(store)
-    environment.configure(root)
     from flows.pipeline import PipelineFailed, pipeline
 
     started = time.perf_counter()
@@ -112,6 +112,7 @@ def status(
         console.print(f"[bold red]invalid params[/]\n{exc}")
         raise typer.Exit(2) from None
     root = environment.store_root(store)
+    environment.configure(root)
     from mammo_core.store import ArtifactStore
     from tasks.registry import ORDER
 

@@ -65,7 +65,9 @@ def pipeline(
             if spec.name not in to_run:
                 continue
             task = runtime.stage_task.with_options(
-                name=spec.name, task_run_name=spec.name, refresh_cache=spec.name in ctx.force
+                name=spec.name,
+                task_run_name=spec.name,
+                refresh_cache=spec.name in ctx.force,
             )
             result = task(spec.name, ctx, key, upstream)
             if not runtime.still_sealed(result):  # Prefect remembered a folder the store no longer has

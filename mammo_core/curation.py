@@ -113,14 +113,6 @@ def _save_png_atomic(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def read_candidate(path: str) -> np.ndarray:
-    """Raw pixels of an ROI-series file (mask or crop): no windowing, no inversion."""
-    if path.lower().endswith(".dcm"):
-        return dicom_io.read_mask_dicom(Path(path))
-    array, _ = dicom_io.read_image_file(Path(path))
-    return array
-
-
 def process_image(job: ImageJob) -> ImageOutcome:
     """Decode one mammogram and its masks; every failure becomes a reason, never an exception."""
     outcome = ImageOutcome(image_id=job.image_id)
@@ -146,13 +138,12 @@ def process_image(job: ImageJob) -> ImageOutcome:
             candidates = []
             for path in lesion.candidates:
                 try:
-                    candidates.append((Path(path).name, read_candidate(path)))
+                    candidates.append((Path(path).name, dicom_io.read_mask_file(Path(path))))
                 except BadItem:
                     continue  # a broken crop must not hide a good mask; choose_mask names what is left
-            _, mask = masks.choose_mask(candidates, (h, w), aspect_tol=job.aspect_tol) if candidates else (
-                None, None)
-            if mask is None:
+            if not candidates:
                 raise BadItem(lesion.lesion_id, "no readable file in the ROI series")
+            _, mask = masks.choose_mask(candidates, (h, w), aspect_tol=job.aspect_tol)
             full_mask = masks.fit_mask_to_image(mask, (h, w), aspect_tol=job.aspect_tol)
             lo.boxes = masks.mask_to_boxes(full_mask, min_area_px=job.min_box_area)
             if not lo.boxes:

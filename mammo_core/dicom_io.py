@@ -345,7 +345,9 @@ def read_dicom_image(path: Path, *, apply_voi: bool = True) -> tuple[np.ndarray,
         return np.asarray(out, dtype=np.float64)
 
     if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2:
-        image, lo, hi = _map_through_lut(arr, transform, inverted, _padding_range(ds))
+        # rescale and windows are monotone; LUT sequences need not be
+        monotone = voi_kind != "lut" and not ds.get("ModalityLUTSequence")
+        image, lo, hi = _map_through_lut(arr, transform, inverted, _padding_range(ds), monotone)
     else:
         image, lo, hi = _map_directly(arr, transform, inverted)
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -387,8 +389,11 @@ def _padding_range(ds: Dataset) -> tuple[int, int] | None:
 
 
 def _map_through_lut(
-    arr: np.ndarray, transform: Callable[[np.ndarray], np.ndarray], inverted: bool,
+    arr: np.ndarray,
+    transform: Callable[[np.ndarray], np.ndarray],
+    inverted: bool,
     padding: tuple[int, int] | None,
+    monotone: bool,
 ) -> tuple[np.ndarray, float, float]:
     """Apply a per-value transform to 8/16-bit data through a table over every possible value."""
     unsigned = np.dtype(f"u{arr.dtype.itemsize}")
@@ -396,18 +401,23 @@ def _map_through_lut(
     domain = codes.view(arr.dtype)  # the stored value for each bit pattern (signed data too)
     mapped = transform(domain)
     keys = arr.view(unsigned)
-    # only the values that occur decide lo/hi; a LUT transform need not be monotone
-    present = np.zeros(codes.size, dtype=bool)
-    present[keys] = True
     is_padding = np.zeros(codes.size, dtype=bool)
-    if padding is not None:
-        is_padding = (domain >= padding[0]) & (domain <= padding[1])
-        if (present & ~is_padding).any():  # an image of padding only keeps its values
-            present &= ~is_padding
-        else:
-            is_padding[:] = False
-    lo = float(mapped[present].min())
-    hi = float(mapped[present].max())
+    if monotone and padding is None:
+        # the extremes of a monotone map over the pixels sit at the smallest and largest pixel
+        ends = mapped[np.array([arr.min(), arr.max()], dtype=arr.dtype).view(unsigned)]
+        lo, hi = float(ends.min()), float(ends.max())
+    else:
+        # only the values that occur decide lo/hi (one scatter over the image)
+        present = np.zeros(codes.size, dtype=bool)
+        present[keys] = True
+        if padding is not None:
+            is_padding = (domain >= padding[0]) & (domain <= padding[1])
+            if (present & ~is_padding).any():  # an image of padding only keeps its values
+                present &= ~is_padding
+            else:
+                is_padding[:] = False
+        lo = float(mapped[present].min())
+        hi = float(mapped[present].max())
     table = _scale_to_full(mapped, lo, hi, inverted)
     table[is_padding] = 0
     return table[keys], lo, hi
@@ -492,8 +502,29 @@ def read_image_file(path: Path, *, apply_voi: bool = True) -> tuple[np.ndarray, 
     return image, meta
 
 
+# A JPEG-compressed binary mask comes back with ringing around its edges. It still has almost
+# no pixel far from both extremes, while a crop of breast tissue is mostly mid-grey.
+_LOSSY_MASK_MARGIN = 32  # values within this of 0 or of the maximum count as an extreme
+_LOSSY_MASK_MAX_MIDDLE = 0.01  # at most this fraction of pixels may lie in between
+
+
+def _snap_lossy_mask(arr: np.ndarray) -> np.ndarray:
+    """A JPEG'd binary mask back to {0, 255}; any other 8-bit image unchanged."""
+    if arr.dtype != np.uint8 or arr.size == 0:
+        return arr
+    middle = np.count_nonzero((arr > _LOSSY_MASK_MARGIN) & (arr < 255 - _LOSSY_MASK_MARGIN))
+    if middle > _LOSSY_MASK_MAX_MIDDLE * arr.size:
+        return arr
+    return np.where(arr >= 128, np.uint8(255), np.uint8(0))
+
+
 def read_mask_file(path: Path) -> np.ndarray:
-    """Raw pixels of a mask or crop file of any supported format (DICOM, PNG, JPEG), unscaled."""
+    """Raw pixels of a mask or crop file of any supported format (DICOM, PNG, JPEG), unscaled.
+
+    JPEG is lossy, so the masks of the CBIS JPEG re-packaging are not exactly binary: a JPEG whose
+    pixels are (almost) all near 0 or 255 is snapped to {0, 255} at 128, so that masks are still
+    identified by content. DICOM and PNG pixels are returned exactly as stored.
+    """
     path = Path(path)
     kind = _sniff(path)
     if kind == "dicom":
@@ -503,4 +534,4 @@ def read_mask_file(path: Path) -> np.ndarray:
     arr, _, _ = _read_pil(path)
     if arr.ndim != 2:
         raise BadItem(str(path), f"image has shape {arr.shape}, expected 2-D")
-    return arr
+    return _snap_lossy_mask(arr) if kind == "jpeg" else arr

@@ -25,7 +25,7 @@ FILM_HEIGHT_MM = 240.0
 
 # Peak lesion contrast (in the [0, 1] intensity scale) by subtlety 1..5; subtlety 0 (a CSV quirk)
 # renders like 1. Fibroglandular tissue spans about 0.4, so subtlety 1 masses hide in dense breasts.
-MASS_CONTRAST = (0.03, 0.03, 0.05, 0.075, 0.10, 0.13)
+MASS_CONTRAST = (0.04, 0.04, 0.065, 0.095, 0.125, 0.16)
 CALC_CONTRAST = (0.08, 0.08, 0.13, 0.19, 0.26, 0.34)
 # BENIGN_WITHOUT_CALLBACK findings are the ones a reader dismisses: fainter than their subtlety says.
 BWC_CONTRAST_FACTOR = 0.75
@@ -129,19 +129,31 @@ def breast_geometry(rng: np.random.Generator, shape: tuple[int, int], view: str)
 
 
 def _oriented_field(rng: np.random.Generator, shape: tuple[int, int], nipple: tuple[float, float],
-                    beta: float, stretch: float) -> np.ndarray:
+                    beta: float, stretch: float, factor: int = 1) -> np.ndarray:
     """Power-law field whose structures radiate from the chest wall to the nipple (ducts, ligaments).
 
     The field is drawn on a (radius, angle) grid and stretched along the radius, then sampled back.
+    ``factor`` > 1 draws it at a lower resolution and upsamples: the low frequencies are all that a
+    beta > 3 field has, so this saves time and loses nothing visible.
     """
     h, w = shape
-    base = power_law_field(rng, shape, beta)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    oy, ox = nipple[0], -0.35 * w  # a focus behind the chest wall
+    lh, lw = -(-h // factor), -(-w // factor)
+    base = power_law_field(rng, (lh, lw), beta)
+    yy, xx = np.mgrid[0:lh, 0:lw].astype(np.float32)
+    oy, ox = nipple[0] / factor, -0.35 * lw  # a focus behind the chest wall
     r = np.hypot(yy - oy, xx - ox)
     ang = np.arctan2(yy - oy, xx - ox)
-    coords = np.stack([(ang * (0.9 * h)) % h, (r / stretch) % w])
-    return ndimage.map_coordinates(base, coords, order=1, mode="wrap").astype(np.float32)
+    offset = rng.uniform(0, lh)
+    coords = np.stack([(ang * (0.9 * lh) + offset) % lh, (r / stretch) % lw])
+    out = ndimage.map_coordinates(base, coords, order=1, mode="grid-wrap").astype(np.float32)
+    return _upsample(out, shape, factor)
+
+
+def _upsample(field: np.ndarray, shape: tuple[int, int], factor: int) -> np.ndarray:
+    if factor == 1:
+        return field
+    up = ndimage.zoom(field, factor, order=1, grid_mode=True, mode="nearest")
+    return np.ascontiguousarray(up[: shape[0], : shape[1]])
 
 
 # Fraction of the breast covered by fibroglandular tissue, BI-RADS density 1..4 (ACR 4th edition).
@@ -154,8 +166,12 @@ def render_breast(rng: np.random.Generator, geom: BreastGeometry, density: int) 
     ell = geom.ellipse
     depth = geom.axes[1]
     nipple = geom.nipple
-    low = _oriented_field(rng, (h, w), nipple, beta=3.2, stretch=3.0)
-    fine = _oriented_field(rng, (h, w), nipple, beta=2.2, stretch=2.0)
+    # Cloudy patches (isotropic) mixed with structures converging on the nipple (oriented).
+    lowres = max(1, h // 256)
+    low = 0.75 * _oriented_field(rng, (h, w), nipple, beta=3.2, stretch=2.2, factor=lowres) \
+        + 0.65 * _upsample(power_law_field(rng, (-(-h // lowres), -(-w // lowres)), 3.4), (h, w), lowres)
+    fine = 0.6 * _oriented_field(rng, (h, w), nipple, beta=2.4, stretch=1.8, factor=2) \
+        + 0.8 * power_law_field(rng, (h, w), 2.4)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     # Glandular tissue sits behind the nipple, away from skin (subcutaneous fat) and chest wall.
     prior = _smoothstep(0.97, 0.55, ell) * _smoothstep(0.0, 0.18, xx / depth)
@@ -164,7 +180,7 @@ def render_breast(rng: np.random.Generator, geom: BreastGeometry, density: int) 
     sample = score[breast][::7]
     frac = _DENSE_FRACTION.get(int(density), 0.35)
     thresh = np.quantile(sample, 1.0 - frac) if sample.size else 0.0
-    gland = 1.0 / (1.0 + np.exp(-(score - thresh) / 0.30))
+    gland = 1.0 / (1.0 + np.exp(-(score - thresh) / 0.45))
     gland = gland * (0.8 + 0.2 * np.clip(low * 0.5 + 0.5, 0, 1))
     thick = np.clip((1.0 - ell) * depth / (0.10 * depth), 0.0, 1.0) ** 0.5
     fat_level = rng.uniform(0.26, 0.34)
@@ -178,7 +194,9 @@ def render_breast(rng: np.random.Generator, geom: BreastGeometry, density: int) 
     # A few vessels: faint curved lines from the chest wall toward the nipple.
     tissue += _vessels(rng, (h, w), nipple, geom.axes) * thick
     if geom.pectoral.any():
-        muscle = rng.uniform(0.80, 0.88) + 0.025 * low
+        # Muscle: dense, brightest at the corner, with its own faint fibre texture.
+        corner = np.exp(-np.hypot(yy / h, xx / w) * 1.5)
+        muscle = rng.uniform(0.74, 0.82) + 0.08 * corner + 0.02 * low + 0.015 * fine
         tissue = tissue * (1.0 - geom.pectoral) + muscle * geom.pectoral
     return (tissue * geom.inside).astype(np.float32)
 

@@ -89,7 +89,12 @@ def extract_zip_safely(
                 target = tmp / rel
                 if not target.resolve().is_relative_to(tmp_real):
                     raise BadItem(info.filename, f"entry resolves outside the target ({zip_path.name})")
-                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError) as exc:
+                    raise BadItem(info.filename, f"clashes with an entry of zip {zip_path.name}") from exc
+                if target.exists():
+                    raise BadItem(info.filename, f"clashes with an entry of zip {zip_path.name}")
                 with archive.open(info) as src, open(target, "xb") as out:
                     while chunk := src.read(_CHUNK):
                         written += len(chunk)

@@ -33,7 +33,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,7 +370,9 @@ class _Downloader:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _fetch(self, info: SeriesInfo, part: Path) -> None:
-        params = {"SeriesInstanceUID": info.series_uid, "NewFileNames": "Yes"}
+        """The zip of one series into ``part``. File names are kept as served (the md5 list refers to
+        them); only the plain getImage is asked for the retriever's ``1-1.dcm`` names."""
+        params = {"SeriesInstanceUID": info.series_uid}
         if self.use_md5_endpoint:
             try:
                 url = f"{self.base_url}/getImageWithMD5Hash"
@@ -379,7 +381,21 @@ class _Downloader:
             except _NoMd5Endpoint:
                 log.info("no getImageWithMD5Hash on %s: verifying by size instead", self.base_url)
                 self.use_md5_endpoint = False
+        params["NewFileNames"] = "Yes"
         _stream_to_file(self.session, f"{self.base_url}/getImage", params, part, self.timeout)
+
+
+def _outcome(future: Future) -> tuple[str, str]:
+    """("downloaded", "") or ("failed", reason) for one finished series."""
+    try:
+        future.result()
+    except BadItem as exc:
+        return "failed", exc.reason
+    except _Permanent as exc:
+        return "failed", str(exc)
+    except Exception as exc:  # one series' surprise must not stop the others
+        return "failed", f"{type(exc).__name__}: {exc}"
+    return "downloaded", ""
 
 
 def download_collection(
@@ -428,24 +444,22 @@ def download_collection(
     downloader = _Downloader(out, base_url, retries, timeout, backoff)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {pool.submit(downloader.download, info): info for info in todo}
-        for future in as_completed(futures):
-            uid = futures[future].series_uid
-            try:
-                future.result()
-                summary.downloaded.append(uid)
-                status = "downloaded"
-            except (_Permanent, BadItem) as exc:
-                reason = exc.reason if isinstance(exc, BadItem) else str(exc)
-                summary.failed.append((uid, reason))
-                status = "failed"
-            except Exception as exc:  # one series' surprise must not stop the others
-                summary.failed.append((uid, f"{type(exc).__name__}: {exc}"))
-                status = "failed"
-            if status == "failed":
-                log.error("series %s failed: %s", uid, summary.failed[-1][1])
-            done += 1
-            if progress:
-                progress(uid, status, done, total)
+        try:
+            for future in as_completed(futures):
+                uid = futures[future].series_uid
+                status, reason = _outcome(future)
+                if status == "downloaded":
+                    summary.downloaded.append(uid)
+                else:
+                    summary.failed.append((uid, reason))
+                    log.error("series %s failed: %s", uid, reason)
+                done += 1
+                if progress:
+                    progress(uid, status, done, total)
+        except BaseException:  # Ctrl-C: start no queued series; the running ones end on their own
+            for future in futures:
+                future.cancel()
+            raise
     order = {s.series_uid: i for i, s in enumerate(series)}
     summary.downloaded.sort(key=order.__getitem__)
     summary.failed.sort(key=lambda item: order[item[0]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -131,10 +132,13 @@ def test_no_identifying_value_reaches_metadata(path):
 
 
 def test_allow_list_has_no_identifying_keywords():
-    forbidden = ("Name", "Date", "Time", "ID", "Accession", "Institution", "Physician", "Serial",
-                 "Station", "Address", "Birth", "InstanceUID", "Age", "Sex")
-    bad = [k for k in ALLOWED_FIELDS for f in forbidden if f in k]
+    forbidden = ("Name", "Date", "Time", "Accession", "Institution", "Physician", "Serial",
+                 "Station", "Address", "Birth", "InstanceUID", "Age", "Sex", "Comment", "Operator")
+    bad = [k for k in ALLOWED_FIELDS for f in forbidden if f in k.replace("ModelName", "Model")]
+    bad += [k for k in ALLOWED_FIELDS if re.search(r"(?<!U)ID", k)]  # PatientID, StudyID; not *UID
     assert bad == []
+    needed = {"Rows", "Columns", "PhotometricInterpretation", "WindowCenter", "ViewPosition"}
+    assert needed <= set(ALLOWED_FIELDS)
 
 
 def test_free_text_containing_an_identifier_is_withheld():
@@ -201,7 +205,9 @@ def test_linear_window_clips_outside(tmp_path):
     ds.WindowCenter, ds.WindowWidth = 150, 101
     image, meta = read_dicom_image(_write(ds, tmp_path / "w.dcm"))
     assert meta["voi"] == "window"
-    assert image.tolist() == [[0, 0, 32768, 65535, 65535]]
+    # PS3.3 C.11.2.1.2.1 LINEAR: x <= c - 0.5 - (w-1)/2 -> 0; x > c - 0.5 + (w-1)/2 -> 1;
+    # else (x - (c - 0.5)) / (w - 1) + 0.5. Here c - 0.5 = 149.5, w - 1 = 100.
+    assert image.tolist() == [[0, round(65535 * 0.005), round(65535 * 0.505), 65535, 65535]]
     raw_view, _ = read_dicom_image(tmp_path / "w.dcm", apply_voi=False)
     assert raw_view[0, 1] > 0 and raw_view[0, 3] < raw_view[0, 4]
 
@@ -223,7 +229,8 @@ def test_rle_compressed(tmp_path):
     image, meta = read_dicom_image(path)
     assert meta["TransferSyntaxUID"] == RLELossless
     assert np.array_equal(read_mask_dicom(path), arr)
-    assert np.array_equal(np.argsort(image, axis=None, kind="stable"), np.argsort(arr, axis=None, kind="stable"))
+    order = np.argsort(arr, axis=None, kind="stable")
+    assert np.array_equal(np.argsort(image, axis=None, kind="stable"), order)
 
 
 def test_jpeg2000_lossless_compressed(tmp_path):
@@ -264,8 +271,9 @@ def test_pixel_length_mismatch(tmp_path):
     path = _write(ds, tmp_path / "len.dcm")
     with pytest.raises(BadItem) as info:
         read_dicom_image(path)
-    assert info.value.reason.startswith("pixel data length does not match Rows x Columns x SamplesPerPixel x bits")
-    assert "6144 bytes, expected 6400" in info.value.reason
+    reason = info.value.reason
+    assert reason.startswith("pixel data length does not match Rows x Columns x SamplesPerPixel x bits")
+    assert "6144 bytes, expected 6400" in reason
 
 
 def test_non_dicom_bytes_named_dcm(tmp_path):
@@ -353,3 +361,40 @@ def test_truncated_jpeg(tmp_path):
     (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(BadItem, match="cannot decode image"):
         read_image_file(tmp_path / "t.jpg")
+
+
+def test_jpeg_mask_snapped_to_binary_but_crop_kept(tmp_path):
+    mask = np.zeros((64, 48), np.uint8)
+    mask[10:30, 5:25] = 255
+    mask[40:50, 30:44] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.jpg", quality=75)
+    lossy = np.asarray(Image.open(tmp_path / "mask.jpg"))
+    assert len(np.unique(lossy)) > 2  # JPEG really did blur the edges
+    snapped = read_mask_file(tmp_path / "mask.jpg")
+    assert set(np.unique(snapped).tolist()) == {0, 255}
+    assert np.count_nonzero(snapped != mask) <= 0.01 * mask.size
+
+    rng = np.random.default_rng(5)
+    crop = rng.integers(60, 200, (64, 48), dtype=np.uint8)
+    Image.fromarray(crop).save(tmp_path / "crop.jpg", quality=90)
+    assert len(np.unique(read_mask_file(tmp_path / "crop.jpg"))) > 2
+    Image.fromarray(lossy).save(tmp_path / "lossy.png")  # PNG is lossless: returned as stored
+    assert np.array_equal(read_mask_file(tmp_path / "lossy.png"), lossy)
+
+
+def test_missing_decoder_plugin_names_what_to_install(tmp_path, monkeypatch):
+    ds = _dataset(_ramp(), bits_stored=12)
+    ds.compress(JPEG2000Lossless)
+    path = _write(ds, tmp_path / "j2k.dcm")
+
+    class _NoPlugin:
+        is_available = False
+        missing_dependencies = ["pylibjpeg - requires pylibjpeg-openjpeg>=2.0"]
+
+    monkeypatch.setattr("mammo_core.dicom_io.get_decoder", lambda uid: _NoPlugin())
+    with pytest.raises(BadItem) as info:
+        read_dicom_image(path)
+    assert info.value.reason == (
+        f"unsupported transfer syntax {JPEG2000Lossless} (JPEG 2000 Image Compression (Lossless Only)): "
+        "install pylibjpeg - requires pylibjpeg-openjpeg>=2.0"
+    )

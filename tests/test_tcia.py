@@ -12,7 +12,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from mammo_core.cbis_paths import CbisPath
 from mammo_core.errors import BadItem
+from mammo_core.layouts import SeriesIndex, detect_layout
 from mammo_core.safe_zip import extract_zip_safely
 from mammo_core.tcia import DownloadSummary, download_collection, is_finished, marker_path
 from tests.fake_tcia import Failure, FakeNbiaServer, FakeSeries
@@ -285,3 +287,22 @@ def test_extract_zip_safely_refuses_an_existing_target(tmp_path: Path) -> None:
     (tmp_path / "dest").mkdir()
     with pytest.raises(FileExistsError):
         extract_zip_safely(archive, tmp_path / "dest")
+
+
+def test_extract_zip_safely_rejects_a_file_and_folder_of_the_same_name(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "clash.zip", {"a": b"file", "a/b.dcm": b"under a"})
+    with pytest.raises(BadItem, match="clashes with an entry") as caught:
+        extract_zip_safely(archive, tmp_path / "dest")
+    assert caught.value.item == "a/b.dcm"
+    assert sorted(os.listdir(tmp_path)) == ["clash.zip"]
+
+
+def test_downloaded_tree_resolves_through_the_classic_layout(tmp_path: Path) -> None:
+    series = _series()
+    with FakeNbiaServer(series) as server:
+        _download(server, tmp_path)
+    assert detect_layout(tmp_path) == "classic"
+    index = SeriesIndex.build(tmp_path)
+    roi = series[2]
+    files = index.files_for(CbisPath(roi.patient_id, roi.study_uid, roi.series_uid, "000000.dcm"))
+    assert [f.read_bytes() for f in files] == [roi.files["1-1.dcm"], roi.files["1-2.dcm"]]
