@@ -6,10 +6,21 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from flows import environment
@@ -41,6 +52,16 @@ def select_stages(
     start = names.index(from_) if from_ else 0
     stop = names.index(until) + 1 if until else len(names)
     return names[start:stop]
+
+
+@contextmanager
+def _bar(description: str) -> Iterator[tuple[Progress, TaskID]]:
+    """A progress bar on stderr for long commands."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console,
+    ) as bar:
+        yield bar, bar.add_task(description, total=None)
 
 
 def _table(outcomes: list[dict]) -> Table:
@@ -163,7 +184,11 @@ def phantom(
     """Write a phantom CBIS-DDSM twin (CSVs + classic NBIA DICOM layout)."""
     from mammo_core.phantom import generate_phantom
 
-    summary = generate_phantom(out, n_patients=patients, seed=seed, image_shape=(height, width))
+    with _bar("rendering mammograms") as (bar, task):
+        summary = generate_phantom(
+            out, n_patients=patients, seed=seed, image_shape=(height, width),
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     console.print(summary)
 
 
@@ -178,7 +203,11 @@ def download(
     """Download CBIS-DDSM from TCIA's public NBIA API (resumable, checksummed)."""
     from mammo_core.tcia import download_collection
 
-    summary = download_collection(out, collection=collection, base_url=base_url, limit=limit, workers=workers)
+    with _bar("downloading series") as (bar, task):
+        summary = download_collection(
+            out, collection=collection, base_url=base_url, limit=limit, workers=workers,
+            progress=lambda uid, status, done, total: bar.update(task, completed=done, total=total),
+        )
     console.print(summary)
     if summary.failed:
         raise typer.Exit(1)

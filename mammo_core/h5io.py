@@ -182,7 +182,7 @@ class ChunkedH5Writer:
                     ds = datasets[name]
                     ds.resize(start + n, axis=0)
                     ds[start:start + n] = column
-        except BaseException as exc:  # noqa: BLE001 - reported to the producer, never swallowed
+        except BaseException as exc:  # reported to the producer by append/__exit__, never swallowed
             self._error = exc
             while self._queue.get() is not _SENTINEL:  # keep draining until the producer stops
                 pass

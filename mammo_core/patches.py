@@ -176,15 +176,22 @@ def breast_mask(image: np.ndarray, threshold: float | None = None) -> np.ndarray
     return ndimage.binary_fill_holes(regions == int(np.argmax(sizes)))
 
 
+def breast_integral(mask: np.ndarray) -> np.ndarray:
+    """Summed-area table of ``mask`` (one extra zero row and column): any square's breast count in O(1)."""
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    return integral
+
+
 def valid_normal_positions(mask: np.ndarray, side: int, forbidden: Sequence[Box],
-                           min_breast_fraction: float) -> np.ndarray:
+                           min_breast_fraction: float, integral: np.ndarray | None = None) -> np.ndarray:
     """Boolean map of top-left corners (y, x) where a ``side`` square fits inside the image, holds at
     least ``min_breast_fraction`` breast, and overlaps none of the ``forbidden`` boxes."""
     h, w = mask.shape
     if side > h or side > w:
         return np.zeros((0, 0), dtype=bool)
-    integral = np.zeros((h + 1, w + 1), dtype=np.int64)
-    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    if integral is None:
+        integral = breast_integral(mask)
     inside = (integral[side:, side:] - integral[:-side, side:] - integral[side:, :-side]
               + integral[:-side, :-side])
     valid = inside >= min_breast_fraction * side * side
@@ -256,10 +263,11 @@ def process_image(job: _ImageJob) -> _ImageResult:
         result.source_ids.append(lesion.lesion_id)
         result.boxes.append(lesion.box)
     rng = _image_rng(s.seed, job.image_id)
+    integral = breast_integral(mask) if job.n_normals else None
     taken: list[Box] = list(job.forbidden)
     for k in range(job.n_normals):
         side = int(job.normal_sides[rng.integers(len(job.normal_sides))])
-        valid = valid_normal_positions(mask, side, taken, s.min_breast_fraction)
+        valid = valid_normal_positions(mask, side, taken, s.min_breast_fraction, integral)
         spots = np.flatnonzero(valid)
         if spots.size == 0:
             result.normals_missing += 1
@@ -293,7 +301,7 @@ def _class_names(curate_dir: Path, lesions: pd.DataFrame) -> list[str]:
     raise ValueError(f"cannot tell the class scheme from the class names {sorted(seen)}")
 
 
-def _plan(images: pd.DataFrame, lesions: pd.DataFrame, cache_dir: Path, s: PatchSettings
+def _plan(images: pd.DataFrame, lesions: pd.DataFrame, cache_dir: Path, s: PatchSettings, n_classes: int
           ) -> tuple[list[_ImageJob], list[tuple[str, str]], dict[str, int]]:
     skipped: list[tuple[str, str]] = []
     images = images.sort_values("image_id", kind="stable")
@@ -316,14 +324,19 @@ def _plan(images: pd.DataFrame, lesions: pd.DataFrame, cache_dir: Path, s: Patch
             skipped.append((lesion_id, f"lesion box {full.tolist()} lies off the "
                                        f"{img.width}x{img.height} image"))
             continue
-        if int(les.label) == labels.NORMAL_LABEL:
-            skipped.append((lesion_id, "lesion carries the background label"))
+        try:
+            label = int(les.label)
+        except (TypeError, ValueError):
+            skipped.append((lesion_id, f"label {les.label!r} is not a class index"))
             continue
-        sx, sy = img.cache_width / img.width, img.cache_height / img.height
+        if label == labels.NORMAL_LABEL or not 0 < label < n_classes:
+            skipped.append((lesion_id, f"label {label} is not a lesion class of {n_classes} classes"))
+            continue
+        sx, sy = img.cache_width / img.width, img.cache_height / img.height  # exact per axis, unlike `scale`
         clipped = np.clip(full, 0, [img.width, img.height, img.width, img.height])
         cache_box = clipped * [sx, sy, sx, sy]
         box = lesion_crop_box(cache_box, s.context, s.min_size_px)
-        crops[image_id].append(_LesionCrop(lesion_id, int(les.label), box))
+        crops[image_id].append(_LesionCrop(lesion_id, label, box))
         forbidden[image_id].append(box)
 
     sides: dict[str, list[int]] = {split: [] for split in SPLIT_CODES}
@@ -406,7 +419,7 @@ def extract_patches(
     images = pd.read_parquet(curate_dir / "images.parquet")
     lesions = pd.read_parquet(curate_dir / "lesions.parquet")
     names = _class_names(curate_dir, lesions)
-    jobs, skipped, normals_requested = _plan(images, lesions, cache_dir, settings)
+    jobs, skipped, normals_requested = _plan(images, lesions, cache_dir, settings, len(names))
     counts = {split: dict.fromkeys(names, 0) for split in SPLIT_CODES}
     missing: Counter = Counter()
     split_of = {j.image_id: j.split for j in jobs}

@@ -48,8 +48,8 @@ def _run(ctx: runtime.StageContext) -> None:
         )
         ctx.log_metrics(
             {
-                "acquire/series_downloaded": summary.downloaded,
-                "acquire/series_skipped": summary.skipped,
+                "acquire/series_downloaded": len(summary.downloaded),
+                "acquire/series_skipped": len(summary.skipped),
                 "acquire/series_failed": len(summary.failed),
             }
         )
