@@ -73,6 +73,26 @@ class CurateParams(_Section):
     mask_aspect_tolerance: float = Field(default=0.01, gt=0.0, lt=0.2)
 
 
+class PatchesParams(_Section):
+    """ROI-centred and NORMAL patches (mammo_core.patches)."""
+
+    size: int = Field(default=64, ge=16, le=512)
+    context: float = Field(default=0.25, ge=0.0, le=2.0, description="margin around the lesion box, fraction")
+    min_size_px: int = Field(default=32, ge=4, description="minimum crop side at cache resolution")
+    normals_per_image: int = Field(default=2, ge=0, le=50)
+    seed: int = 0
+    intensity: Literal["breast_window", "global"] = "breast_window"
+    workers: int = Field(default=2, ge=1, le=64)
+
+
+class AugmentParams(_Section):
+    """The paper's augmentation policy, materialised as seeded copies (mammo_core.augment)."""
+
+    copies: int = Field(default=4, ge=0, le=100)
+    seed: int = 0
+    batch: int = Field(default=256, ge=1)
+
+
 class Params(BaseModel):
     """The whole params file."""
 
@@ -82,6 +102,8 @@ class Params(BaseModel):
     data: DataParams = DataParams()
     task: TaskParams = TaskParams()
     curate: CurateParams = CurateParams()
+    patches: PatchesParams = PatchesParams()
+    augment: AugmentParams = AugmentParams()
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain JSON-able data (what a stage key hashes)."""

@@ -165,15 +165,39 @@ def process_image(job: ImageJob) -> ImageOutcome:
 
 
 def _candidates(index: layouts.SeriesIndex, crop_path: str, mask_path: str) -> list[str]:
-    """All files of the ROI series named by either column (crop and mask may sit in two series)."""
+    """All files of the ROI series named by either column (crop and mask may sit in two series).
+
+    One missing series of the two is fine (the mask may be in the other); when neither resolves,
+    BadItem says why (e.g. "series ... not found"), not a vague "no readable file".
+    """
     files: list[str] = []
+    reasons: list[str] = []
     for raw in dict.fromkeys([crop_path, mask_path]):
         cbis = parse_cbis_path(raw)
         try:
             files.extend(str(p) for p in index.files_for(cbis))
-        except BadItem:
-            continue
+        except BadItem as exc:
+            reasons.append(exc.reason)
+    if not files:
+        raise BadItem(mask_path, "; ".join(dict.fromkeys(reasons)) or "the ROI series holds no file")
     return list(dict.fromkeys(files))
+
+
+def _resolve_full_image(index: layouts.SeriesIndex, paths: list[str]) -> Path:
+    """The file of the first full-image series that resolves.
+
+    A mammogram listed both as Mass and as Calc has two full-image series with the same pixels; when
+    one is missing (e.g. a failed download) the other still gives the image. BadItem with the first
+    series' reason when none resolves.
+    """
+    first: BadItem | None = None
+    for raw in paths:
+        try:
+            return index.files_for(parse_cbis_path(raw))[0]
+        except (BadItem, ValueError) as exc:
+            error = exc if isinstance(exc, BadItem) else BadItem(raw, str(exc))
+            first = first or error
+    raise first or BadItem("image", "no full-image path listed")
 
 
 def _run_jobs(
@@ -216,18 +240,19 @@ def curate(
     jobs: list[ImageJob] = []
     for row in images.itertuples(index=False):
         try:
-            full_files = index.files_for(parse_cbis_path(row.image_path))
-        except (BadItem, ValueError) as exc:
-            quarantine.append({"item": row.image_id, "kind": "image",
-                               "reason": getattr(exc, "reason", str(exc))})
+            full_file = _resolve_full_image(index, list(row.full_image_paths))
+        except BadItem as exc:
+            quarantine.append({"item": row.image_id, "kind": "image", "reason": exc.reason})
             continue
         lesion_jobs = []
         for lrow in lesions_by_image[row.image_id].itertuples(index=False):
             try:
                 lesion_jobs.append(LesionJob(lrow.lesion_id, _candidates(index, lrow.crop_path, lrow.mask_path)))
+            except BadItem as exc:
+                quarantine.append({"item": lrow.lesion_id, "kind": "lesion", "reason": exc.reason})
             except ValueError as exc:
                 quarantine.append({"item": lrow.lesion_id, "kind": "lesion", "reason": str(exc)})
-        jobs.append(ImageJob(row.image_id, str(full_files[0]), lesion_jobs, str(cache_dir), settings.max_side,
+        jobs.append(ImageJob(row.image_id, str(full_file), lesion_jobs, str(cache_dir), settings.max_side,
                              settings.min_box_area, settings.mask_aspect_tolerance))
 
     outcomes = _run_jobs(jobs, settings.workers, progress)

@@ -146,7 +146,7 @@ def _mass_spec(rng: np.random.Generator, pathology: str, shape: str, margins: st
     if "IRREGULAR" in shape:
         aspect = rng.uniform(0.6, 1.0)
         for k in range(2, 8):
-            harm.append((k, float(rng.uniform(0.04, 0.30) / k ** 0.5), float(rng.uniform(0, 2 * np.pi))))
+            harm.append((k, float(rng.uniform(0.06, 0.36) / k ** 0.5), float(rng.uniform(0, 2 * np.pi))))
     elif "LOBULATED" in shape:
         aspect = rng.uniform(0.7, 1.0)
         for k in rng.choice([3, 4, 5], size=int(rng.integers(1, 3)), replace=False):
@@ -456,10 +456,8 @@ def _render_image(img: _Image, seed: int, shape: tuple[int, int]) -> tuple[np.nd
     masks: list[np.ndarray] = []
     for les in img.lesions:
         spec = les.spec
-        if isinstance(spec, pr.MassSpec):
-            core = spec.radius_mm * scale * 1.3
-        else:
-            core = pr.calc_extent_px(spec, scale)
+        is_mass = isinstance(spec, pr.MassSpec)
+        core = spec.radius_mm * scale * 1.3 if is_mass else pr.calc_extent_px(spec, scale)
         y, x = _place(rng, geom, core, taken)
         taken.append((y, x, core))
         gain = rng.uniform(0.85, 1.15) * (pr.BWC_CONTRAST_FACTOR if les.pathology == "BENIGN_WITHOUT_CALLBACK"

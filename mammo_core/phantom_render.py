@@ -25,7 +25,7 @@ FILM_HEIGHT_MM = 240.0
 
 # Peak lesion contrast (in the [0, 1] intensity scale) by subtlety 1..5; subtlety 0 (a CSV quirk)
 # renders like 1. Fibroglandular tissue spans about 0.4, so subtlety 1 masses hide in dense breasts.
-MASS_CONTRAST = (0.04, 0.04, 0.065, 0.095, 0.125, 0.16)
+MASS_CONTRAST = (0.06, 0.06, 0.09, 0.12, 0.15, 0.19)
 CALC_CONTRAST = (0.08, 0.08, 0.13, 0.19, 0.26, 0.34)
 # BENIGN_WITHOUT_CALLBACK findings are the ones a reader dismisses: fainter than their subtlety says.
 BWC_CONTRAST_FACTOR = 0.75
@@ -294,11 +294,11 @@ def render_mass(canvas: np.ndarray, rng: np.random.Generator, spec: MassSpec, cy
             along = dx * ca + dy * sa
             perp = np.abs(-dx * sa + dy * ca)
             t = np.clip(along / length, 0.0, 1.0)
-            w0 = max(0.7, 0.10 * radius * rng.uniform(0.6, 1.2))
+            w0 = max(0.9, 0.12 * radius * rng.uniform(0.6, 1.2))
             wt = w0 * (1.0 - 0.75 * t) + 0.35
             s = np.exp(-((perp / wt) ** 2)) * (1.0 - t) ** 0.7 * (along > 0)
             np.maximum(spic, s.astype(np.float32), out=spic)
-        value = value + 0.75 * spic * (1.0 - inside)
+        value = value + 1.1 * spic * (1.0 - inside)
     canvas[sl] += (contrast * value).astype(np.float32)
     mask = np.zeros(shape, bool)
     mask[sl] = d <= rb

@@ -59,7 +59,7 @@ def make_curate_dir(root, layout=LAYOUT, n_lesions_extra: dict | None = None):
             full = [int(v / SCALE) for v in box]
             lesion_rows.append({
                 "lesion_id": lesion_id, "image_id": image_id, "patient_id": patient, "split": split,
-                "label": label, "class_name": CLASSES[label], "boxes": [full],
+                "label": label, "class_name": CLASSES[label] if label < len(CLASSES) else "?", "boxes": [full],
                 "x0": full[0], "y0": full[1], "x1": full[2], "y1": full[3],
             })
     pd.DataFrame(image_rows).to_parquet(root / "images.parquet")
@@ -208,13 +208,15 @@ def test_degenerate_and_off_image_boxes_are_skipped_with_reasons(tmp_path):
     layout = {
         "P_1_LEFT_CC": ("P_1", "train", [("P_1_LEFT_CC_MASS_1", 1, (60, 80, 80, 100)),
                                          ("P_1_LEFT_CC_MASS_2", 1, (30, 30, 30, 40)),
-                                         ("P_1_LEFT_CC_MASS_3", 3, (170, 10, 190, 20))]),
+                                         ("P_1_LEFT_CC_MASS_3", 3, (170, 10, 190, 20)),
+                                         ("P_1_LEFT_CC_CALC_1", 9, (20, 20, 30, 30))]),
     }
     folder = make_curate_dir(tmp_path / "curate", layout)
     summary = extract_patches(folder, tmp_path / "p.h5", size=32, normals_per_image=0)
     reasons = dict(summary.skipped)
     assert reasons["P_1_LEFT_CC_MASS_2"].startswith("degenerate lesion box")
     assert "off the 320x400 image" in reasons["P_1_LEFT_CC_MASS_3"]
+    assert reasons["P_1_LEFT_CC_CALC_1"] == "label 9 is not a lesion class of 7 classes"
     assert _read(tmp_path / "p.h5")["source_id"] == ["P_1_LEFT_CC_MASS_1"]
 
 
