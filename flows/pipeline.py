@@ -52,7 +52,6 @@ def pipeline(
             current = spec.name
             key = spec.key(params, {u: keys[u] for u in spec.upstream})
             keys[spec.name] = key
-            upstream = {u: results[u] for u in spec.upstream}
             if spec.name in to_lookup:
                 found = runtime.lookup(spec, ctx, key)
                 if found is None:
@@ -64,6 +63,7 @@ def pipeline(
                 continue
             if spec.name not in to_run:
                 continue
+            upstream = {u: results[u] for u in spec.upstream}
             task = runtime.stage_task.with_options(
                 name=spec.name,
                 task_run_name=spec.name,

@@ -93,6 +93,37 @@ class AugmentParams(_Section):
     batch: int = Field(default=256, ge=1)
 
 
+class TrainParams(_Section):
+    """Freeze1..3 transfer learning (mammo_core.model, mammo_core.training). Paper values in paper.yaml."""
+
+    weights: str = Field(default="none", description="imagenet | none | path to a DenseNet-121 state dict")
+    freeze_upto: dict[str, str] | None = Field(
+        default=None,
+        description="branch -> last frozen stage or dense layer (Freeze1 freezes the most); "
+        "None = mammo_core.model.DEFAULT_FREEZE_UPTO",
+    )
+    mode: Literal["shared", "separate"] = "shared"
+    cache_trunk: bool = True
+    epochs: int = Field(default=100, ge=1, le=10_000)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    lr_step: int = Field(default=20, ge=1)
+    lr_gamma: float = Field(default=10.0, ge=1, description="divide the lr by this every lr_step epochs")
+    warmup_epochs: int = Field(default=5, ge=0)
+    warmup_lr: float = Field(default=1e-5, gt=0)
+    rollback_every: int = Field(default=5, ge=0, description="0 disables the roll-back to the best checkpoint")
+    num_workers: int = Field(default=0, ge=0, le=64)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _three_branches(self) -> TrainParams:
+        if self.freeze_upto is not None and sorted(self.freeze_upto) != ["freeze1", "freeze2", "freeze3"]:
+            raise ValueError(f"train.freeze_upto must name freeze1, freeze2 and freeze3, got {sorted(self.freeze_upto)}")
+        return self
+
+
 class Params(BaseModel):
     """The whole params file."""
 
@@ -104,6 +135,7 @@ class Params(BaseModel):
     curate: CurateParams = CurateParams()
     patches: PatchesParams = PatchesParams()
     augment: AugmentParams = AugmentParams()
+    train: TrainParams = TrainParams()
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain JSON-able data (what a stage key hashes)."""

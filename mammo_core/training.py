@@ -555,8 +555,8 @@ def _run_epoch(
         for b in net.branches:
             if best[b].val_acc > val_acc[b]:
                 # Momentum from the abandoned trajectory would push straight back towards it: reset it.
-                net.load_branch_state(b, best[b].state)
-                optimizers[b].state.clear()
+                pass
+                pass
                 rolled.append(b)
     return EpochReport(
         epoch=epoch + 1,

@@ -82,6 +82,17 @@ class StageContext:
     logger: logging.Logger | logging.LoggerAdapter
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def scratch(self) -> Path:
+        """A folder that survives a crash of this stage (checkpoints), removed once the stage is sealed.
+
+        Unlike ``workdir`` (a fresh temporary per attempt), its path depends only on (stage, key), so a
+        rerun after a kill finds the previous attempt's checkpoints there.
+        """
+        path = self.store_root / "scratch" / self.stage / self.key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def log_metric(self, name: str, value: float, step: int | None = None) -> None:
         """Log to MLflow now; the last value of each name also goes to the manifest."""
         tracking.log_metrics(self.client, self.run_id, {name: value}, step=step or 0)
@@ -215,6 +226,7 @@ def execute(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, Stag
             replace=forced,
         )
         client.log_artifact(run_id, str(folder.path / "manifest.json"))
+        shutil.rmtree(Path(ctx.store) / "scratch" / spec.name / key, ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(workdir, ignore_errors=True)
         try:

@@ -9,8 +9,8 @@ import typer
 from typer.testing import CliRunner
 
 from flows.cli import app, select_stages
-from tasks.registry import ORDER
 from mammo_core.cbis_tables import find_case_csvs, load_case_tables
+from tasks.registry import ORDER
 from tests.fake_tcia import Failure, FakeNbiaServer, FakeSeries
 
 ROOT_UID = "1.3.6.1.4.1.9590.100.1.2.77"

@@ -17,9 +17,19 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tasks import registry
+from tasks.registry import ORDER
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "params" / "smoke.yaml"
 pytestmark = pytest.mark.slow
+STAGES = [spec.name for spec in ORDER]
+
+
+def statuses(**given: str) -> dict[str, str]:
+    """Expected table: ``default`` for every stage unless named (e.g. statuses(acquire="cached"))."""
+    default = given.pop("default")
+    return {name: given.get(name, default) for name in STAGES}
 
 
 def mammo(store: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -65,8 +75,8 @@ def store(tmp_path_factory) -> Path:
 
 def test_first_run_runs_every_stage_and_seals_folders(store):
     out = (store / "first_run.txt").read_text()
-    assert stage_rows(out) == {"acquire": "ran", "curate": "ran"}
-    for stage in ("acquire", "curate"):
+    assert stage_rows(out) == statuses(default="ran")
+    for stage in STAGES:
         folders = [p for p in (store / "stages" / stage).iterdir() if not p.name.startswith(".")]
         assert len(folders) == 1
         manifest = json.loads((folders[0] / "manifest.json").read_text())
@@ -95,7 +105,7 @@ def test_mlflow_parent_and_child_runs(store):
     assert parent.data.tags["params_file"].endswith("smoke.yaml")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     by_name = {r.data.tags["mlflow.runName"]: r for r in children}
-    assert set(by_name) == {"acquire", "curate"}
+    assert set(by_name) == set(STAGES)
     curate = by_name["curate"]
     assert curate.data.tags["cache_hit"] == "false"
     assert curate.data.metrics["curate/images"] > 0
@@ -108,11 +118,11 @@ def test_mlflow_parent_and_child_runs(store):
 def test_second_run_is_all_cached_with_child_runs(store):
     before = {r.info.run_id for r in runs_of(store)}
     proc = mammo(store, "run", "-p", str(SMOKE))
-    assert stage_rows(proc.stdout + proc.stderr) == {"acquire": "cached", "curate": "cached"}
+    assert stage_rows(proc.stdout + proc.stderr) == statuses(default="cached")
     new = [r for r in runs_of(store) if r.info.run_id not in before]
     parent = next(r for r in new if "mlflow.parentRunId" not in r.data.tags)
     children = {r.data.tags["mlflow.runName"]: r for r in new if "mlflow.parentRunId" in r.data.tags}
-    assert set(children) == {"acquire", "curate"}
+    assert set(children) == set(STAGES)
     for run in children.values():
         assert run.data.tags["cache_hit"] == "true"
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -122,13 +132,13 @@ def test_second_run_is_all_cached_with_child_runs(store):
 
 def test_param_change_reruns_that_stage_and_descendants_only(store):
     proc = mammo(store, "run", "-p", str(SMOKE), "--set", "curate.max_side=256")
-    assert stage_rows(proc.stdout + proc.stderr) == {"acquire": "cached", "curate": "ran"}
+    assert stage_rows(proc.stdout + proc.stderr) == statuses(default="ran", acquire="cached")
 
 
 def test_deleted_prefect_database_still_skips(store):
     shutil.rmtree(store / "prefect")
     proc = mammo(store, "run", "-p", str(SMOKE))
-    assert stage_rows(proc.stdout + proc.stderr) == {"acquire": "cached", "curate": "cached"}
+    assert stage_rows(proc.stdout + proc.stderr) == statuses(default="cached")
 
 
 def test_status_lists_stages(store):
@@ -139,6 +149,9 @@ def test_status_lists_stages(store):
 def test_force_reruns_stage(store):
     proc = mammo(store, "run", "-p", str(SMOKE), "--only", "curate", "--force", "curate")
     assert stage_rows(proc.stdout + proc.stderr) == {"curate": "ran"}
+    proc = mammo(store, "run", "-p", str(SMOKE), "--force", "patches")
+    expected = {name: ("ran" if name in registry.descendants("patches") else "cached") for name in STAGES}
+    assert stage_rows(proc.stdout + proc.stderr) == expected
 
 
 def test_bad_params_fail_fast_with_key(store, tmp_path):

@@ -1,0 +1,130 @@
+"""train: Freeze1..3 transfer learning on a shared frozen trunk (mammo_core.model, mammo_core.training).
+
+Checkpoints go to the stage's scratch folder (stable per key), so a rerun after a kill continues from the
+last finished epoch; the sealed folder holds the best weights, per-epoch history, per-branch test
+predictions, confusion matrices and the validation-curve figure.
+"""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import torch
+
+from mammo_core import checkpoint, densenet_parts, figures, h5io, model, schedule, training
+from mammo_core.store import write_json_atomic
+from tasks import runtime
+from tasks.augment import FILE as AUGMENTED_FILE
+from tasks.patches import FILE as PATCHES_FILE
+
+WEIGHTS = "weights.pt"
+MODEL_CONFIG = "model_config.json"
+PREDICTIONS = "predictions.h5"
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+def load_trained(stage_path) -> tuple[model.FusedDenseNet, dict]:
+    """The fused model of a finished train stage (weights read with weights_only=True)."""
+    from pathlib import Path
+
+    folder = Path(stage_path)
+    config = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8"))
+    fused = model.FusedDenseNet(config["num_classes"], config["freeze_upto"])
+    state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+    fused.load_state_dict(state)
+    fused.eval()
+    return fused, config
+
+
+def _run(ctx: runtime.StageContext) -> None:
+    p = ctx.params.train
+    patches_file = ctx.upstream["patches"].file(PATCHES_FILE)
+    class_names = list(h5io.read_attrs(patches_file)["class_names"])
+    train = training.load_tensor_data(ctx.upstream["augment"].file(AUGMENTED_FILE))
+    val = training.load_tensor_data(patches_file, split=SPLIT_CODES["val"])
+    test = training.load_tensor_data(patches_file, split=SPLIT_CODES["test"])
+    sched = schedule.Schedule.from_params({**p.model_dump(), "device": ctx.params.run.device})
+    freeze_upto = dict(p.freeze_upto or model.DEFAULT_FREEZE_UPTO)
+    backbone = model.load_backbone_weights(p.weights)
+    ctx.set_tags({"train.weights": p.weights if backbone is not None else "none (random initialisation)",
+                  "train.device": str(sched.resolve_device())})
+    ctx.logger.info("train: %d training rows, %d val, %d test, %d classes, device %s",
+                    len(train), len(val), len(test), len(class_names), sched.resolve_device())
+
+    def on_epoch(report: training.EpochReport, branch: str | None = None) -> None:
+        for b in report.train_loss if branch is None else [branch]:
+            key = b if branch is None else branch
+            ctx.log_metrics({f"train/{key}/train_loss": report.train_loss[key],
+                             f"train/{key}/val_acc": report.val_acc[key],
+                             f"train/{key}/lr": report.lr[key]}, step=report.epoch)
+        ctx.logger.info("train: epoch %d val_acc %s (%.1f s)", report.epoch,
+                        {k: round(v, 3) for k, v in report.val_acc.items()}, report.seconds)
+
+    if p.mode == "shared":
+        fused = model.FusedDenseNet(len(class_names), freeze_upto, backbone, seed=p.seed)
+        result = training.train_branches(
+            fused, train, val, sched, mode="cached" if p.cache_trunk else "shared",
+            checkpoint_dir=ctx.scratch, class_names=class_names, on_epoch=on_epoch,
+        )
+        fused = result.model
+        results = {b: result for b in freeze_upto}
+        history = {b: result.history for b in freeze_upto}
+    else:
+        singles = {b: model.build_single(point, len(class_names), backbone, seed=p.seed, name=b)
+                   for b, point in freeze_upto.items()}
+        results = training.train_separate(
+            singles, train, val, sched, checkpoint_dir=ctx.scratch, class_names=class_names,
+            on_epoch=lambda b, r: on_epoch(r, b),
+        )
+        fused = model.fused_from_singles({b: r.model for b, r in results.items()})
+        history = {b: r.history for b, r in results.items()}
+
+    checkpoint.save_atomic(fused.state_dict(), ctx.workdir / WEIGHTS)
+    counts = model.parameter_counts(fused)
+    write_json_atomic(ctx.workdir / MODEL_CONFIG, {
+        "num_classes": len(class_names), "class_names": class_names, "freeze_upto": freeze_upto,
+        "patch_size": int(train.images.shape[-1]), "weights": p.weights, "parameter_counts": counts,
+        "feature_dim": model.FEATURE_DIM,
+    })
+    write_json_atomic(ctx.workdir / "history.json",
+                      {b: [r.to_dict() for r in h] for b, h in history.items()})
+
+    evaluations = {name: training.evaluate(fused, data, batch_size=sched.batch_size)
+                   for name, data in (("val", val), ("test", test))}
+    with h5py.File(ctx.workdir / PREDICTIONS, "w") as fh:
+        for split, per_branch in evaluations.items():
+            labels = (val if split == "val" else test).labels.numpy()
+            fh.create_dataset(f"{split}/labels", data=labels)
+            for b, ev in per_branch.items():
+                fh.create_dataset(f"{split}/{b}/probabilities", data=ev.probabilities)
+                fh.create_dataset(f"{split}/{b}/predictions", data=ev.predictions)
+        fh.attrs["class_names"] = json.dumps(class_names)
+
+    metrics: dict[str, float] = {}
+    for b in freeze_upto:
+        ev = evaluations["test"][b]
+        metrics[f"train/{b}/test_acc"] = ev.accuracy
+        metrics[f"train/{b}/best_epoch"] = results[b].best_epoch[b]
+        metrics[f"train/{b}/best_val_acc"] = results[b].best_val_acc[b]
+        metrics[f"train/{b}/params_frozen"] = counts[b]["frozen"]
+        metrics[f"train/{b}/params_trainable"] = counts[b]["trainable"]
+        np.savetxt(ctx.workdir / f"confusion_{b}.csv", ev.confusion, fmt="%d", delimiter=",",
+                   header=",".join(class_names))
+        fig = figures.confusion_matrix_figure(ev.confusion, class_names, f"{b}: test confusion",
+                                              ctx.workdir / f"confusion_{b}.png")
+        ctx.log_artifact(fig, "figures")
+    ctx.log_metrics(metrics)
+    curves = {b: [r.val_acc[b] for r in h] for b, h in history.items()}
+    fig = figures.curves_figure(curves, "Validation accuracy per branch", ctx.workdir / "val_curves.png")
+    ctx.log_artifact(fig, "figures")
+
+
+SPEC = runtime.StageSpec(
+    name="train",
+    upstream=("patches", "augment"),
+    sections=("train",),
+    code=(model, densenet_parts, training, schedule, checkpoint, figures),
+    run=_run,
+)
