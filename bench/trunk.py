@@ -6,6 +6,7 @@ the median over repeats is reported. Prints one JSON line; ``fused_vs_one_ratio`
 ``fused_vs_separate_ratio`` are taken at the largest size (goal: fused <= 1.6x one branch).
 
 Usage: python bench/trunk.py [--sizes 64 224] [--repeats 7 3] [--freeze3 denseblock2] [--device auto]
+       [--threads N]
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--freeze3", default=DEFAULT_FREEZE_UPTO["freeze3"], help="the shared prefix's end")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads; 0 keeps torch's default")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
@@ -66,7 +70,7 @@ def main() -> None:
             seconds: dict[str, list[float]] = {name: [] for name in configs}
             for _ in range(repeats):
                 for name, run in configs.items():
-                    seconds[name].append(_timed(lambda run=run: run(x), device))
+                    seconds[name].append(_timed(lambda run=run, x=x: run(x), device))
             ms = {name: 1000 * statistics.median(v) / args.batch for name, v in seconds.items()}
             per_size[str(size)] = {
                 "one_ms_per_image": round(ms["one"], 3),

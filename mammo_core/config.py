@@ -124,6 +124,21 @@ class TrainParams(_Section):
         return self
 
 
+class FeaturesParams(_Section):
+    """Feature export and the fusion of the three branches (mammo_core.features, mammo_core.fusion)."""
+
+    fusion_weights: tuple[float, float, float] | Literal["search"] = "search"
+    grid_step: float = Field(default=0.1, gt=0.0, le=0.5)
+    batch_size: int = Field(default=128, ge=1)
+    probe_seed: int = 0
+
+    @model_validator(mode="after")
+    def _weights(self) -> FeaturesParams:
+        if self.fusion_weights != "search" and (min(self.fusion_weights) < 0 or sum(self.fusion_weights) <= 0):
+            raise ValueError("features.fusion_weights must be non-negative with a positive sum, or 'search'")
+        return self
+
+
 class Params(BaseModel):
     """The whole params file."""
 
@@ -136,6 +151,7 @@ class Params(BaseModel):
     patches: PatchesParams = PatchesParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
+    features: FeaturesParams = FeaturesParams()
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain JSON-able data (what a stage key hashes)."""

@@ -35,7 +35,9 @@ class AttentionBlock(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, channels, kernel_size=1, bias=True),
         )
-        self.spatial_conv = nn.Conv2d(2, 1, kernel_size=spatial_kernel, padding=spatial_kernel // 2, bias=False)
+        self.spatial_conv = nn.Conv2d(
+            2, 1, kernel_size=spatial_kernel, padding=spatial_kernel // 2, bias=False
+        )
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ with ``torch.load(..., weights_only=True)`` so a crafted pickle cannot execute c
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from collections import OrderedDict
@@ -96,8 +97,17 @@ def load_backbone_weights(source: str | os.PathLike[str]) -> dict[str, Tensor] |
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for crafted payloads, RuntimeError for non-torch files
-        raise ValueError(f"{path}: not a plain tensor state dict, refused ({type(exc).__name__}: {exc})") from exc
+        reason = f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{path}: not a plain tensor state dict, refused ({reason})") from exc
     return _check_densenet121_state(raw, str(path))
+
+
+@functools.cache
+def _densenet121_shapes() -> dict[str, tuple[int, ...]]:
+    """Every DenseNet-121 state entry's shape, in order (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        reference = torchvision.models.densenet121(weights=None)
+    return {k: tuple(v.shape) for k, v in reference.state_dict().items()}
 
 
 def _check_densenet121_state(raw: object, origin: str) -> dict[str, Tensor]:
@@ -108,20 +118,24 @@ def _check_densenet121_state(raw: object, origin: str) -> dict[str, Tensor]:
     for key, value in raw.items():
         match = _OLD_DENSELAYER_KEY.match(key)
         state[match.group(1) + match.group(2) if match else key] = value
-    reference = torchvision.models.densenet121(weights=None).state_dict()
+    reference = _densenet121_shapes()
     for key, ref in reference.items():
         if not key.startswith(_TORCHVISION_KEY_PREFIXES) or key.endswith("num_batches_tracked"):
             continue
         if key not in state:
-            raise ValueError(f"{origin}: not a DenseNet-121 state dict; first mismatched key {key!r} is missing")
-        if tuple(state[key].shape) != tuple(ref.shape):
+            raise ValueError(
+                f"{origin}: not a DenseNet-121 state dict; first mismatched key {key!r} is missing"
+            )
+        if tuple(state[key].shape) != ref:
             raise ValueError(
                 f"{origin}: not a DenseNet-121 state dict; first mismatched key {key!r} has shape "
-                f"{tuple(state[key].shape)}, expected {tuple(ref.shape)}"
+                f"{tuple(state[key].shape)}, expected {ref}"
             )
     for key in state:
         if key not in reference:
-            raise ValueError(f"{origin}: not a DenseNet-121 state dict; first mismatched key {key!r} is unexpected")
+            raise ValueError(
+                f"{origin}: not a DenseNet-121 state dict; first mismatched key {key!r} is unexpected"
+            )
     return {k: v for k, v in state.items() if k.startswith(_TORCHVISION_KEY_PREFIXES)}
 
 
@@ -176,7 +190,9 @@ class _Template:
     def __init__(self, num_classes: int, backbone_state: Mapping[str, Tensor] | None, seed: int):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            densenet = torchvision.models.densenet121(weights=None)
+            # DenseNet-121's first three blocks only: same modules and key names as densenet121's,
+            # without paying to initialise the dropped fourth block.
+            densenet = torchvision.models.DenseNet(32, (6, 12, 24), 64)
             attention1 = AttentionBlock(BLOCK_OUT_CHANNELS["denseblock1"])
             attention2 = AttentionBlock(BLOCK_OUT_CHANNELS["denseblock2"])
             attention3 = AttentionBlock(BLOCK_OUT_CHANNELS["denseblock3"])
@@ -272,7 +288,8 @@ class FusedDenseNet(_FrozenAware):
         _freeze(self.trunk)
         for branch, point in points.items():
             rest = [(s.name, copy.deepcopy(s.module)) for s in segments if s.last_atom > common]
-            self.branches[branch] = nn.Sequential(OrderedDict(rest + [("tail", copy.deepcopy(template.tail))]))
+            rest.append(("tail", copy.deepcopy(template.tail)))
+            self.branches[branch] = nn.Sequential(OrderedDict(rest))
             for s in segments:
                 if common < s.last_atom <= point:
                     _freeze(self.branches[branch].get_submodule(s.name))
@@ -417,7 +434,9 @@ def _load_branch_state(model: nn.Module, branch: str, state: Mapping[str, Tensor
         for key, target in targets.items():
             if check_trunk and key in trunk_keys:
                 if not torch.equal(target, state[key].to(target.device)):
-                    raise ValueError(f"branch {branch!r}: shared trunk entry {key!r} differs; cannot share it")
+                    raise ValueError(
+                        f"branch {branch!r}: shared trunk entry {key!r} differs; cannot share it"
+                    )
                 continue
             target.copy_(state[key])
 

@@ -450,6 +450,8 @@ def _fit(
     check_training_classes(train.labels, model.num_classes, class_names)
     if len(train) < 2:
         raise ValueError(f"{len(train)} training sample(s): at least 2 are needed")
+    if len(val) == 0:
+        raise ValueError("the validation set is empty: best-epoch selection and roll-back need it")
     device = schedule.resolve_device()
     model.to(device)
     model.train()
@@ -555,8 +557,8 @@ def _run_epoch(
         for b in net.branches:
             if best[b].val_acc > val_acc[b]:
                 # Momentum from the abandoned trajectory would push straight back towards it: reset it.
-                pass
-                pass
+                net.load_branch_state(b, best[b].state)
+                optimizers[b].state.clear()
                 rolled.append(b)
     return EpochReport(
         epoch=epoch + 1,

@@ -159,6 +159,12 @@ def lookup(spec: StageSpec, ctx: RunContext, key: str) -> StageResult | None:
     return _result_from_store(spec, ArtifactStore(ctx.store), key)
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def still_sealed(result: StageResult) -> bool:
     """True when the folder a (possibly Prefect-cached) result points to still carries its manifest."""
     return (Path(result.path) / "manifest.json").is_file()

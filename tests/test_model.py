@@ -14,6 +14,15 @@ from mammo_core import model as M
 SMALL = {"freeze1": "denseblock3", "freeze2": "denseblock3.denselayer19", "freeze3": "denseblock2"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny batches gain nothing from threads, and OpenMP spinning makes 2 threads crawl on a busy box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def fused_eval() -> M.FusedDenseNet:
     return M.FusedDenseNet(num_classes=3, seed=0).eval()
@@ -41,7 +50,10 @@ def test_trunk_is_the_common_prefix_and_branches_share_structure(fused_eval: M.F
     assert list(fused_eval.trunk._modules) == ["stem", "denseblock1", "transition1", "denseblock2"]
     for branch in M.BRANCHES:
         assert list(fused_eval.branches[branch]._modules) == [
-            "transition2", "denseblock3_1to19", "denseblock3_20to24", "tail"
+            "transition2",
+            "denseblock3_1to19",
+            "denseblock3_20to24",
+            "tail",
         ]
     assert all(not p.requires_grad for p in fused_eval.trunk.parameters())
     # freeze1 freezes all of its continuation's DenseNet part, freeze3 none of it
@@ -52,7 +64,7 @@ def test_trunk_is_the_common_prefix_and_branches_share_structure(fused_eval: M.F
 
 
 def test_fused_branches_equal_separately_built_single_models(fused_eval: M.FusedDenseNet) -> None:
-    x = _images(3, 64, seed=1)
+    x = _images(3, 32, seed=1)
     with torch.inference_mode():
         fused = fused_eval(x)
         for branch, point in M.DEFAULT_FREEZE_UPTO.items():
@@ -73,7 +85,8 @@ def test_forward_from_trunk_and_fused_features(fused_eval: M.FusedDenseNet) -> N
         fused = fused_eval.fused_features(x, (0.4, 0.4, 0.3))
     for b in M.BRANCHES:
         assert torch.equal(direct[b], via[b])
-    torch.testing.assert_close(fused, 0.4 * feats["freeze1"] + 0.4 * feats["freeze2"] + 0.3 * feats["freeze3"])
+    expected = 0.4 * feats["freeze1"] + 0.4 * feats["freeze2"] + 0.3 * feats["freeze3"]
+    torch.testing.assert_close(fused, expected)
     with pytest.raises(ValueError, match="2 fusion weights for 3 branches"):
         fused_eval.fused_features(x, (0.5, 0.5))
 
@@ -93,13 +106,15 @@ def test_frozen_prefix_and_bn_stats_never_move_under_training() -> None:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     y = torch.tensor([0, 1, 0, 1])
     for step in range(3):
-        logits = model(_images(4, 64, seed=10 + step))
+        logits = model(_images(4, 32, seed=10 + step))
         loss = sum(torch.nn.functional.cross_entropy(v, y) for v in logits.values())
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = model.state_dict()
-    frozen_keys = [k for k in before if k.startswith("trunk.") or ".denseblock3_1to19." in k and "freeze3" not in k]
+    frozen_keys = [
+        k for k in before if k.startswith("trunk.") or (".denseblock3_1to19." in k and "freeze3" not in k)
+    ]
     for key in frozen_keys:  # parameters and BN running stats of everything frozen: bit-identical
         assert torch.equal(before[key], after[key]), key
     for name in frozen_names:
@@ -108,20 +123,21 @@ def test_frozen_prefix_and_bn_stats_never_move_under_training() -> None:
     assert not torch.equal(before["heads.freeze1.weight"], after["heads.freeze1.weight"])
     key = "branches.freeze3.transition2.transition.norm.running_mean"
     assert not torch.equal(before[key], after[key])
-    assert not torch.equal(before["branches.freeze3.tail.attention.gamma"], after["branches.freeze3.tail.attention.gamma"])
+    gamma = "branches.freeze3.tail.attention.gamma"
+    assert not torch.equal(before[gamma], after[gamma])
 
 
 def test_trained_branch_moves_exactly_between_fused_and_single() -> None:
     model = M.FusedDenseNet(num_classes=2, seed=0)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for step in range(2):
-        logits = model(_images(4, 64, seed=step))
+        logits = model(_images(4, 32, seed=step))
         loss = sum(torch.nn.functional.cross_entropy(v, torch.tensor([0, 1, 1, 0])) for v in logits.values())
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
-    x = _images(2, 64, seed=5)
+    x = _images(2, 32, seed=5)
     singles = {b: M.single_from_fused(model, b).eval() for b in M.BRANCHES}
     with torch.inference_mode():
         fused = model(x)
@@ -139,9 +155,11 @@ def test_trained_branch_moves_exactly_between_fused_and_single() -> None:
 
 def test_parameter_counts_match_table_7_shape(fused_eval: M.FusedDenseNet) -> None:
     counts = M.parameter_counts(fused_eval)
-    total = sum(p.numel() for p in fused_eval.trunk.parameters()) + sum(
-        p.numel() for p in fused_eval.branches["freeze1"].parameters()
-    ) + sum(p.numel() for p in fused_eval.heads["freeze1"].parameters())
+    total = (
+        sum(p.numel() for p in fused_eval.trunk.parameters())
+        + sum(p.numel() for p in fused_eval.branches["freeze1"].parameters())
+        + sum(p.numel() for p in fused_eval.heads["freeze1"].parameters())
+    )
     for b in M.BRANCHES:
         assert counts[b]["frozen"] + counts[b]["trainable"] == total
     assert counts["freeze1"]["frozen"] > counts["freeze2"]["frozen"] > counts["freeze3"]["frozen"]
@@ -193,13 +211,14 @@ def test_loads_a_torchvision_state_dict_file_with_old_keys(tmp_path: Path) -> No
     path = tmp_path / "densenet121.pth"
     torch.save(old, path)
     state = M.load_backbone_weights(path)
-    assert state is not None and "classifier.weight" not in state and "features.denseblock4.denselayer1.conv1.weight" not in state
-    assert torch.equal(state["features.denseblock1.denselayer1.norm1.weight"], reference["features.denseblock1.denselayer1.norm1.weight"])
+    assert state is not None and "classifier.weight" not in state
+    assert "features.denseblock4.denselayer1.conv1.weight" not in state
+    key = "features.denseblock1.denselayer1.norm1.weight"
+    assert torch.equal(state[key], reference[key])
     single = M.build_single("transition1", backbone_state=state)
     assert torch.equal(single.trunk.stem.conv0.weight, reference["features.conv0.weight"])
-    assert torch.equal(
-        single.continuation.denseblock3.denselayer24.conv2.weight, reference["features.denseblock3.denselayer24.conv2.weight"]
-    )
+    last = reference["features.denseblock3.denselayer24.conv2.weight"]
+    assert torch.equal(single.continuation.denseblock3.denselayer24.conv2.weight, last)
     assert M.load_backbone_weights("none") is None
 
 
@@ -219,12 +238,14 @@ def test_missing_imagenet_file_says_where_to_put_it(tmp_path: Path, monkeypatch:
 def test_wrong_architecture_names_file_and_first_mismatched_key(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    with pytest.raises(ValueError, match=r"resnet18\.pth.*first mismatched key 'features\.conv0\.weight' is missing"):
+    expected = r"resnet18\.pth.*first mismatched key 'features\.conv0\.weight' is missing"
+    with pytest.raises(ValueError, match=expected):
         M.load_backbone_weights(path)
     state = torchvision.models.densenet121(weights=None).state_dict()
     state["features.denseblock2.denselayer3.conv1.weight"] = torch.zeros(3, 3)
     torch.save(state, tmp_path / "bad_shape.pth")
-    with pytest.raises(ValueError, match=r"'features\.denseblock2\.denselayer3\.conv1\.weight' has shape \(3, 3\)"):
+    expected = r"'features\.denseblock2\.denselayer3\.conv1\.weight' has shape \(3, 3\)"
+    with pytest.raises(ValueError, match=expected):
         M.load_backbone_weights(tmp_path / "bad_shape.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         M.load_backbone_weights(tmp_path / "nope.pth")

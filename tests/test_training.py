@@ -134,6 +134,16 @@ def test_class_without_training_samples_is_named(base, tmp_path):
     with pytest.raises(ValueError, match="MASS"):
         train_branches(copy.deepcopy(base), data, VAL, SCHEDULE, class_names=CLASSES, checkpoint_dir=tmp_path)
     assert not (tmp_path / CHECKPOINT_NAME).exists()
+    empty = TensorData(VAL.images[:0], VAL.labels[:0])
+    with pytest.raises(ValueError, match="validation set is empty"):
+        train_branches(copy.deepcopy(base), TRAIN, empty, SCHEDULE, class_names=CLASSES, checkpoint_dir=tmp_path)
+
+
+def test_dataloader_workers_give_the_same_weights(base, reference, tmp_path):
+    model = copy.deepcopy(base)
+    schedule = dataclasses.replace(SCHEDULE, num_workers=1)
+    train_branches(model, TRAIN, VAL, schedule, class_names=CLASSES, checkpoint_dir=tmp_path)
+    _assert_same_weights(model, reference[0].model)
 
 
 # ----------------------------------------------------------------------------------------------
