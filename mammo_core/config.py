@@ -120,7 +120,8 @@ class TrainParams(_Section):
     @model_validator(mode="after")
     def _three_branches(self) -> TrainParams:
         if self.freeze_upto is not None and sorted(self.freeze_upto) != ["freeze1", "freeze2", "freeze3"]:
-            raise ValueError(f"train.freeze_upto must name freeze1, freeze2 and freeze3, got {sorted(self.freeze_upto)}")
+            named = sorted(self.freeze_upto)
+            raise ValueError(f"train.freeze_upto must name freeze1, freeze2 and freeze3, got {named}")
         return self
 
 
@@ -139,8 +140,59 @@ class FeaturesParams(_Section):
         return self
 
 
+class HashingParams(_Section):
+    """The divide-and-encode hash decoder and its FC ablation (mammo_core.hashing, mammo_core.retrieval)."""
+
+    bits: list[int] = Field(default_factory=lambda: [12, 24, 32, 48])
+    beta: float = Field(default=1.0, gt=0)
+    eps: float = Field(default=0.1, ge=0, lt=0.5)
+    objective: Literal["triplet", "classification", "both"] = "both"
+    epochs: int = Field(default=60, ge=1)
+    batch_size: int = Field(default=128, ge=2)
+    lr: float = Field(default=1e-3, gt=0)
+    margin: float = Field(default=0.5, ge=0)
+    quantization_weight: float = Field(default=0.01, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _bits(self) -> HashingParams:
+        if not self.bits or any(b < 1 or b > 512 for b in self.bits) or len(set(self.bits)) != len(self.bits):
+            raise ValueError(f"hashing.bits must be distinct values in 1..512, got {self.bits}")
+        return self
+
+
+class ClassifyParams(_Section):
+    """SVM + kNN + RF on the hash codes and their fusion (mammo_core.classifiers)."""
+
+    codes: str = Field(default="hash@48", pattern=r"^(hash|fc)@\d+$", description="decoder@bits from hashing")
+    search: bool = False
+    fusion_weights: dict[str, float] | Literal["search"] = "search"
+    grid_step: float = Field(default=0.1, gt=0.0, le=0.5)
+    n_boot: int = Field(default=1000, ge=0, le=100_000)
+    seed: int = 0
+    svm: dict[str, Any] = Field(default_factory=dict)
+    knn: dict[str, Any] = Field(default_factory=dict)
+    rf: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+
+    @property
+    def decoder(self) -> str:
+        return self.codes.split("@")[0]
+
+    @property
+    def bits(self) -> int:
+        return int(self.codes.split("@")[1])
+
+
 class Params(BaseModel):
     """The whole params file."""
+
+    @model_validator(mode="after")
+    def _classify_codes_exist(self) -> Params:
+        if self.classify.bits not in self.hashing.bits:
+            raise ValueError(f"classify.codes {self.classify.codes!r}: hashing.bits {self.hashing.bits} has no "
+                             f"{self.classify.bits}")
+        return self
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -152,6 +204,8 @@ class Params(BaseModel):
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
     features: FeaturesParams = FeaturesParams()
+    hashing: HashingParams = HashingParams()
+    classify: ClassifyParams = ClassifyParams()
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain JSON-able data (what a stage key hashes)."""

@@ -55,3 +55,18 @@ def curves_figure(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def series_figure(
+    series: Mapping[str, Sequence[float]], x: Sequence[float], title: str, path: Path, xlabel: str, ylabel: str
+) -> Path:
+    """One line per series over shared x values (e.g. MAP by code length)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, values in series.items():
+        ax.plot(list(x), list(values), marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from tasks import acquire, augment, curate, features, patches, train
+from tasks import acquire, augment, classify, curate, features, hashing, patches, train
 from tasks.runtime import StageSpec
 
-ORDER: tuple[StageSpec, ...] = (acquire.SPEC, curate.SPEC, patches.SPEC, augment.SPEC, train.SPEC, features.SPEC)
+ORDER: tuple[StageSpec, ...] = (
+    acquire.SPEC, curate.SPEC, patches.SPEC, augment.SPEC, train.SPEC, features.SPEC, hashing.SPEC, classify.SPEC,
+)
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in ORDER}
 
 

@@ -1,0 +1,116 @@
+"""classify: SVM, kNN and RF on the hash codes, fused by weighted soft voting, against learned combiners.
+
+Also measures the paper's Tables 2 and 3 from the Freeze1..3 branch predictions of the train stage.
+"""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from mammo_core import classifiers, figures, metrics, model_io, retrieval
+from mammo_core.store import write_json_atomic
+from tasks import runtime
+from tasks.train import PREDICTIONS
+
+CODES_FILE = "codes.h5"
+MODEL_FILE = "fusion.skops"
+ROWS = ("knn", "svm", "rf", "fusion", "voting", "stacking")
+
+
+def read_codes(path, decoder: str, bits: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unpacked 0/1 codes, labels, patient ids) of one split from ``codes.h5``."""
+    with h5py.File(path, "r") as fh:
+        key = f"{decoder}/{bits}/{split}"
+        if key not in fh:
+            raise KeyError(f"{path}: no codes {key!r}; hashing produced {sorted(fh[decoder]) if decoder in fh else []}")
+        packed = fh[key][:]
+        labels = fh[f"labels/{split}"][:]
+        patients = np.array([p.decode() for p in fh[f"patient_id/{split}"][:]])
+    return retrieval.unpack_codes(packed, bits), labels, patients
+
+
+def _run(ctx: runtime.StageContext) -> None:
+    p = ctx.params.classify
+    codes_path = ctx.upstream["hashing"].file(CODES_FILE)
+    with h5py.File(codes_path, "r") as fh:
+        class_names = json.loads(fh.attrs["class_names"])
+    data = {s: read_codes(codes_path, p.decoder, p.bits, s) for s in ("train", "val", "test")}
+    (x_tr, y_tr, _), (x_val, y_val, _), (x_te, y_te, groups_te) = data["train"], data["val"], data["test"]
+    hyper = {"seed": p.seed, "svm": p.svm, "knn": p.knn, "rf": p.rf, **({"grid": p.grid} if p.grid else {})}
+    fitted = classifiers.fit_classifiers(hyper, x_tr, y_tr, x_val, y_val, search=p.search)
+    classes = list(range(len(class_names)))
+    members = fitted.estimators
+
+    def aligned(est, x):
+        return classifiers.align_proba(est.predict_proba(x), est.classes_, classes)
+
+    if p.fusion_weights == "search":
+        chosen = classifiers.choose_fusion_weights({n: aligned(e, x_val) for n, e in members.items()}, y_val,
+                                                   grid_step=p.grid_step, classes=classes)
+        weights = chosen.weights
+        pd.DataFrame(chosen.grid).to_csv(ctx.workdir / "fusion_weight_grid.csv", index=False)
+    else:
+        weights = {n: float(p.fusion_weights.get(n, 0.0)) for n in classifiers.CLASSIFIER_NAMES}
+    fused = classifiers.FusedClassifier.from_fitted(members, weights, classes)
+    combiners, skipped = {}, {}
+    for name, est in classifiers.make_learned_combiners(members, seed=p.seed).items():
+        try:  # a learned combiner needs cross-validation folds; tiny splits may not have them
+            combiners[name] = classifiers.limit_cv_to_labels(est, y_tr).fit(x_tr, y_tr)
+        except ValueError as exc:
+            skipped[name] = str(exc)
+            ctx.logger.warning("classify: %s not fitted: %s", name, exc)
+    models = {**members, "fusion": fused, **combiners}
+
+    table, metric_values = [], {}
+    for name in ROWS:
+        if name not in models:
+            table.append({"classifier": name, "note": f"not fitted: {skipped[name]}"})
+            continue
+        est = models[name]
+        proba = aligned(est, x_te) if name != "fusion" else est.predict_proba(x_te)
+        pred = np.asarray(classes)[proba.argmax(axis=1)]
+        rep = metrics.report_with_ci(y_te, pred, proba, class_names, groups_te, n_boot=p.n_boot, seed=p.seed)
+        row = {"classifier": name, "test_acc": rep["accuracy"], "test_acc_ci_low": rep["ci"]["accuracy"][0],
+               "test_acc_ci_high": rep["ci"]["accuracy"][1], "macro_f1": rep["macro_f1"],
+               "balanced_acc": rep["balanced_accuracy"], "auc_ovr_macro": rep.get("auc_ovr_macro", np.nan)}
+        row.update({f"recall/{c}": rep["recall"][c] for c in class_names})
+        table.append(row)
+        for key in ("test_acc", "macro_f1", "balanced_acc", "auc_ovr_macro", "test_acc_ci_low", "test_acc_ci_high"):
+            if np.isfinite(row[key]):
+                metric_values[f"classify/{name}/{key}"] = row[key]
+        if name == "fusion":
+            fig = figures.confusion_matrix_figure(rep["confusion"], class_names, "Fusion (SVM+kNN+RF): test",
+                                                  ctx.workdir / "confusion_fusion.png")
+            ctx.log_artifact(fig, "figures")
+    pd.DataFrame(table).to_csv(ctx.workdir / "table5_classifiers.csv", index=False)
+    for n, w in weights.items():
+        metric_values[f"classify/weight/{n}"] = w
+    ctx.log_metrics(metric_values)
+
+    # Tables 2 and 3: diversity of the Freeze1..3 branches on the test patches (train stage predictions).
+    with h5py.File(ctx.upstream["train"].file(PREDICTIONS), "r") as fh:
+        y_branch = fh["test/labels"][:]
+        probas = {b: fh[f"test/{b}/probabilities"][:] for b in ("freeze1", "freeze2", "freeze3")}
+    metrics.branch_pair_accuracy_table(probas, y_branch, class_names).to_csv(ctx.workdir / "table2_pairs.csv")
+    metrics.branch_error_table(probas, y_branch, class_names).to_csv(ctx.workdir / "table3_errors.csv")
+
+    sha = model_io.save_model(fused, ctx.workdir / MODEL_FILE)
+    write_json_atomic(ctx.workdir / "classifier.json", {
+        "codes": p.codes, "weights": weights, "class_names": class_names, "sha256": sha,
+        "searches": {n: s.best_params for n, s in fitted.searches.items()}, "not_fitted": skipped,
+    })
+    for name in ("table5_classifiers.csv", "table2_pairs.csv", "table3_errors.csv", "classifier.json"):
+        ctx.log_artifact(ctx.workdir / name, "tables")
+
+
+SPEC = runtime.StageSpec(
+    name="classify",
+    upstream=("hashing", "train"),
+    sections=("classify",),
+    code=(classifiers, metrics, model_io, retrieval, figures),
+    run=_run,
+)
