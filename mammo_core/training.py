@@ -5,10 +5,12 @@ Modes (all give every branch its own SGD optimizer over its trainable parameters
 - ``shared``: one process, all branches per batch. The prefix frozen in every branch (the model's
   ``trunk``) runs once per batch without a graph; each branch runs forward/backward from its output.
 - ``cached``: the augmented training set is fixed (materialised by the augment stage) and the trunk is
-  frozen, so the trunk output of every training (and validation) patch is the same each epoch. It is
-  computed once (fp32, in memory, or in a scratch HDF5 beyond ``cache_max_bytes``) and the branches
-  train from it. In fp32 this is the same arithmetic as ``shared`` on the same batches, so both end with
-  identical weights for the same seed (tested with ``torch.equal`` on CPU).
+  frozen, so the trunk output of every training (and validation) patch is the same each epoch, and so
+  is each branch's output after its own frozen segments (Freeze1 and Freeze2 freeze more than the
+  trunk). Those are computed once (fp32, in memory, or in a scratch HDF5 beyond ``cache_max_bytes``)
+  and each branch trains only its trainable part from them. In fp32 this is the same arithmetic as
+  ``shared`` on the same batches, so both end with identical weights for the same seed (tested with
+  ``torch.equal`` on CPU).
 - ``separate`` (:func:`train_separate`): one independent training per single-branch model, for
   comparison and for spreading the branches over devices.
 
@@ -194,6 +196,14 @@ class _Net:
         else:
             raise TypeError(f"cannot train a {type(model).__name__}: expected FusedDenseNet or SingleBranchDenseNet")
         self.model = model
+        self.frozen: dict[str, list[nn.Module]] = {}  # leading frozen segments of each continuation
+        self.rest: dict[str, list[nn.Module]] = {}
+        for b, (continuation, _) in self.parts.items():
+            children = list(continuation.children())
+            k = 0
+            while k < len(children) and not any(p.requires_grad for p in children[k].parameters()):
+                k += 1
+            self.frozen[b], self.rest[b] = children[:k], children[k:]
 
     @property
     def branches(self) -> list[str]:
@@ -202,6 +212,20 @@ class _Net:
     def logits(self, branch: str, trunk_out: Tensor) -> Tensor:
         continuation, head = self.parts[branch]
         return head(_pool(continuation(trunk_out)))
+
+    def frozen_output(self, branch: str, trunk_out: Tensor) -> Tensor:
+        """The trunk output carried through the branch's own frozen segments (fixed, hence cacheable)."""
+        with torch.no_grad():
+            for module in self.frozen[branch]:
+                trunk_out = module(trunk_out)
+        return trunk_out
+
+    def logits_after_frozen(self, branch: str, frozen_out: Tensor) -> Tensor:
+        """Same as :meth:`logits` given :meth:`frozen_output` (the continuation is a plain sequence)."""
+        h = frozen_out
+        for module in self.rest[branch]:
+            h = module(h)
+        return self.parts[branch][1](_pool(h))
 
     def trainable(self, branch: str) -> list[nn.Parameter]:
         return [p for p in self.parts[branch].parameters() if p.requires_grad]
@@ -217,55 +241,69 @@ class _Net:
 # Trunk cache
 
 
-class _TrunkCache:
-    """Trunk outputs of a fixed dataset, computed once; fp32 in memory or in a scratch HDF5 file.
+class _FrozenCache:
+    """Each branch's frozen output (trunk + the branch's own frozen segments) for a fixed dataset.
 
-    Rows are computed in sequential chunks of ``chunk`` (the same chunks evaluation uses), and each row
-    is stored exactly as computed, so reading a batch back gives the values the shared mode computes.
+    Computed once, fp32, in memory or in a scratch HDF5 file beyond ``max_bytes``. A branch with no
+    frozen segment of its own shares the plain trunk output. Rows are computed in sequential chunks of
+    ``chunk`` (the chunks evaluation uses) and stored exactly as computed, so a batch read back holds the
+    values the shared mode computes for it.
     """
 
-    def __init__(self, trunk: Callable[[Tensor], Tensor], data: TensorData, chunk: int, device: torch.device,
+    def __init__(self, model: BranchModel, net: _Net, data: TensorData, chunk: int, device: torch.device,
                  max_bytes: int, scratch: Path):
         self.device = device
-        self.memory: Tensor | None = None
-        self.file: h5py.File | None = None
         self.scratch = scratch
+        self.file: h5py.File | None = None
+        self.key = {b: (b if net.frozen[b] else "trunk") for b in net.branches}
+        keys = sorted(set(self.key.values()))
         n = len(data)
-        first = trunk(prepare_images(data.images[:1], device))
-        row_shape = tuple(first.shape[1:])
-        nbytes = n * int(np.prod(row_shape)) * 4
+
+        def compute(s: slice) -> dict[str, Tensor]:
+            t = model.trunk_output(prepare_images(data.images[s], device))
+            return {k: t if k == "trunk" else net.frozen_output(k, t) for k in keys}
+
+        shapes = {k: tuple(v.shape[1:]) for k, v in compute(slice(0, 1)).items()}
+        nbytes = n * sum(int(np.prod(shape)) for shape in shapes.values()) * 4
         if nbytes <= max_bytes:
-            self.memory = torch.empty((n, *row_shape), dtype=torch.float32, device=device)
+            self.memory = {k: torch.empty((n, *shape), dtype=torch.float32, device=device)
+                           for k, shape in shapes.items()}
             for s in _chunks(n, chunk):
-                self.memory[s] = trunk(prepare_images(data.images[s], device))
+                for k, v in compute(s).items():
+                    self.memory[k][s] = v
             return
+        self.memory = {}
         tmp = scratch.with_name(f".{scratch.name}.{uuid.uuid4().hex}.tmp")
         try:
             with h5py.File(tmp, "w") as fh:
-                rows = fh.create_dataset("trunk", (n, *row_shape), dtype="f4", chunks=(1, *row_shape))
+                rows = {k: fh.create_dataset(k, (n, *shape), dtype="f4", chunks=(1, *shape))
+                        for k, shape in shapes.items()}
                 for s in _chunks(n, chunk):
-                    rows[s] = trunk(prepare_images(data.images[s], device)).cpu().numpy()
+                    for k, v in compute(s).items():
+                        rows[k][s] = v.cpu().numpy()
             os.replace(tmp, scratch)
         finally:
             tmp.unlink(missing_ok=True)
         self.file = h5py.File(scratch, "r")
 
-    def get(self, idx: Tensor) -> Tensor:
-        if self.memory is not None:
-            return self.memory[idx.to(self.device)]
+    def get(self, branch: str, idx: Tensor) -> Tensor:
+        key = self.key[branch]
+        if self.file is None:
+            return self.memory[key][idx.to(self.device)]
         order = torch.argsort(idx)
-        rows = self.file["trunk"][idx[order].numpy()]  # h5py needs increasing indices
+        rows = self.file[key][idx[order].numpy()]  # h5py needs increasing indices
         out = torch.empty((len(idx), *rows.shape[1:]), dtype=torch.float32)
         out[order] = torch.from_numpy(rows)
         return out.to(self.device)
 
-    def slice(self, s: slice) -> Tensor:
-        if self.memory is not None:
-            return self.memory[s]
-        return torch.from_numpy(self.file["trunk"][s]).to(self.device)
+    def slice(self, branch: str, s: slice) -> Tensor:
+        key = self.key[branch]
+        if self.file is None:
+            return self.memory[key][s]
+        return torch.from_numpy(self.file[key][s]).to(self.device)
 
     def close(self) -> None:
-        self.memory = None
+        self.memory = {}
         if self.file is not None:
             self.file.close()
             self.file = None
@@ -326,11 +364,16 @@ class _Best:
 # Evaluation
 
 
-def _logits_by_chunks(net: _Net, trunk_chunks: Iterable[Tensor]) -> dict[str, Tensor]:
-    out: dict[str, list[Tensor]] = {b: [] for b in net.branches}
+def _logits_by_chunks(net: _Net, trunk_chunks: Iterable[Tensor]) -> Iterator[dict[str, Tensor]]:
     for t in trunk_chunks:
+        yield {b: net.logits(b, t) for b in net.branches}
+
+
+def _concat_logits(net: _Net, chunk_logits: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
+    out: dict[str, list[Tensor]] = {b: [] for b in net.branches}
+    for logits in chunk_logits:
         for b in net.branches:
-            out[b].append(net.logits(b, t).float().cpu())
+            out[b].append(logits[b].float().cpu())
     return {b: torch.cat(v) if v else torch.empty(0, net.model.num_classes) for b, v in out.items()}
 
 
@@ -350,7 +393,7 @@ def evaluate(
     model.eval()
     try:
         with torch.inference_mode():
-            logits = _logits_by_chunks(net, _trunk_chunks(model, data, batch_size, device))
+            logits = _concat_logits(net, _logits_by_chunks(net, _trunk_chunks(model, data, batch_size, device)))
     finally:
         model.train(was_training)
     truth = data.labels.numpy()
@@ -365,11 +408,11 @@ def evaluate(
     return result
 
 
-def _accuracies(net: _Net, labels: Tensor, trunk_chunks: Iterable[Tensor]) -> dict[str, float]:
+def _accuracies(net: _Net, labels: Tensor, chunk_logits: Iterable[dict[str, Tensor]]) -> dict[str, float]:
     net.model.eval()
     try:
         with torch.inference_mode():
-            logits = _logits_by_chunks(net, trunk_chunks)
+            logits = _concat_logits(net, chunk_logits)
     finally:
         net.model.train()
     if not len(labels):
@@ -466,17 +509,18 @@ def _fit(
     if path.exists():
         start = _resume(path, model, net, schedule, optimizers, schedulers, best, history, generator, device)
 
-    cache: _TrunkCache | None = None
-    val_cache: _TrunkCache | None = None
+    cache: _FrozenCache | None = None
+    val_cache: _FrozenCache | None = None
     cache_seconds = 0.0
     eval_chunk = schedule.batch_size
     try:
         if mode == "cached" and start < schedule.epochs:
             began = time.perf_counter()
-            cache = _TrunkCache(model.trunk_output, train, eval_chunk, device, cache_max_bytes,
-                                checkpoint_dir / TRUNK_CACHE_NAME)
-            val_cache = _TrunkCache(model.trunk_output, val, eval_chunk, device, cache_max_bytes,
-                                    checkpoint_dir / f"val_{TRUNK_CACHE_NAME}")
+            model.train()  # the frozen parts are in eval mode whatever the model's mode
+            cache = _FrozenCache(model, net, train, eval_chunk, device, cache_max_bytes,
+                                 checkpoint_dir / TRUNK_CACHE_NAME)
+            val_cache = _FrozenCache(model, net, val, eval_chunk, device, cache_max_bytes,
+                                     checkpoint_dir / f"val_{TRUNK_CACHE_NAME}")
             cache_seconds = time.perf_counter() - began
         for epoch in range(start, schedule.epochs):
             report = _run_epoch(epoch, model, net, train, val, schedule, optimizers, schedulers, best, generator,
@@ -515,8 +559,8 @@ def _run_epoch(
     best: dict[str, _Best],
     generator: torch.Generator,
     device: torch.device,
-    cache: _TrunkCache | None,
-    val_cache: _TrunkCache | None,
+    cache: _FrozenCache | None,
+    val_cache: _FrozenCache | None,
     eval_chunk: int,
     path: Path,
     on_batch: Callable[[int, int], None] | None,
@@ -530,11 +574,12 @@ def _run_epoch(
     for i, (idx, images, labels) in enumerate(_iter_batches(train, batches, workers, device.type == "cuda")):
         if on_batch is not None:
             on_batch(epoch + 1, i)
-        t = cache.get(idx) if cache is not None else model.trunk_output(prepare_images(images, device))
+        t = None if cache is not None else model.trunk_output(prepare_images(images, device))
         y = labels.to(device, non_blocking=True)
         for b in net.branches:
             optimizers[b].zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net.logits(b, t), y)
+            logits = net.logits(b, t) if cache is None else net.logits_after_frozen(b, cache.get(b, idx))
+            loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(b, epoch + 1, path if path.exists() else None)
             loss.backward()
@@ -543,11 +588,13 @@ def _run_epoch(
     for b in net.branches:
         schedulers[b].step()
     seen = sum(len(idx) for idx in batches)
-    chunks = (
-        (val_cache.slice(s) for s in _chunks(len(val), eval_chunk))
-        if val_cache is not None
-        else _trunk_chunks(model, val, eval_chunk, device)
-    )
+    if val_cache is not None:
+        chunks = (
+            {b: net.logits_after_frozen(b, val_cache.slice(b, s)) for b in net.branches}
+            for s in _chunks(len(val), eval_chunk)
+        )
+    else:
+        chunks = _logits_by_chunks(net, _trunk_chunks(model, val, eval_chunk, device))
     val_acc = _accuracies(net, val.labels, chunks)
     for b in net.branches:
         if val_acc[b] > best[b].val_acc:
