@@ -69,6 +69,7 @@ def _run(ctx: runtime.StageContext) -> None:
             checkpoint_dir=ctx.scratch, class_names=class_names, on_epoch=on_epoch,
         )
         fused = result.model
+        ctx.log_metric("train/resumed_from_epoch", result.resumed_from_epoch)
         results = {b: result for b in freeze_upto}
         history = {b: result.history for b in freeze_upto}
     else:
@@ -79,6 +80,7 @@ def _run(ctx: runtime.StageContext) -> None:
             on_epoch=lambda b, r: on_epoch(r, b),
         )
         fused = model.fused_from_singles({b: r.model for b, r in results.items()})
+        ctx.log_metric("train/resumed_from_epoch", min(r.resumed_from_epoch for r in results.values()))
         history = {b: r.history for b, r in results.items()}
 
     checkpoint.save_atomic(fused.state_dict(), ctx.workdir / WEIGHTS)

@@ -1,0 +1,61 @@
+"""report: the paper's Tables 1-8 and Figures 9-14 from this run's stage artifacts (mammo_core.report).
+
+The stage has no params section: its key is its code plus the keys of the stages it reads, so any change
+upstream rebuilds the report and nothing else does. The report goes into the stage folder and to MLflow,
+both on the report's own child run and on the parent run of the ``mammo run`` that built it, where a user
+opening the run finds it first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from mammo_core import paper_claims, report, report_render
+from tasks import runtime, tracking
+
+UPSTREAM = ("curate", "patches", "train", "features", "hashing", "classify")
+
+
+def report_files(folder: Path) -> list[tuple[Path, str]]:
+    """(file, MLflow artifact folder) for everything a finished report folder holds."""
+    files = [(folder / "report.md", "report"), (folder / "report.html", "report")]
+    files += [(path, "report/tables") for path in sorted((folder / "tables").glob("*.csv"))]
+    files += [(path, "report/figures") for path in sorted((folder / "figures").glob("*.png"))]
+    return [(path, where) for path, where in files if path.is_file()]
+
+
+def log_report(client: MlflowClient, run_id: str, folder: Path) -> None:
+    """Attach a finished report to an MLflow run (also usable for a reused report on a new parent run)."""
+    for path, where in report_files(Path(folder)):
+        client.log_artifact(run_id, str(path), where)
+
+
+def _run(ctx: runtime.StageContext) -> None:
+    tags = ctx.client.get_run(ctx.run_id).data.tags  # git_commit and the parent (``mammo run``) run id
+    run_info = {
+        "params": ctx.params.model_dump(mode="json"),
+        "code_version": tags.get("git_commit") or "not recorded",
+        "stage_keys": {name: ctx.upstream[name].key for name in UPSTREAM},
+        "report_key": ctx.key,
+    }
+    report.build_report({name: Path(ctx.upstream[name].path) for name in UPSTREAM}, ctx.workdir, run_info)
+    files = report_files(ctx.workdir)
+    ctx.log_metric("report/tables", float(sum(1 for _, where in files if where == "report/tables")))
+    for path, where in files:
+        ctx.log_artifact(path, where)
+    parent = tags.get(tracking.PARENT_TAG)
+    if parent:
+        log_report(ctx.client, parent, ctx.workdir)
+    else:
+        ctx.logger.warning("report: the stage run has no parent run; the report is logged to the stage run only")
+
+
+SPEC = runtime.StageSpec(
+    name="report",
+    upstream=UPSTREAM,
+    sections=(),
+    code=(report, report_render, paper_claims),
+    run=_run,
+)

@@ -1,0 +1,339 @@
+"""The report reads only stage artifacts: fake stage folders with known numbers must come out verbatim."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mammo_core.report import build_report
+from mammo_core.report_render import format_value
+from mammo_core.store import file_sha256
+
+CLASSES = ["NORMAL", "MASS_BENIGN", "CALC_MALIGNANT"]
+BRANCHES = ("freeze1", "freeze2", "freeze3")
+KEYS = {"curate": "c" * 24, "patches": "p" * 24, "train": "t" * 24, "features": "f" * 24, "hashing": "h" * 24,
+        "classify": "k" * 24}
+
+
+def _png(path: Path, shade: int) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (shade, 40, 90)).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+
+
+def _seal(folder: Path, stage: str, metrics: dict, params: dict, upstream: dict) -> None:
+    files = [{"path": p.name, "sha256": file_sha256(p), "size": p.stat().st_size}
+             for p in sorted(folder.iterdir()) if p.name != "manifest.json"]
+    manifest = {"key": KEYS[stage], "stage": stage, "metrics": metrics, "params": params, "upstream": upstream,
+                "files": files, "mlflow_run_id": f"run-{stage}"}
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value), encoding="utf-8")
+
+
+def make_store(root: Path) -> dict[str, Path]:
+    """Stage folders laid out like a finished run's, holding small known numbers."""
+    dirs = {s: root / s / k for s, k in KEYS.items()}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+
+    d = dirs["curate"]
+    _write_json(d / "curation_report.json", {
+        "classes": CLASSES, "images_per_split": {"train": 31, "val": 7, "test": 9},
+        "patients_per_split": {"train": 12, "val": 3, "test": 4},
+        "lesions_per_class_and_split": {"train": {"MASS_BENIGN": 14, "CALC_MALIGNANT": 19},
+                                        "val": {"MASS_BENIGN": 5, "CALC_MALIGNANT": 2},
+                                        "test": {"MASS_BENIGN": 6, "CALC_MALIGNANT": 3}},
+        "quarantined": 3, "quarantined_per_reason": {"unreadable DICOM": 2, "mask size mismatch": 1}})
+    _seal(d, "curate", {}, {"curate": {"split_seed": 0}}, {"acquire": "a" * 24})
+
+    d = dirs["patches"]
+    _write_json(d / "patches_summary.json", {
+        "class_names": CLASSES, "skipped": [{"item": "L1", "reason": "box outside image"}],
+        "counts": {"train": {"NORMAL": 31, "MASS_BENIGN": 14, "CALC_MALIGNANT": 19},
+                   "val": {"NORMAL": 7, "MASS_BENIGN": 5, "CALC_MALIGNANT": 2},
+                   "test": {"NORMAL": 9, "MASS_BENIGN": 6, "CALC_MALIGNANT": 3}}})
+    _seal(d, "patches", {}, {"patches": {"size": 32}}, {"curate": KEYS["curate"]})
+
+    d = dirs["train"]
+    history = {b: [{"epoch": e, "val_acc": {x: v for x, v in zip(BRANCHES, vals, strict=True)}}
+                   for e, vals in ((1, (0.1875, 0.2125, 0.2375)), (2, (0.3125, 0.3375, 0.3625)))]
+               for b in BRANCHES}
+    _write_json(d / "history.json", history)
+    counts = {"freeze1": (4309366, 662186), "freeze2": (3520566, 1450986), "freeze3": (1306099, 3665453)}
+    _write_json(d / "model_config.json", {"class_names": CLASSES, "num_classes": 3, "parameter_counts": {
+        b: {"frozen": f, "trainable": t} for b, (f, t) in counts.items()}})
+    for i, b in enumerate(BRANCHES):
+        matrix = np.array([[11 + i, 1, 0], [2, 13, 1], [0, 3, 17]])
+        np.savetxt(d / f"confusion_{b}.csv", matrix, fmt="%d", delimiter=",", header=",".join(CLASSES))
+        _png(d / f"confusion_{b}.png", 10 + i)
+    _png(d / "val_curves.png", 60)
+    train_metrics = {f"train/{b}/test_acc": acc for b, acc in zip(BRANCHES, (0.3125, 0.4375, 0.5625), strict=True)}
+    _seal(d, "train", train_metrics, {"train": {"epochs": 2}}, {"patches": KEYS["patches"]})
+
+    d = dirs["features"]
+    _write_json(d / "fusion.json", {"weights": [0.25, 0.25, 0.5], "mode": "search"})
+    pd.DataFrame({"w_freeze1": [0.0, 0.25], "w_freeze2": [0.5, 0.25], "w_freeze3": [0.5, 0.5],
+                  "val_acc": [0.4062, 0.6094]}).to_csv(d / "fusion_grid.csv", index=False)
+    _png(d / "fusion_grid.png", 90)
+    feat_metrics = {"features/freeze1/test_acc": 0.5313, "features/freeze2/test_acc": 0.5469,
+                    "features/freeze3/test_acc": 0.5781, "features/fused/test_acc": 0.6875}
+    _seal(d, "features", feat_metrics, {"features": {"grid_step": 0.25}},
+          {"train": KEYS["train"], "patches": KEYS["patches"]})
+
+    d = dirs["hashing"]
+    pd.DataFrame({"bits": [12, 48], "hash_map": [0.4321, 0.4567], "hash_p@10": [0.41, 0.43],
+                  "fc_map": [0.3456, 0.3789], "fc_p@10": [0.31, 0.33]}).to_csv(d / "table4_map.csv", index=False)
+    pd.DataFrame({"decoder": ["hash", "fc"], "bits": [12, 12], "fraction_binary": [0.0152, 0.0],
+                  "bit_balance": [0.0871, 0.0682]}).to_csv(d / "bit_statistics.csv", index=False)
+    _png(d / "table4_map.png", 120)
+    _seal(d, "hashing", {}, {"hashing": {"bits": [12, 48]}}, {"features": KEYS["features"]})
+
+    d = dirs["classify"]
+    pd.DataFrame([
+        {"classifier": "knn", "test_acc": 0.6125, "test_acc_ci_low": 0.4125, "test_acc_ci_high": 0.7625,
+         "macro_f1": 0.55, "balanced_acc": 0.58, "auc_ovr_macro": 0.71, "recall/NORMAL": 0.9,
+         "recall/MASS_BENIGN": 0.45, "recall/CALC_MALIGNANT": 0.35},
+        {"classifier": "fusion", "test_acc": 0.7125, "test_acc_ci_low": 0.5125, "test_acc_ci_high": 0.8125,
+         "macro_f1": 0.66, "balanced_acc": 0.67, "auc_ovr_macro": 0.77, "recall/NORMAL": 0.95,
+         "recall/MASS_BENIGN": 0.55, "recall/CALC_MALIGNANT": 0.5},
+        {"classifier": "stacking", "note": "not fitted: too few samples"},
+    ]).to_csv(d / "table5_classifiers.csv", index=False)
+    pairs = pd.DataFrame([[0.8182, 0.5, 0.22727272727272727], [0.9091, 0.6667, 0.5]],
+                         index=["freeze1", "freeze1+freeze2"], columns=CLASSES)
+    pairs.to_csv(d / "table2_pairs.csv")
+    errors = pd.DataFrame([[12, 2, 3, 1, 6, 0], [16, 4, 17, 23, 44, 1]], index=["NORMAL", "all"],
+                          columns=["n_samples", "wrong_only_freeze1", "wrong_only_freeze2", "wrong_only_freeze3",
+                                   "wrong_in_exactly_one", "wrong_in_all"])
+    errors.to_csv(d / "table3_errors.csv")
+    _write_json(d / "classifier.json", {"weights": {"svm": 0.4, "knn": 0.3, "rf": 0.3}, "class_names": CLASSES})
+    _png(d / "confusion_fusion.png", 150)
+    _seal(d, "classify", {"classify/fusion/test_acc": 0.7125}, {"classify": {"n_boot": 200, "codes": "hash@48"}},
+          {"hashing": KEYS["hashing"], "train": KEYS["train"]})
+    return dirs
+
+
+def sections_of(md: str) -> dict[str, str]:
+    """Markdown section text by the label its heading starts with ("Table 5", "Figure 11", "Data summary")."""
+    out = {}
+    for chunk in md.split("\n## ")[1:]:
+        heading = chunk.split("\n", 1)[0]
+        out[heading.split(":")[0]] = chunk
+    return out
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> tuple[dict[str, Path], Path, str]:
+    dirs = make_store(tmp_path / "stages")
+    out = tmp_path / "report"
+    build_report(dirs, out, {"params": {"classify": {"n_boot": 200}}, "code_version": "abc1234",
+                             "stage_keys": KEYS})
+    return dirs, out, (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_every_paper_heading_is_present_in_order(built):
+    _, _, md = built
+    labels = list(sections_of(md))
+    expected = ["Data summary", *(f"Table {i}" for i in range(1, 9)), *(f"Figure {i}" for i in range(9, 15))]
+    assert [x for x in labels if x in expected] == expected
+
+
+def test_numbers_come_out_as_written_in_their_source_files(built):
+    _, _, md = built
+    s = sections_of(md)
+    # Table 5: our row with its CI, next to the paper's claim for the same row.
+    assert "| fusion | 0.7125 | 0.5125 | 0.8125 | 0.66 | 0.67 | 0.77 | 91.49 |  |" in s["Table 5"]
+    assert "| knn | 0.6125 | 0.4125 | 0.7625 | 0.55 | 0.58 | 0.71 | 83.50 |  |" in s["Table 5"]
+    assert "not fitted: too few samples" in s["Table 5"]
+    assert "95% patient-bootstrap percentile interval (200 resamples)" in s["Table 5"]
+    assert "| svm | 0.4 |" in s["Table 5"]  # fusion weight from classifier.json
+    # Table 4: hash and FC MAP per bits beside the paper's claims.
+    assert "| 12 | 0.4321 | 0.899 | 0.3456 | 0.877 | 0.41 | 0.31 |" in s["Table 4"]
+    assert "| 48 | 0.4567 | 0.923 | 0.3789 | 0.912 | 0.43 | 0.33 |" in s["Table 4"]
+    assert "| hash | 12 | 0.0152 | 0.0871 |" in s["Table 4"]
+    # Table 2 in the paper's layout (rows: classes), a long float shown to 4 decimals.
+    assert "| MASS_BENIGN | 0.5 | 0.6667 |" in s["Table 2"]
+    assert "| CALC_MALIGNANT | 0.2273 | 0.5 |" in s["Table 2"]
+    assert "| 1 | 90.55 | 89.60 | 92.06 | 92.30 | 93.05 | 93.05 |" in s["Table 2"]  # claims, separate table
+    assert "| all | 16 | 4 | 17 | 23 | 44 | 1 |" in s["Table 3"]
+    # Table 7: parameter counts (model_config.json), head accuracy (train), probe accuracy (features).
+    assert "| freeze1 | 4309366 | 662186 | 4.76M | 0.3125 | 0.5313 | 93.01 |" in s["Table 7"]
+    assert "| freeze3 | 1306099 | 3665453 | 0.95M | 0.5625 | 0.5781 | 91.88 |" in s["Table 7"]
+    assert "| fused |  |  | - |  | 0.6875 | 94.48 |" in s["Table 7"]
+    # Figure 9: curves per epoch, chosen weights vs the paper's, best grid row first.
+    assert "| 2 | 0.3125 | 0.3375 | 0.3625 |" in s["Figure 9"]
+    assert "| freeze3 | 0.5 | 0.3 |" in s["Figure 9"]
+    assert s["Figure 9"].index("| 0.25 | 0.25 | 0.5 | 0.6094 |") < s["Figure 9"].index("| 0 | 0.5 | 0.5 | 0.4062 |")
+    # Figures 11-13: the confusion matrices as written by the train stage.
+    assert "| NORMAL | 11 | 1 | 0 |" in s["Figure 11"]
+    assert "| NORMAL | 13 | 1 | 0 |" in s["Figure 13"]
+    assert "| CALC_MALIGNANT | 0 | 3 | 17 |" in s["Figure 12"]
+    # Data summary: per split, per class and split, quarantine per reason, skipped patches.
+    data = s["Data summary"]
+    assert "| test | 9 | 4 | 9 |" in data and "| total | 47 | 19 | 49 |" in data
+    assert "| CALC_MALIGNANT | 19 | 2 | 3 | 24 |" in data
+    assert "| NORMAL | 31 | 7 | 9 | 47 |" in data
+    assert "| unreadable DICOM | 2 |" in data and "| mask size mismatch | 1 |" in data
+    assert "| box outside image | 1 |" in data
+    assert "abc1234" in md
+
+
+def test_each_measured_section_names_its_source_files(built):
+    _, _, md = built
+    s = sections_of(md)
+    expected = {
+        "Data summary": ["curate/curation_report.json", "patches/patches_summary.json"],
+        "Table 2": ["classify/table2_pairs.csv"], "Table 3": ["classify/table3_errors.csv"],
+        "Table 4": ["hashing/table4_map.csv", "hashing/bit_statistics.csv", "hashing/table4_map.png"],
+        "Table 5": ["classify/table5_classifiers.csv", "classify/classifier.json"],
+        "Table 7": ["train/model_config.json", "train/manifest.json", "features/manifest.json"],
+        "Figure 9": ["train/val_curves.png", "train/history.json", "features/fusion_grid.png",
+                     "features/fusion_grid.csv", "features/fusion.json"],
+        "Figure 11": ["train/confusion_freeze1.png", "train/confusion_freeze1.csv"],
+        "Figure 12": ["train/confusion_freeze2.csv"], "Figure 13": ["train/confusion_freeze3.csv"],
+        "Figure 14": ["classify/confusion_fusion.png"],
+    }
+    for label, files in expected.items():
+        for name in files:
+            stage = name.split("/")[0]
+            assert f"Source: {name} (key {KEYS[stage]}" in s[label], (label, name)
+    assert "Source: the paper" in s["Table 5"]
+
+
+def test_stages_not_in_this_pipeline_say_so_and_show_no_value_of_ours(built):
+    _, _, md = built
+    s = sections_of(md)
+    for label, stage in (("Table 1", "baselines"), ("Table 6", "baselines"), ("Table 8", "detect"),
+                         ("Figure 10", "baselines")):
+        assert f"not run in this pipeline version: needs the {stage} stage" in s[label]
+        assert "Source: " not in s[label].replace("Source: the paper", "")  # nothing of ours was read
+    assert "| Our | 94.68 |" in s["Table 1"]  # the claim, in a table labelled as claims
+    assert "| Faster RCNN | 70.03 | 325 |" in s["Table 8"]
+
+
+def test_html_is_self_contained_with_embedded_figures(built):
+    _, out, _ = built
+    page = (out / "report.html").read_text(encoding="utf-8")
+    images = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert len(images) == 7  # val curves, fusion grid, MAP plot, three branch and one fusion confusion matrix
+    for src in images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+    lowered = page.lower()
+    for forbidden in ("<script", "<link", "<iframe", "@import", "url(", "src=\"http", "href=\"http"):
+        assert forbidden not in lowered, forbidden
+    assert all(h.startswith("#") for h in re.findall(r'href="([^"]*)"', page))
+    assert "<h2>Table 5: classifiers" in page and "<td>0.7125</td>" in page
+
+
+def test_tables_are_written_as_csv_at_full_precision(built):
+    _, out, md = built
+    names = {p.stem for p in (out / "tables").glob("*.csv")}
+    assert {"table2_pairwise_fusion", "table3_wrong_by_one_branch", "table4_map", "table5_classifiers",
+            "table7_branches", "figure9_val_acc", "confusion_freeze1", "table1_paper_claims"} <= names
+    pairs = pd.read_csv(out / "tables" / "table2_pairwise_fusion.csv", index_col=0)
+    assert pairs.loc["CALC_MALIGNANT", "freeze1"] == 0.22727272727272727  # the md shows 0.2273
+    t5 = pd.read_csv(out / "tables" / "table5_classifiers.csv")
+    assert t5.set_index("classifier").loc["fusion", "test_acc_ci_high"] == 0.8125
+    for png in ("figures/train_val_curves.png", "figures/classify_confusion_fusion.png"):
+        assert (out / png).is_file() and f"]({png})" in md
+
+
+def test_missing_artifacts_are_named_and_the_rest_still_reported(tmp_path):
+    dirs = make_store(tmp_path / "stages")
+    (dirs["classify"] / "table3_errors.csv").unlink()
+    (dirs["train"] / "confusion_freeze2.png").unlink()
+    dirs["features"] = None  # stage folder not given at all
+    out = tmp_path / "report"
+    build_report(dirs, out, {})
+    s = sections_of((out / "report.md").read_text(encoding="utf-8"))
+    assert "**Missing:** classify/table3_errors.csv is missing" in s["Table 3"]
+    assert "| 1 | 1172 | 58 | 44 | 31 | 0 |" in s["Table 3"]  # the claims table stays
+    assert "**Missing:** train/confusion_freeze2.png is missing" in s["Figure 12"]
+    assert "| CALC_MALIGNANT | 0 | 3 | 17 |" in s["Figure 12"]  # the matrix from its CSV still shown
+    assert "features/manifest.json: no features stage folder was given" in s["Table 7"]
+    assert "| freeze1 | 4309366 | 662186 | 4.76M | 0.3125 |  | 93.01 |" in s["Table 7"]
+    assert "features/fusion.json: no features stage folder" in s["Figure 9"]
+    assert "| fusion | 0.7125 | 0.5125 | 0.8125 |" in s["Table 5"]
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert 'class="note missing"' in html
+
+
+def test_a_malformed_artifact_breaks_only_its_section(tmp_path):
+    dirs = make_store(tmp_path / "stages")
+    (dirs["hashing"] / "table4_map.csv").write_text("something,else\n1,2\n", encoding="utf-8")
+    out = tmp_path / "report"
+    build_report(dirs, out, {})
+    md = (out / "report.md").read_text(encoding="utf-8")
+    s = sections_of(md)
+    assert "Table 4" in s and "could not be built" in md.split("\n## Table 4", 1)[1].split("\n", 1)[0]
+    assert "KeyError" in s["Table 4"]
+    assert "| fusion | 0.7125 |" in s["Table 5"]
+
+
+def test_an_artifact_changed_after_sealing_and_a_mixed_chain_are_flagged(tmp_path):
+    dirs = make_store(tmp_path / "stages")
+    (dirs["classify"] / "classifier.json").write_text(json.dumps({"weights": {"svm": 1.0}}), encoding="utf-8")
+    manifest = json.loads((dirs["features"] / "manifest.json").read_text(encoding="utf-8"))
+    manifest["upstream"]["train"] = "x" * 24
+    (dirs["features"] / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    out = tmp_path / "report"
+    build_report(dirs, out, {"stage_keys": {**KEYS, "hashing": "y" * 24}})
+    s = sections_of((out / "report.md").read_text(encoding="utf-8"))
+    assert "**Warning:** classify/classifier.json differs from the file sealed in its manifest" in s["Table 5"]
+    run = s["Run"]
+    assert f"features was computed from train key {'x' * 24}, but this report reads train key {KEYS['train']}" in run
+    assert f"run_info names hashing key {'y' * 24}, but the folder read has key {KEYS['hashing']}" in run
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (4309366.0, "4309366"), (np.int64(17), "17"), (0.22727272727272727, "0.2273"), (0.5, "0.5"),
+    (float("nan"), ""), (None, ""), ("83.50", "83.50"), (0.99996, "1"), (-0.00001, "0"),
+])
+def test_format_value(value, text):
+    assert format_value(value) == text
+
+
+def test_report_stage_logs_to_its_run_and_the_parent_run(tmp_path):
+    """The stage through the real runtime: sealed folder, child run artifacts, and the parent run's copy."""
+    from mlflow.tracking import MlflowClient
+
+    from mammo_core.config import Params
+    from tasks import report as report_stage
+    from tasks import runtime, tracking
+
+    dirs = make_store(tmp_path / "stages")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = tracking.ensure_experiment(client, "report-test", tmp_path / "artifacts")
+    parent = tracking.start_run(client, experiment, "mammo run", tags={})
+    params = Params()
+    ctx = runtime.RunContext(store=str(tmp_path / "store"), params=params.model_dump(mode="json"), params_file="x",
+                             tracking_uri=uri, experiment_id=experiment, parent_run_id=parent, flow_run_id="flow",
+                             git_commit="deadbeef42")
+    upstream = {s: runtime.StageResult(stage=s, key=KEYS[s], path=str(dirs[s]), metrics={}, mlflow_run_id=None,
+                                       parent_run_id=None, seconds=0.0, ran=False) for s in report_stage.UPSTREAM}
+    assert report_stage.SPEC.params_of(params) == {}
+    key = report_stage.SPEC.key(params, {s: KEYS[s] for s in report_stage.UPSTREAM})
+    result = runtime.execute(report_stage.SPEC, ctx, key, upstream)
+
+    folder = Path(result.path)
+    md = (folder / "report.md").read_text(encoding="utf-8")
+    assert "deadbeef42" in md and f"Report stage key: {key}" in md
+    assert "| fusion | 0.7125 | 0.5125 | 0.8125 |" in md
+    assert json.loads((folder / "manifest.json").read_text())["metrics"]["report/tables"] >= 15
+    for run_id in (result.mlflow_run_id, parent):
+        logged = {a.path for a in client.list_artifacts(run_id, "report")}
+        assert {"report/report.md", "report/report.html", "report/tables", "report/figures"} <= logged
+        tables = {a.path for a in client.list_artifacts(run_id, "report/tables")}
+        assert "report/tables/table5_classifiers.csv" in tables
