@@ -6,6 +6,7 @@ from prefect import flow
 
 from mammo_core.config import Params
 from tasks import registry, runtime
+from tasks.report import report_task
 from tasks.run_tracking import close_run, open_run
 
 
@@ -74,6 +75,8 @@ def pipeline(
                 result = task.with_options(refresh_cache=True)(spec.name, ctx, key, upstream)
             if result.parent_run_id != ctx.parent_run_id:
                 runtime.cache_hit_task.with_options(task_run_name=f"{spec.name}-cache-hit")(spec.name, ctx, result)
+                if spec.name == "report":  # the parent run carries the report even when it is reused
+                    report_task(ctx, result)
                 status = "cached"
             else:
                 status = "ran"

@@ -35,7 +35,7 @@ def registered_name(model_uri: str) -> str | None:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[bold red]{message}[/]")
+    console.print(f"[bold red]{message}[/]", soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from tasks import acquire, augment, classify, curate, features, hashing, patches, train
+from tasks import acquire, augment, classify, curate, features, hashing, patches, report, train
 from tasks.runtime import StageSpec
 
 ORDER: tuple[StageSpec, ...] = (
     acquire.SPEC, curate.SPEC, patches.SPEC, augment.SPEC, train.SPEC, features.SPEC, hashing.SPEC, classify.SPEC,
+    report.SPEC,
 )
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in ORDER}
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from mammo_core import paper_claims, report, report_render
 from tasks import runtime, tracking
@@ -59,3 +61,9 @@ SPEC = runtime.StageSpec(
     code=(report, report_render, paper_claims),
     run=_run,
 )
+
+
+@task(persist_result=False, cache_policy=NO_CACHE)
+def report_task(ctx: runtime.RunContext, result: runtime.StageResult) -> None:
+    """Attach a reused report to this run's parent run (a cache hit otherwise copies only metrics)."""
+    log_report(MlflowClient(ctx.tracking_uri), ctx.parent_run_id, Path(result.path))

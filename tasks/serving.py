@@ -201,17 +201,18 @@ class ClassifierPipeline:
             row = frame.iloc[i]
             image = row["image"] if "image" in frame.columns else None
             path = row["path"] if "path" in frame.columns else None
+            path = str(path) if isinstance(path, str | os.PathLike) else ""
             try:
                 if image is not None and not (np.isscalar(image) and pd.isna(image)):
                     patch = as_patch_array(image, f"row {i}")
-                elif isinstance(path, str | os.PathLike) and str(path):
+                elif path:
                     patch = read_patch_file(path)
                 else:
                     raise BadItem(f"row {i}", "neither 'image' nor 'path' is given")
                 images.append(preprocess_patch(patch, self.patch_size, self.intensity))
                 rows.append(i)
             except BadItem as exc:  # the reason, never the path: CBIS file names carry patient ids
-                errors[i] = exc.reason.replace(str(path), f"row {i}") if path else exc.reason
+                errors[i] = exc.reason.replace(path, f"row {i}") if path else exc.reason
         proba = np.full((len(frame), len(self.class_names)), np.nan)
         if rows:
             proba[rows] = self.predict_proba(np.stack(images))

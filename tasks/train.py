@@ -108,6 +108,9 @@ def _run(ctx: runtime.StageContext) -> None:
     for b in freeze_upto:
         ev = evaluations["test"][b]
         metrics[f"train/{b}/test_acc"] = ev.accuracy
+        recalls = np.diag(ev.confusion) / np.maximum(ev.confusion.sum(axis=1), 1)
+        present = ev.confusion.sum(axis=1) > 0
+        metrics[f"train/{b}/test_balanced_acc"] = float(recalls[present].mean()) if present.any() else float("nan")
         metrics[f"train/{b}/best_epoch"] = results[b].best_epoch[b]
         metrics[f"train/{b}/best_val_acc"] = results[b].best_val_acc[b]
         metrics[f"train/{b}/params_frozen"] = counts[b]["frozen"]
@@ -117,6 +120,8 @@ def _run(ctx: runtime.StageContext) -> None:
         fig = figures.confusion_matrix_figure(ev.confusion, class_names, f"{b}: test confusion",
                                               ctx.workdir / f"confusion_{b}.png")
         ctx.log_artifact(fig, "figures")
+    test_counts = np.bincount(test.labels.numpy(), minlength=len(class_names))
+    metrics["train/test_majority_acc"] = float(test_counts.max() / max(test_counts.sum(), 1))  # the bar to beat
     ctx.log_metrics(metrics)
     curves = {b: [r.val_acc[b] for r in h] for b, h in history.items()}
     fig = figures.curves_figure(curves, "Validation accuracy per branch", ctx.workdir / "val_curves.png")

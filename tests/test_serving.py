@@ -247,7 +247,7 @@ def cli(served, monkeypatch):
 
     store, tracking_uri, _ = served
     saved = dict(os.environ)
-    if tracking_uri != tracking.default_tracking_uri(store):
+    if tracking_uri != f"sqlite:///{store.resolve() / 'mlflow.db'}":  # the store's own DB is the default
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     else:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
