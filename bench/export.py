@@ -5,7 +5,8 @@ is exported by :func:`mammo_core.features.export_features` with an untrained ``F
 baseline runs ``model.features`` on the same batches, already in memory, in inference mode, writing
 nothing. The difference is what export adds: reading and decompressing blocks, copying features off the
 device, and the background HDF5 writer. Runs are interleaved (export, forward, export, ...) after one
-warm-up of each so that a machine-wide slowdown hits both alike; rates are medians.
+warm-up of each so that a machine-wide slowdown hits both alike; rates are medians, and
+``paired_ratio_median`` is the median over repeats of forward time / export time.
 
 Prints one JSON line. Usage: python bench/export.py [--n 2048] [--size 64] [--batch 128] [--repeats 3]
 [--device auto|cpu|cuda] [--threads N]
@@ -114,6 +115,8 @@ def main() -> None:
         "export_patches_per_s": round(export_rate, 1),
         "forward_patches_per_s": round(forward_rate, 1),
         "export_vs_forward_ratio": round(export_rate / forward_rate, 3),
+        # each repeat's export next to the forward run right after it: robust to slow drifts of machine load
+        "paired_ratio_median": round(float(np.median(np.array(forward_s) / np.array(export_s))), 3),
         "export_s": [round(s, 3) for s in export_s],
         "forward_s": [round(s, 3) for s in forward_s],
         "goal_ratio": 0.95,

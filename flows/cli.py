@@ -24,6 +24,8 @@ from rich.progress import (
 from rich.table import Table
 
 from flows import environment
+from flows.predict_cmd import predict
+from flows.similar_cmd import similar
 from mammo_core.config import load_params
 from mammo_core.errors import ParamsError
 
@@ -212,6 +214,9 @@ def download(
     if summary.failed:
         raise typer.Exit(1)
 
+
+app.command("similar")(similar)
+app.command("predict")(predict)
 
 if __name__ == "__main__":
     app()

@@ -13,7 +13,6 @@ ids. An unreadable file gets its reason and no probabilities; the others are sti
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -94,14 +93,14 @@ def predict(
     rows = results(frame, class_names)
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
-    else:
-        table = Table(title=f"{model}")
-        for col in ("input", *class_names, PREDICTED):
-            table.add_column(col)
+    else:  # one column per input: class names are long, inputs are few
+        table = Table(title=model)
+        table.add_column("class")
         for row in rows:
-            probs = row["probabilities"] or {}
-            table.add_row(str(row["input"]), *(f"{probs[c]:.3f}" if probs and math.isfinite(probs[c]) else "-"
-                                               for c in class_names), row["predicted_class"] or row["error"])
+            table.add_column(f"input {row['input']}", justify="right")
+        for c in class_names:
+            table.add_row(c, *(f"{r['probabilities'][c]:.3f}" if r["probabilities"] else "-" for r in rows))
+        table.add_row(f"[bold]{PREDICTED}[/]", *(r["predicted_class"] or f"[red]{r['error']}[/]" for r in rows))
         Console().print(table)
     if any(r["error"] for r in rows):
         raise typer.Exit(1)

@@ -19,7 +19,14 @@ from flows import environment
 from mammo_core import patches
 from mammo_core.config import Params, load_params
 from mammo_core.errors import BadItem, ParamsError
-from mammo_core.similar import SimilarCaseIndex, parse_box, read_code_database, read_fusion_weights, read_query_image
+from mammo_core.similar import (
+    SimilarCaseIndex,
+    check_query,
+    parse_box,
+    read_code_database,
+    read_fusion_weights,
+    read_query_image,
+)
 
 NEEDED_STAGES = ("train", "features", "hashing")
 console = Console(stderr=True)
@@ -48,7 +55,6 @@ def load_index(
     train_dir, features_dir, hashing_dir = Path(train_dir), Path(features_dir), Path(hashing_dir)
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; use one of {list(DECODERS)}")
-    model, config = load_trained(train_dir)
     weights, features_key = read_fusion_weights(features_dir / "fusion.json")
     train_key = train_dir.name
     if features_key is not None and features_key != train_key:
@@ -59,6 +65,7 @@ def load_index(
     hashing_config = json.loads((hashing_dir / "hashing.json").read_text(encoding="utf-8"))
     if bits not in hashing_config["bits"]:
         raise ValueError(f"{hashing_dir}: no {bits}-bit decoder; trained code lengths are {hashing_config['bits']}")
+    model, config = load_trained(train_dir)  # the slow part last: bad folders fail fast
     size = int(config["patch_size"])
     patch = patches.PatchSettings(size=size) if patch is None else patches.PatchSettings(
         **{**vars(patch), "size": size})
@@ -128,9 +135,10 @@ def similar(
     patch = patches.PatchSettings(size=p.patches.size, context=p.patches.context, min_size_px=p.patches.min_size_px,
                                   intensity=p.patches.intensity)
     try:
+        pixels, parsed_box = check_query(read_query_image(image), parsed_box)  # before the model loads
         index = load_index(folders["train"], folders["features"], folders["hashing"], decoder, bits, patch=patch,
                            cache_max_side=p.curate.max_side)
-        results = index.query(read_query_image(image), parsed_box, k)
+        results = index.query(pixels, parsed_box, k)
     except BadItem as exc:
         console.print(f"[bold red]cannot read the image:[/] {exc.reason}")
         raise typer.Exit(1) from None

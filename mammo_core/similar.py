@@ -188,14 +188,13 @@ class SimilarCaseIndex:
     # -- image -> patch ------------------------------------------------------------------------------
     def query_patch(self, image: np.ndarray, box: Sequence[int] | None = None) -> np.ndarray:
         """The (size, size) uint8 patch a query image becomes (see the module docstring, steps 1-3)."""
-        image = _check_image(image)
+        image, box = check_query(image, box)
         h, w = image.shape
         s = self.patch
         if box is None:
             unit = patches.to_unit_range(image, np.ones(image.shape, dtype=bool), "global")
             crop_box = patches.lesion_crop_box((0, 0, w, h), 0.0, 1.0)
         else:
-            box = _check_box(box, image.shape)
             scale = 1.0 if self.cache_max_side is None else min(1.0, self.cache_max_side / max(h, w))
             mask = patches.breast_mask(image, s.breast_threshold)
             unit = patches.to_unit_range(image, mask, s.intensity)
@@ -232,6 +231,12 @@ class SimilarCaseIndex:
     def query(self, image: np.ndarray, box: Sequence[int] | None = None, k: int = 5) -> list[dict[str, Any]]:
         """:meth:`search` as plain dicts: rank, source_id, class_name, pathology, distance, row."""
         return [case.to_dict() for case in self.search(image, box, k)]
+
+
+def check_query(image: np.ndarray, box: Sequence[int] | None = None) -> tuple[np.ndarray, Box | None]:
+    """The query image and box, validated (ValueError saying what is wrong); cheap, so callers can check early."""
+    image = _check_image(image)
+    return image, (None if box is None else _check_box(box, image.shape))
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from mammo_core import classifiers, figures, metrics, model_io, retrieval
 from mammo_core.store import write_json_atomic
-from tasks import runtime
+from tasks import runtime, serving
 from tasks.train import PREDICTIONS
 
 CODES_FILE = "codes.h5"
@@ -105,12 +105,13 @@ def _run(ctx: runtime.StageContext) -> None:
     })
     for name in ("table5_classifiers.csv", "table2_pairs.csv", "table3_errors.csv", "classifier.json"):
         ctx.log_artifact(ctx.workdir / name, "tables")
+    serving.log_and_register(ctx)
 
 
 SPEC = runtime.StageSpec(
     name="classify",
     upstream=("hashing", "train"),
     sections=("classify",),
-    code=(classifiers, metrics, model_io, retrieval, figures),
+    code=(classifiers, metrics, model_io, retrieval, figures, serving),
     run=_run,
 )

@@ -71,7 +71,7 @@ def _register_like_classify(store: Path, classify, client: MlflowClient, workdir
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(store, tracking URI, finished classify folder); the global tracking URI points there meanwhile."""
+    """(store, tracking URI, classify StageFolder, store reused?); the global tracking URI points there meanwhile."""
     tmp = tmp_path_factory.mktemp("serving")
     given = os.environ.get("MAMMO_SERVING_SMOKE_STORE")
     if given:
@@ -88,7 +88,7 @@ def served(tmp_path_factory):
         _register_like_classify(store, classify, client, tmp / "classify_copy")
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
-    yield store, tracking_uri, classify
+    yield store, tracking_uri, classify, bool(given)
     mlflow.set_tracking_uri(None)
     if env_before is not None:
         os.environ["MLFLOW_TRACKING_URI"] = env_before
@@ -101,7 +101,7 @@ def model(served):
 
 @pytest.fixture(scope="module")
 def lineage(served) -> dict[str, Path]:
-    store, _, classify = served
+    store, _, classify, _ = served
     art = ArtifactStore(store)
     train = art.find("train", classify.manifest["upstream"]["train"])
     hashing = art.find("hashing", classify.manifest["upstream"]["hashing"])
@@ -134,6 +134,21 @@ def _by_hand(lineage, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     codes = load_decoder(lineage["hashing"], kind, int(bits)).encode(fused)
     clf = model_io.load_model(lineage["classify"] / "fusion.skops", classifier_cfg["sha256"])
     return codes, clf.predict_proba(codes)
+
+
+def test_the_classify_stage_logs_and_registers_the_model(served):
+    store, tracking_uri, classify, reused_store = served
+    if reused_store:
+        pytest.skip("MAMMO_SERVING_SMOKE_STORE: the model was registered by the fixture, not by a pipeline run")
+    client = MlflowClient(tracking_uri)
+    (version,) = client.search_model_versions(f"name='{serving.REGISTERED_NAME}'")
+    run = client.get_run(classify.mlflow_run_id)
+    assert version.run_id == run.info.run_id
+    assert run.data.tags["serving.registered_version"] == str(version.version)
+    logged = client.get_logged_model(run.data.tags["serving.model_id"])
+    assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run.info.run_id
+    assert logged.artifact_location.startswith((store / "mlartifacts").as_uri())
+    assert (classify.path / serving.PREPROCESSING_FILE).is_file()
 
 
 def test_registered_model_returns_probabilities_per_class(model, lineage, test_patches):
@@ -245,7 +260,7 @@ def cli(served, monkeypatch):
 
     from flows.predict_cmd import predict
 
-    store, tracking_uri, _ = served
+    store, tracking_uri, _, _ = served
     saved = dict(os.environ)
     if tracking_uri != f"sqlite:///{store.resolve() / 'mlflow.db'}":  # the store's own DB is the default
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
