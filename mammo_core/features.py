@@ -9,8 +9,11 @@ fusion weights are chosen (:mod:`mammo_core.fusion`), from the stored branch vec
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import h5py
 import numpy as np
@@ -20,8 +23,30 @@ from mammo_core import h5io
 from mammo_core.model import FusedDenseNet
 from mammo_core.training import prepare_images
 
+T = TypeVar("T")
 BRANCH_DATASETS = ("freeze1", "freeze2", "freeze3")
 CARRIED = ("labels", "split", "patient_id", "source_id")
+
+
+def _prefetch(blocks: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Read the next blocks in a background thread while the model runs on the current one."""
+    pending: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for block in blocks:
+                pending.put(block)
+        except BaseException as exc:  # handed to the consumer, raised there
+            pending.put(exc)
+        finally:
+            pending.put(done)
+
+    threading.Thread(target=produce, name="features-reader", daemon=True).start()
+    while (item := pending.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def export_features(
@@ -53,7 +78,7 @@ def export_features(
     done = 0
     with h5io.ChunkedH5Writer(out_path, specs, attrs={"model_key": model_key, "branches": branches,
                                                       "feature_dim": dim, "source": patches_h5.name}) as writer:
-        for _, block in h5io.iter_blocks(patches_h5, ["images", *CARRIED], batch_size):
+        for _, block in _prefetch(h5io.iter_blocks(patches_h5, ["images", *CARRIED], batch_size)):
             with torch.inference_mode():
                 feats = model.features(prepare_images(torch.from_numpy(block["images"]), device))
             writer.append(**{b: feats[b].float().cpu().numpy() for b in branches},
