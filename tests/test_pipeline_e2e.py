@@ -176,3 +176,21 @@ def test_phantom_patient_names_never_reach_the_store(store):
         if path.is_file() and "raw" not in path.relative_to(store).parts and needle in path.read_bytes():
             leaks.append(str(path))
     assert leaks == []
+
+
+def test_similar_finds_training_cases_for_a_phantom_mammogram(store):
+    """`mammo similar` on a real phantom DICOM with a lesion box: k training cases, no patient ids."""
+    curate = next(p for p in (store / "stages" / "curate").iterdir() if not p.name.startswith("."))
+    lesion = pd.read_parquet(curate / "lesions.parquet").query("split == 'test'").iloc[0]
+    acquire = next(p for p in (store / "stages" / "acquire").iterdir() if not p.name.startswith("."))
+    folder = next((acquire / "raw" / "CBIS-DDSM").glob(f"*_{lesion.image_id}"))
+    dicom = next(folder.rglob("*.dcm"))
+    box = f"{lesion.x0},{lesion.y0},{lesion.x1},{lesion.y1}"
+    proc = mammo(store, "similar", str(dicom), "--box", box, "-k", "3", "-p", str(SMOKE), "--json")
+    result = json.loads(proc.stdout)
+    cases = result["results"]
+    assert result["k"] == 3 and result["database_size"] > 3
+    assert [c["rank"] for c in cases] == [1, 2, 3]
+    assert all(c["distance"] >= 0 for c in cases)
+    assert cases == sorted(cases, key=lambda c: (c["distance"], c["rank"]))
+    assert lesion.patient_id not in proc.stdout and "P_0" not in proc.stdout
