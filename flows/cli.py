@@ -26,8 +26,6 @@ from rich.table import Table
 from flows import environment
 from flows.predict_cmd import predict
 from flows.similar_cmd import similar
-from mammo_core.config import load_params
-from mammo_core.errors import ParamsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -92,11 +90,7 @@ def run(
     store: Path | None = typer.Option(None, "--store", help="artifact store (default $MAMMO_STORE or .mammo)"),
 ) -> None:
     """Run the pipeline; finished stages with unchanged inputs are reused."""
-    try:
-        load_params(params, set_)
-    except ParamsError as exc:
-        console.print(f"[bold red]invalid params[/]\n{exc}")
-        raise typer.Exit(2) from None
+    environment.load_params_or_exit(params, set_)
     root = environment.store_root(store)
     environment.configure(root)  # before anything imports prefect: it reads its settings once
     stages = select_stages(from_, until, only)
@@ -129,29 +123,20 @@ def status(
     store: Path | None = typer.Option(None, "--store"),
 ) -> None:
     """Per stage: key, done or missing, folder (no Prefect server is started)."""
-    try:
-        p = load_params(params, set_)
-    except ParamsError as exc:
-        console.print(f"[bold red]invalid params[/]\n{exc}")
-        raise typer.Exit(2) from None
+    p = environment.load_params_or_exit(params, set_)
     root = environment.store_root(store)
     environment.configure(root)
     from mammo_core.store import ArtifactStore
-    from tasks.registry import ORDER
+    from tasks.registry import stage_keys
 
     art = ArtifactStore(root)
-    keys: dict[str, str] = {}
     table = Table(title=f"store {root}")
     for col in ("stage", "state", "key", "folder"):
         table.add_column(col)
-    for spec in ORDER:
-        keys[spec.name] = spec.key(p, {u: keys[u] for u in spec.upstream})
-        found = art.find(spec.name, keys[spec.name])
+    for name, key in stage_keys(p).items():
+        found = art.find(name, key)
         table.add_row(
-            spec.name,
-            "[green]done[/]" if found else "[yellow]missing[/]",
-            keys[spec.name],
-            str(found.path) if found else "",
+            name, "[green]done[/]" if found else "[yellow]missing[/]", key, str(found.path) if found else ""
         )
     Console().print(table)
 

@@ -39,3 +39,18 @@ def configure(store: Path) -> None:
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
+
+
+def load_params_or_exit(path: Path, overrides: list[str]):
+    """Validated params, or the schema's message (file and key named) and exit code 2 for the CLI."""
+    import typer
+    from rich.console import Console
+
+    from mammo_core.config import load_params
+    from mammo_core.errors import ParamsError
+
+    try:
+        return load_params(path, overrides)
+    except ParamsError as exc:
+        Console(stderr=True).print(f"[bold red]invalid params[/]\n{exc}")
+        raise typer.Exit(2) from None

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from flows import environment
 from mammo_core import patches
-from mammo_core.config import Params, load_params
-from mammo_core.errors import BadItem, ParamsError
+from mammo_core.config import Params
+from mammo_core.errors import BadItem
 from mammo_core.similar import (
     SimilarCaseIndex,
     check_query,
@@ -78,18 +78,16 @@ def load_index(
 def stage_folders(p: Params, store_root: Path) -> dict[str, Path]:
     """The finished folders of the stages similar-case search needs; LookupError names what is missing."""
     from mammo_core.store import ArtifactStore
-    from tasks.registry import ORDER
+    from tasks.registry import stage_keys
 
     art = ArtifactStore(store_root)
-    keys: dict[str, str] = {}
+    keys = stage_keys(p)
     found: dict[str, Path] = {}
-    for spec in ORDER:
-        keys[spec.name] = spec.key(p, {u: keys[u] for u in spec.upstream})
-        if spec.name in NEEDED_STAGES:
-            folder = art.find(spec.name, keys[spec.name])
-            if folder is None:
-                raise LookupError(f"stage {spec.name} (key {keys[spec.name]}) has not finished in store {store_root}")
-            found[spec.name] = folder.path
+    for name in NEEDED_STAGES:
+        folder = art.find(name, keys[name])
+        if folder is None:
+            raise LookupError(f"stage {name} (key {keys[name]}) has not finished in store {store_root}")
+        found[name] = folder.path
     return found
 
 
@@ -115,11 +113,7 @@ def similar(
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """The k training lesions nearest to IMAGE by Hamming distance of their hash codes."""
-    try:
-        p = load_params(params, set_)
-    except ParamsError as exc:
-        console.print(f"[bold red]invalid params[/]\n{exc}")
-        raise typer.Exit(2) from None
+    p = environment.load_params_or_exit(params, set_)
     try:
         parsed_box = parse_box(box) if box is not None else None
     except ValueError as exc:

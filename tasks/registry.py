@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mammo_core.config import Params
 from tasks import acquire, augment, classify, curate, features, hashing, patches, report, train
 from tasks.runtime import StageSpec
 
@@ -10,6 +11,14 @@ ORDER: tuple[StageSpec, ...] = (
     report.SPEC,
 )
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in ORDER}
+
+
+def stage_keys(params: Params) -> dict[str, str]:
+    """The key of every stage for these params, in DAG order (no I/O beyond reading the code to hash)."""
+    keys: dict[str, str] = {}
+    for spec in ORDER:
+        keys[spec.name] = spec.key(params, {u: keys[u] for u in spec.upstream})
+    return keys
 
 
 def descendants(stage: str) -> set[str]:

@@ -188,15 +188,7 @@ def execute(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, Stag
         client,
         ctx.experiment_id,
         spec.name,
-        tags={
-            "stage": spec.name,
-            "stage_key": key,
-            "cache_hit": "false",
-            "prefect_flow_run_id": ctx.flow_run_id,
-            "params_file": ctx.params_file,
-            "git_commit": ctx.git_commit,
-            **{f"upstream.{u}": r.key for u, r in upstream.items()},
-        },
+        tags={**_stage_tags(spec, ctx, key, cache_hit=False), **{f"upstream.{u}": r.key for u, r in upstream.items()}},
         parent_run_id=ctx.parent_run_id,
     )
     _log_params(client, run_id, spec.params_of(params))
@@ -272,6 +264,18 @@ def _log_params(client: MlflowClient, run_id: str, sections: Mapping[str, Any]) 
         client.log_batch(run_id, params=items[i : i + 90])
 
 
+def _stage_tags(spec: StageSpec, ctx: RunContext, key: str, cache_hit: bool) -> dict[str, str]:
+    """Tags every stage child run carries, produced or reused, so the UI can filter and compare them."""
+    return {
+        "stage": spec.name,
+        "stage_key": key,
+        "cache_hit": "true" if cache_hit else "false",
+        "prefect_flow_run_id": ctx.flow_run_id,
+        "params_file": ctx.params_file,
+        "git_commit": ctx.git_commit,
+    }
+
+
 def record_cache_hit(spec: StageSpec, ctx: RunContext, result: StageResult) -> str:
     """A child run for a stage reused from an earlier run, carrying its metrics for side-by-side views."""
     client = MlflowClient(ctx.tracking_uri)
@@ -279,16 +283,8 @@ def record_cache_hit(spec: StageSpec, ctx: RunContext, result: StageResult) -> s
         client,
         ctx.experiment_id,
         spec.name,
-        tags={
-            "stage": spec.name,
-            "stage_key": result.key,
-            "cache_hit": "true",
-            "source_run_id": result.mlflow_run_id or "",
-            "prefect_flow_run_id": ctx.flow_run_id,
-            "params_file": ctx.params_file,
-            "git_commit": ctx.git_commit,
-            "stage_path": result.path,
-        },
+        tags={**_stage_tags(spec, ctx, result.key, cache_hit=True), "source_run_id": result.mlflow_run_id or "",
+              "stage_path": result.path},
         parent_run_id=ctx.parent_run_id,
     )
     _log_params(client, run_id, spec.params_of(ctx.typed_params()))
