@@ -8,15 +8,18 @@ training database by Hamming distance (ties by index), MAP over the whole rankin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import pandas as pd
+import torch
 
 from mammo_core import checkpoint, features, figures, h5io, hashing, retrieval
 from mammo_core.store import write_json_atomic
 from tasks import runtime
 from tasks.features import FILE as FEATURES_FILE
 from tasks.features import SPLITS
+from tasks.patches import FILE as PATCHES_FILE
 
 CODES_FILE = "codes.h5"
 DECODERS = ("hash", "fc")
@@ -35,7 +38,7 @@ def _run(ctx: runtime.StageContext) -> None:
     by_split = {name: features.read_branch_features(feats_path, code) for name, code in SPLITS.items()}
     if len(by_split["train"]["labels"]) == 0:
         raise ValueError(f"{feats_path}: the training split is empty, there is no database to search")
-    class_names = json.loads(h5py.File(ctx.upstream["patches"].file("patches.h5"), "r").attrs["class_names"])
+    class_names = list(h5io.read_attrs(ctx.upstream["patches"].file(PATCHES_FILE))["class_names"])
     in_dim = by_split["train"]["fused"].shape[1]
     table, metrics, bit_rows = [], {}, []
     (ctx.workdir / "decoders").mkdir()
@@ -87,12 +90,8 @@ def _run(ctx: runtime.StageContext) -> None:
     ctx.logger.info("hashing: MAP %s", {r["bits"]: (round(r["hash_map"], 3), round(r["fc_map"], 3)) for r in table})
 
 
-def load_decoder(stage_path, kind: str, q: int):
+def load_decoder(stage_path: str | Path, kind: str, q: int) -> hashing.HashDecoder | hashing.FCDecoder:
     """A trained decoder of a finished hashing stage (weights_only load)."""
-    from pathlib import Path
-
-    import torch
-
     config = json.loads((Path(stage_path) / "hashing.json").read_text(encoding="utf-8"))
     decoder = build_decoder(kind, config["in_dim"], q, config["beta"], config["eps"], 0)
     decoder.load_state_dict(torch.load(Path(stage_path) / "decoders" / f"{kind}_{q}.pt", weights_only=True))

@@ -8,6 +8,7 @@ predictions, confusion matrices and the validation-curve figure.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -25,10 +26,8 @@ PREDICTIONS = "predictions.h5"
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
-def load_trained(stage_path) -> tuple[model.FusedDenseNet, dict]:
+def load_trained(stage_path: str | Path) -> tuple[model.FusedDenseNet, dict]:
     """The fused model of a finished train stage (weights read with weights_only=True)."""
-    from pathlib import Path
-
     folder = Path(stage_path)
     config = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8"))
     fused = model.FusedDenseNet(config["num_classes"], config["freeze_upto"])
