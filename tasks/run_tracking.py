@@ -52,7 +52,7 @@ def open_run(params_file: str | None, overrides: list[str], store: str | None, f
     store_root = Path(store or os.environ.get("MAMMO_STORE") or ".mammo").resolve()
     params = load_params(params_file, overrides)
     uri = tracking.default_tracking_uri(store_root)
-    client = MlflowClient(uri)
+    client = tracking.open_client(uri, store_root)
     artifact_root = store_root / "mlartifacts" if uri.startswith("sqlite:") else None
     experiment_id = tracking.ensure_experiment(client, params.run.experiment, artifact_root)
     commit = git_commit()

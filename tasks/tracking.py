@@ -7,6 +7,7 @@ would attach metrics to the wrong run.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from collections.abc import Mapping
@@ -24,6 +25,26 @@ _MAX_BATCH = 900
 def default_tracking_uri(store: Path) -> str:
     """``$MLFLOW_TRACKING_URI`` when set, else the embedded SQLite store under the artifact store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(store).resolve() / 'mlflow.db'}"
+
+
+def open_client(uri: str, store: Path) -> MlflowClient:
+    """A client whose backend is ready; the embedded SQLite store is created under a file lock.
+
+    MLflow creates and migrates a new SQLite database on first use; two ``mammo run`` processes starting
+    on a fresh store at once both try, and the loser fails with "table ... already exists". The lock makes
+    the first one create it and the second find it.
+    """
+    if not uri.startswith("sqlite:"):
+        return MlflowClient(uri)
+    Path(store).mkdir(parents=True, exist_ok=True)
+    with open(Path(store) / ".mlflow-init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)  # creates/migrates the database inside the lock
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
