@@ -65,7 +65,7 @@ def test_permutation_is_fixed_by_seed_and_travels_with_the_state_dict():
     buffer = io.BytesIO()
     torch.save(a.state_dict(), buffer)
     buffer.seek(0)
-    c.load_state_dict(torch.load(buffer))
+    c.load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(c.permutation, a.permutation)
     x = torch.randn(6, 8)
     torch.testing.assert_close(c.relaxed(x), a.relaxed(x))
