@@ -49,10 +49,10 @@ def pipeline(
     outcomes: list[dict] = []
     current = ""
     try:
+        keys = registry.stage_keys(params)
         for spec in registry.ORDER:
             current = spec.name
-            key = spec.key(params, {u: keys[u] for u in spec.upstream})
-            keys[spec.name] = key
+            key = keys[spec.name]
             if spec.name in to_lookup:
                 found = runtime.lookup(spec, ctx, key)
                 if found is None:

@@ -48,7 +48,8 @@ def _run(ctx: runtime.StageContext) -> None:
     else:
         weights = fusion.check_weights(p.fusion_weights)
     features.add_fused(out, weights)
-    by_split = {name: features.read_branch_features(out, code) for name, code in SPLITS.items()}
+    for data in by_split.values():  # the same vectors add_fused just wrote, without reading them back
+        data["fused"] = features.fuse(data, weights)
     metrics: dict[str, float] = {"features/rows": n}
     for name in (*features.BRANCH_DATASETS, "fused"):
         acc = fusion.probe_accuracy(
