@@ -28,6 +28,10 @@ class RunParams(_Section):
     experiment: str = "mammo-fusion"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    task_runner: Literal["thread", "process", "dask"] = "thread"
+    dask_address: str | None = Field(default=None, description="scheduler of an existing Dask cluster; "
+                                     "None starts a LocalCluster")
+    gpus: int = Field(default=0, ge=0, le=64, description="GPUs per Dask worker (LocalCluster) / per host")
 
 
 class DataParams(_Section):
@@ -184,6 +188,44 @@ class ClassifyParams(_Section):
         return int(self.codes.split("@")[1])
 
 
+class DetectParams(_Section):
+    """Faster R-CNN on the fused backbone with a hash classification head, and its baselines (mammo_core.detection)."""
+
+    classes: Literal["four", "two"] = Field(
+        default="four", description="four: mass/calc x benign/malignant (BWC counted benign); two: mass vs calc"
+    )
+    max_size: int = Field(default=512, ge=64, le=4096, description="long side of detector input, pixels")
+    epochs: int = Field(default=10, ge=1, le=10_000)
+    batch_size: int = Field(default=2, ge=1, le=256)
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    anchor_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])
+    aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
+    hash_bits: int = Field(default=48, ge=1, le=512)
+    baselines: list[Literal["ours_nohash", "frcnn_r50"]] = Field(
+        default_factory=lambda: ["ours_nohash", "frcnn_r50"]
+    )
+    r50_weights: str = Field(default="imagenet", description="coco | imagenet | none | path to a state dict")
+    latency_repeats: int = Field(default=10, ge=1)
+    seed: int = 0
+
+
+class BaselinesParams(_Section):
+    """Single-network classifiers and classic baselines (mammo_core.baselines)."""
+
+    networks: list[Literal["vgg16", "inception_v3", "resnet50", "densenet121"]] = Field(
+        default_factory=lambda: ["vgg16", "inception_v3", "resnet50", "densenet121"]
+    )
+    classic: list[Literal["sift_bovw_svm", "agnet"]] = Field(default_factory=lambda: ["sift_bovw_svm", "agnet"])
+    weights: str = Field(default="none", description="imagenet | none (torchvision weight files from the local cache)")
+    epochs: int = Field(default=10, ge=1, le=10_000)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    lr: float = Field(default=0.01, gt=0)
+    latency_repeats: int = Field(default=10, ge=1)
+    seed: int = 0
+
+
 class Params(BaseModel):
     """The whole params file."""
 
@@ -206,6 +248,8 @@ class Params(BaseModel):
     features: FeaturesParams = FeaturesParams()
     hashing: HashingParams = HashingParams()
     classify: ClassifyParams = ClassifyParams()
+    detect: DetectParams = DetectParams()
+    baselines: BaselinesParams = BaselinesParams()
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain JSON-able data (what a stage key hashes)."""
