@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mammo_core import faults
+
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 
@@ -32,6 +34,7 @@ def save_atomic(payload: Mapping[str, Any], path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         torch.save(dict(payload), tmp)
+        faults.at("checkpoint:write")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -28,6 +28,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from mammo_core import faults
+
 _CHUNK_BYTES = 1 << 20  # aim for chunks of about 1 MiB: large enough to compress well, small to read
 _SENTINEL = object()
 # Attribute keys that would carry a patient identifier (DICOM fields; compared without separators/case).
@@ -182,6 +184,7 @@ class ChunkedH5Writer:
                     ds = datasets[name]
                     ds.resize(start + n, axis=0)
                     ds[start:start + n] = column
+                faults.at("h5:write")
         except BaseException as exc:  # reported to the producer by append/__exit__, never swallowed
             self._error = exc
             while self._queue.get() is not _SENTINEL:  # keep draining until the producer stops

@@ -27,6 +27,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from mammo_core import faults
 from mammo_core.config import Params
 from mammo_core.store import ArtifactStore, source_digest, stage_key
 from tasks import tracking
@@ -206,7 +207,9 @@ def execute(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, Stag
         logger=logger,
     )
     try:
+        faults.at(f"stage:{spec.name}:start")
         spec.run(stage_ctx)
+        faults.at(f"stage:{spec.name}:end")
         seconds = time.perf_counter() - started
         stage_ctx.log_metric(f"{spec.name}/seconds", seconds)
         extra = {"seconds": seconds, "mlflow_parent_run_id": ctx.parent_run_id}

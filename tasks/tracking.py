@@ -17,6 +17,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
+from mammo_core import faults
+
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 _MAX_BATCH = 900
@@ -80,6 +82,7 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
     """Log many metrics in batches (one round trip per batch, not per metric)."""
     now = get_current_time_millis()
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    faults.at("mlflow:log")
     for i in range(0, len(items), _MAX_BATCH):
         client.log_batch(run_id, metrics=items[i : i + _MAX_BATCH])
 

@@ -1,0 +1,66 @@
+"""Fault injection points, so that tests can kill or fail a run at a named place.
+
+Why: the resume and kill-anywhere guarantees (a SIGKILL during an HDF5 write, a checkpoint write, MLflow
+logging, or a stage that fails once) can only be tested if the test can stop the run at that exact place.
+The code calls :func:`at` at those places; nothing happens unless the environment variable
+``MAMMO_FAULT`` is set, which only the tests do.
+
+``MAMMO_FAULT`` holds comma-separated ``ACTION:POINT`` items. ACTION is ``kill`` (SIGKILL this process, no
+clean-up runs) or ``fail`` (raise :class:`InjectedFault`). POINT is a name passed to :func:`at`, such as
+``stage:train:start``, ``stage:train:end``, ``h5:write``, ``checkpoint:write``, ``mlflow:log``; a trailing
+``*`` matches any suffix (``stage:*``). ``MAMMO_FAULT_SKIP=N`` lets the first N matching calls pass, so a
+test can hit the third checkpoint write rather than the first. When ``MAMMO_FAULT_ONCE`` names a file,
+the fault fires only if that file does not exist yet, and creates it: the rerun then goes through.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+ENV = "MAMMO_FAULT"
+SKIP_ENV = "MAMMO_FAULT_SKIP"
+ONCE_ENV = "MAMMO_FAULT_ONCE"
+
+_passed: dict[str, int] = {}
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a fault point set to ``fail`` (never in normal runs)."""
+
+
+def _matching_action(point: str, spec: str) -> str | None:
+    for item in spec.split(","):
+        action, _, pattern = item.strip().partition(":")
+        if pattern and fnmatchcase(point, pattern):
+            return action
+    return None
+
+
+def at(point: str) -> None:
+    """A named place where a test may kill or fail this process; a no-op unless ``MAMMO_FAULT`` is set."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    action = _matching_action(point, spec)
+    if action is None:
+        return
+    skip = int(os.environ.get(SKIP_ENV, "0") or 0)
+    seen = _passed.get(spec, 0)
+    _passed[spec] = seen + 1
+    if seen < skip:
+        return
+    once = os.environ.get(ONCE_ENV)
+    if once:
+        marker = Path(once)
+        if marker.exists():
+            return
+        marker.write_text(point)
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "fail":
+        raise InjectedFault(f"injected fault at {point} ({ENV}={spec})")
+    else:
+        raise ValueError(f"{ENV}: unknown action {action!r} in {spec!r}; use kill or fail")
