@@ -24,7 +24,10 @@ from rich.progress import (
 from rich.table import Table
 
 from flows import environment
+from flows.compare_cmd import compare
 from flows.predict_cmd import predict
+from flows.promote_cmd import promote
+from flows.report_cmd import report
 from flows.similar_cmd import similar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -81,36 +84,54 @@ def _table(outcomes: list[dict]) -> Table:
 
 @app.command()
 def run(
-    params: Path = typer.Option(Path("params/default.yaml"), "-p", "--params", help="params YAML file"),
+    params: Path | None = typer.Option(None, "-p", "--params", help="params YAML file [default: params/default.yaml]"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set curate.workers=4"),
     from_: str | None = typer.Option(None, "--from", help=f"first {STAGE_HELP} to run"),
     until: str | None = typer.Option(None, "--until", help=f"last {STAGE_HELP} to run"),
     only: list[str] = typer.Option([], "--only", help=f"run only this {STAGE_HELP} (repeatable)"),
     force: list[str] = typer.Option([], "--force", help="re-run this stage and its descendants"),
     store: Path | None = typer.Option(None, "--store", help="artifact store (default $MAMMO_STORE or .mammo)"),
+    resume: str | None = typer.Option(None, "--resume", help="MLflow parent run id of a failed run to continue "
+                                      "(params, overrides and stages are read from it unless given)"),
 ) -> None:
     """Run the pipeline; finished stages with unchanged inputs are reused."""
-    environment.load_params_or_exit(params, set_)
     root = environment.store_root(store)
     environment.configure(root)  # before anything imports prefect: it reads its settings once
-    stages = select_stages(from_, until, only)
+    stages: list[str] | None = None
+    if resume:
+        from tasks.run_tracking import resume_arguments
+        from tasks.tracking import default_tracking_uri
+
+        try:
+            earlier = resume_arguments(default_tracking_uri(root), resume)
+        except ValueError as exc:
+            console.print(f"[bold red]cannot resume:[/] {exc}")
+            raise typer.Exit(2) from None
+        params = params or (Path(earlier["params_file"]) if earlier["params_file"] else None)
+        set_ = set_ or earlier["overrides"]
+        stages = earlier["stages"]
+    params = params or Path("params/default.yaml")
+    environment.load_params_or_exit(params, set_)
+    if from_ or until or only or not resume:
+        stages = select_stages(from_, until, only)
     for name in force:
         select_stages(None, None, [name])
     from flows.pipeline import PipelineFailed, pipeline
 
     started = time.perf_counter()
     try:
-        outcomes = pipeline(
-            params_file=str(params), overrides=list(set_), stages=stages, force=list(force), store=str(root)
-        )
+        outcomes = pipeline(params_file=str(params), overrides=list(set_), stages=stages, force=list(force),
+                            store=str(root), resume=resume)
     except PipelineFailed as exc:
         console.print(_table(exc.outcomes))
         console.print(f"[bold red]stage {exc.stage} failed:[/] {exc.message}")
-        resume = ["mammo", "run", "-p", str(params), *sum((["--set", s] for s in set_), [])]
-        if store:
-            resume += ["--store", str(store)]
-        console.print("Fix the cause, then resume (finished stages are reused):")
-        console.print(f"  {shlex.join(resume + ['--from', exc.stage])}", soft_wrap=True)
+        console.print("Fix the cause, then resume (finished stages are reused, the same MLflow run continues):")
+        if exc.parent_run_id:
+            again = ["mammo", "run", "--resume", exc.parent_run_id] + (["--store", str(store)] if store else [])
+        else:
+            again = ["mammo", "run", "-p", str(params), *sum((["--set", s] for s in set_), [])]
+            again += (["--store", str(store)] if store else []) + ["--from", exc.stage]
+        console.print(f"  {shlex.join(again)}", soft_wrap=True)
         raise typer.Exit(1) from None
     console.print(_table(outcomes))
     console.print(f"done in {time.perf_counter() - started:.1f} s; store {root}")
@@ -202,6 +223,9 @@ def download(
 
 app.command("similar")(similar)
 app.command("predict")(predict)
+app.command("promote")(promote)
+app.command("report")(report)
+app.command("compare")(compare)
 
 if __name__ == "__main__":
     app()

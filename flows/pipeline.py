@@ -1,9 +1,18 @@
-"""The end-to-end Prefect flow: stage order and hand-over of stage results, nothing else."""
+"""The end-to-end Prefect flow: stage order and hand-over of stage results, nothing else.
+
+Stages are submitted as soon as their upstream futures exist, straight from ``registry.ORDER`` and each
+spec's ``upstream``: under a parallel task runner (``run.task_runner: dask`` or ``process``) independent
+branches (detect, baselines, the hashing branch) run at the same time; under the default thread runner
+the outcome is the same as running them one after the other.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
+from flows.runners import build_task_runner, ensure_gpu_limits, gpu_slots
 from mammo_core.config import Params
 from tasks import registry, runtime
 from tasks.report import report_task
@@ -11,13 +20,14 @@ from tasks.run_tracking import close_run, open_run
 
 
 class PipelineFailed(RuntimeError):
-    """A stage failed; carries the per-stage outcome table and the failed stage's name."""
+    """A stage failed; carries the outcome table, the failed stage and the MLflow parent run to resume."""
 
-    def __init__(self, message: str, stage: str, outcomes: list[dict]):
-        super().__init__(message, stage, outcomes)
+    def __init__(self, message: str, stage: str, outcomes: list[dict], parent_run_id: str | None = None):
+        super().__init__(message, stage, outcomes, parent_run_id)
         self.message = message
         self.stage = stage
         self.outcomes = outcomes
+        self.parent_run_id = parent_run_id
 
     def __str__(self) -> str:
         return f"stage {self.stage} failed: {self.message}"
@@ -32,6 +42,110 @@ def plan(selected: list[str] | None) -> tuple[set[str], set[str]]:
     return run, needed - run
 
 
+def _submit_branch_trainings(ctx: runtime.RunContext, params: Params, key: str, upstream: dict) -> list:
+    """``separate`` training on Dask: three tasks, each asking the scheduler for one ``GPU`` resource."""
+    import dask
+
+    from tasks import train
+
+    slots = gpu_slots(params.run)
+    if slots:
+        ensure_gpu_limits(slots)
+    annotations = {"resources": {"GPU": 1}} if params.run.gpus else {}
+    futures = []
+    for branch in train.branch_names(params):
+        with dask.annotate(**annotations):
+            futures.append(train.branch_task.with_options(task_run_name=f"train-{branch}").submit(
+                ctx, key, upstream, branch))
+    return futures
+
+
+def _split_training(params: Params, ctx: runtime.RunContext, name: str, key: str) -> bool:
+    return (name == "train" and params.run.task_runner == "dask" and params.train.mode == "separate"
+            and (name in ctx.force or runtime.lookup(registry.STAGES[name], ctx, key) is None))
+
+
+def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bool = True) -> list[dict]:
+    """Submit every selected stage once its upstream futures exist; collect outcomes in DAG order.
+
+    ``sequential`` (the thread runner) also makes each stage wait for the one before it in
+    ``registry.ORDER``: one stage at a time, as on a laptop, where two trainings at once would only
+    fight over the same cores. Parallel runners drop it so that independent branches overlap.
+    """
+    params = Params.model_validate(ctx.params)
+    to_run, to_lookup = plan(stages)
+    keys = registry.stage_keys(params)
+    results: dict[str, Any] = {}  # stage -> StageResult (looked up) or a Prefect future
+    sealed_before: dict[str, bool] = {}
+    previous: Any = None
+    for spec in registry.ORDER:
+        key = keys[spec.name]
+        if spec.name in to_lookup:
+            found = runtime.lookup(spec, ctx, key)
+            if found is None:
+                raise PipelineFailed(
+                    f"{spec.name} (key {key}) has not finished; it is needed by the selected stages: "
+                    f"run it first (drop --only/--from)", spec.name,
+                    [{"stage": spec.name, "status": "failed", "seconds": 0.0, "key": key, "path": ""}],
+                )
+            results[spec.name] = found
+            continue
+        if spec.name not in to_run:
+            continue
+        forced = spec.name in ctx.force
+        sealed_before[spec.name] = not forced and runtime.lookup(spec, ctx, key) is not None
+        upstream = {u: results[u] for u in spec.upstream}
+        wait_for = _submit_branch_trainings(ctx, params, key, upstream) if _split_training(
+            params, ctx, spec.name, key) else []
+        if sequential and previous is not None:
+            wait_for.append(previous)
+        task = runtime.stage_task.with_options(
+            name=spec.name, task_run_name=spec.name,
+            # The store decides: a stage the store lacks is never taken from Prefect's result cache, whose
+            # record may point at a folder that was deleted since.
+            refresh_cache=not sealed_before[spec.name],
+        )
+        results[spec.name] = previous = task.submit(spec.name, ctx, key, upstream, wait_for=wait_for or None)
+
+    outcomes: list[dict] = []
+    for spec in registry.ORDER:
+        if spec.name not in to_run:
+            continue
+        key = keys[spec.name]
+        try:
+            result: runtime.StageResult = results[spec.name].result()
+        except Exception as exc:
+            outcomes.append({"stage": spec.name, "status": "failed", "seconds": 0.0, "key": key, "path": ""})
+            _drain(results)
+            raise PipelineFailed(_root_message(exc), spec.name, outcomes, ctx.parent_run_id) from exc
+        if result.parent_run_id != ctx.parent_run_id:
+            runtime.cache_hit_task.with_options(task_run_name=f"{spec.name}-cache-hit")(spec.name, ctx, result)
+            if spec.name == "report":  # the parent run carries the report even when it is reused
+                report_task(ctx, result)
+        status = "cached" if sealed_before[spec.name] else "ran"
+        outcomes.append({"stage": spec.name, "status": status, "seconds": result.seconds, "key": key,
+                         "path": result.path})
+    return outcomes
+
+
+def _drain(results: dict[str, Any]) -> None:
+    """Wait for stages still running elsewhere (a sibling branch) so nothing writes after the flow ends."""
+    for value in results.values():
+        if hasattr(value, "wait"):
+            value.wait()
+
+
+def _root_message(exc: BaseException) -> str:
+    """The failing stage's own error, not Prefect's 'upstream task failed' wrapper."""
+    return str(exc) or type(exc).__name__
+
+
+@flow(name="mammo-stage-graph", log_prints=True)
+def stage_graph(ctx: runtime.RunContext, stages: list[str] | None) -> list[dict]:
+    """The stage graph as a sub-flow, so that it can carry a task runner chosen from the params."""
+    return run_stages(ctx, stages, sequential=False)
+
+
 @flow(name="mammo-pipeline", log_prints=True, validate_parameters=True)
 def pipeline(
     params_file: str | None = None,
@@ -39,54 +153,28 @@ def pipeline(
     stages: list[str] | None = None,
     force: list[str] | None = None,
     store: str | None = None,
+    resume: str | None = None,
 ) -> list[dict]:
-    """Run the selected stages in DAG order; finished stages with the same key are reused."""
-    ctx = open_run(params_file, list(overrides or []), store, list(force or []))
+    """Run the selected stages in DAG order; finished stages with the same key are reused.
+
+    ``resume`` is the MLflow parent run id of a failed run: that run is reopened and the stages continue
+    inside it, so the tracking UI shows one run whose failed stage was retried.
+    """
+    ctx = open_run(params_file, list(overrides or []), store, list(force or []), stages, resume)
     params = Params.model_validate(ctx.params)
-    to_run, to_lookup = plan(stages)
-    keys: dict[str, str] = {}
-    results: dict[str, runtime.StageResult] = {}
-    outcomes: list[dict] = []
-    current = ""
+    runner = build_task_runner(params.run)
     try:
-        keys = registry.stage_keys(params)
-        for spec in registry.ORDER:
-            current = spec.name
-            key = keys[spec.name]
-            if spec.name in to_lookup:
-                found = runtime.lookup(spec, ctx, key)
-                if found is None:
-                    raise RuntimeError(
-                        f"{spec.name} (key {key}) has not finished; it is needed by the selected stages: "
-                        f"run it first (drop --only/--from)"
-                    )
-                results[spec.name] = found
-                continue
-            if spec.name not in to_run:
-                continue
-            upstream = {u: results[u] for u in spec.upstream}
-            task = runtime.stage_task.with_options(
-                name=spec.name,
-                task_run_name=spec.name,
-                refresh_cache=spec.name in ctx.force,
-            )
-            result = task(spec.name, ctx, key, upstream)
-            if not runtime.still_sealed(result):  # Prefect remembered a folder the store no longer has
-                result = task.with_options(refresh_cache=True)(spec.name, ctx, key, upstream)
-            if result.parent_run_id != ctx.parent_run_id:
-                runtime.cache_hit_task.with_options(task_run_name=f"{spec.name}-cache-hit")(spec.name, ctx, result)
-                if spec.name == "report":  # the parent run carries the report even when it is reused
-                    report_task(ctx, result)
-                status = "cached"
-            else:
-                status = "ran"
-            results[spec.name] = result
-            outcomes.append({"stage": spec.name, "status": status, "seconds": result.seconds, "key": key,
-                             "path": result.path})
+        if runner is None:
+            outcomes = run_stages(ctx, stages)
+        else:
+            outcomes = stage_graph.with_options(task_runner=runner)(ctx, stages)
+    except PipelineFailed as exc:
+        exc.parent_run_id = ctx.parent_run_id
+        close_run(ctx, ok=False, outcomes=exc.outcomes)
+        raise
     except Exception as exc:
-        outcomes.append({"stage": current, "status": "failed", "seconds": 0.0, "key": keys.get(current, ""),
-                         "path": ""})
-        close_run(ctx, ok=False, outcomes=outcomes)
-        raise PipelineFailed(str(exc), current, outcomes) from exc
+        failed = [{"stage": "?", "status": "failed", "seconds": 0.0, "key": "", "path": ""}]
+        close_run(ctx, ok=False, outcomes=failed)
+        raise PipelineFailed(str(exc), "?", failed, ctx.parent_run_id) from exc
     close_run(ctx, ok=True, outcomes=outcomes)
     return outcomes

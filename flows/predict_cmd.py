@@ -1,4 +1,9 @@
-"""``mammo predict PATCH...``: class probabilities of lesion patches from the registered classifier.
+"""``mammo predict``: class probabilities of lesion patches, or lesion boxes on full mammograms.
+
+With ``--model models:/mammo-detector/latest`` (what the detect stage registers, ``tasks/detector_serving.py``)
+each input is a full mammogram (DICOM, or an 8-bit/16-bit PNG or JPEG of any size); ``--out`` writes the
+boxes (class, score, corners in pixels of the original image) as JSON and ``--overlay`` a PNG of the boxes
+drawn on the windowed image (``name-2.png`` etc. for the second and later inputs). Otherwise, as follows:
 
 The model is an MLflow model URI, by default ``models:/mammo-classifier/latest`` (what the classify stage
 registers, see ``tasks/serving.py``), read from the store's embedded SQLite tracking database unless
@@ -51,7 +56,8 @@ def _load(model_uri: str, tracking_uri: str):
             raise
         known = sorted(m.name for m in mlflow.MlflowClient(tracking_uri).search_registered_models())
         raise _fail(f"no registered model {name!r} (or no such version) in {tracking_uri}; registered: "
-                    f"{known or 'none'}. The classify stage of `mammo run` registers mammo-classifier.") from None
+                    f"{known or 'none'}. The classify stage of `mammo run` registers mammo-classifier, "
+                    f"the detect stage {DETECTOR_NAME}.") from None
 
 
 def results(frame, class_names: list[str]) -> list[dict]:
@@ -73,11 +79,11 @@ def predict(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="MLflow model URI"),
     store: Path | None = typer.Option(None, "--store", help="artifact store (default $MAMMO_STORE or .mammo)"),
     json_out: bool = typer.Option(False, "--json", help="print JSON (a list, one object per input) on stdout"),
+    out: Path | None = typer.Option(None, "--out", help="detector: write the boxes as JSON to this file"),
+    overlay: Path | None = typer.Option(None, "--overlay", help="detector: PNG with the boxes on the image"),
+    min_score: float = typer.Option(0.3, "--min-score", help="detector: keep boxes scoring at least this"),
 ) -> None:
-    """Class probabilities of lesion patches from a registered classifier (inputs in command-line order)."""
-    if registered_name(model) == DETECTOR_NAME:
-        raise _fail(f"{model}: the lesion detector ({DETECTOR_NAME}) is not part of this pipeline yet, so no such "
-                    f"model is registered. Classify lesion patches with --model {DEFAULT_MODEL}.")
+    """Class probabilities of lesion patches, or lesion boxes on mammograms with --model models:/mammo-detector/..."""
     root = environment.store_root(store)
     environment.configure(root)
     import pandas as pd
@@ -86,6 +92,15 @@ def predict(
     from tasks.tracking import default_tracking_uri
 
     loaded = _load(model, default_tracking_uri(root))
+    from tasks.detector_serving import DetectorModel
+
+    python_model = loaded.unwrap_python_model() if hasattr(loaded, "unwrap_python_model") else None
+    if isinstance(python_model, DetectorModel):
+        detect_files(python_model.pipeline, model, inputs, out, overlay, min_score, json_out)
+        return
+    if out is not None or overlay is not None:
+        raise _fail(f"{model} is a patch classifier: --out and --overlay apply to the detector "
+                    f"(--model models:/{DETECTOR_NAME}/latest)")
     frame = loaded.predict(pd.DataFrame({"path": [str(p) for p in inputs]}))
     for path, k in zip(inputs, range(1, len(inputs) + 1), strict=True):  # belt and braces: no path in output
         frame["error"] = frame["error"].str.replace(str(path), f"input {k}", regex=False)
@@ -102,5 +117,43 @@ def predict(
             table.add_row(c, *(f"{r['probabilities'][c]:.3f}" if r["probabilities"] else "-" for r in rows))
         table.add_row(f"[bold]{PREDICTED}[/]", *(r["predicted_class"] or f"[red]{r['error']}[/]" for r in rows))
         Console().print(table)
+    if any(r["error"] for r in rows):
+        raise typer.Exit(1)
+
+
+def _overlay_path(overlay: Path, k: int) -> Path:
+    return overlay if k == 1 else overlay.with_name(f"{overlay.stem}-{k}{overlay.suffix or '.png'}")
+
+
+def detect_files(pipeline, model: str, inputs: list[Path], out: Path | None, overlay: Path | None,
+                 min_score: float, json_out: bool) -> None:
+    """Boxes per mammogram from the detector; JSON to ``out``/stdout, overlays; exit 1 if any input failed."""
+    from mammo_core.errors import BadItem
+    from mammo_core.store import write_json_atomic
+    from tasks.detector_serving import read_mammogram, save_overlay
+
+    rows = []
+    for k, path in enumerate(inputs, start=1):
+        try:
+            image = read_mammogram(path)
+            found = pipeline.detect(image, min_score)
+            row = {"input": k, "height": int(image.shape[0]), "width": int(image.shape[1]),
+                   "detections": [d.to_dict() for d in found], "error": None}
+            if overlay is not None:
+                save_overlay(image, found, _overlay_path(overlay, k))
+        except BadItem as exc:  # the reason, never the path: CBIS file names carry patient ids
+            row = {"input": k, "detections": None, "error": exc.reason.replace(str(path), f"input {k}")}
+        rows.append(row)
+    result = {"model": model, "classes": list(pipeline.config.classes), "min_score": min_score,
+              "box_format": "x0, y0, x1, y1 in pixels of the original image", "results": rows}
+    if out is not None:
+        write_json_atomic(out, result)
+    if json_out or out is None:
+        typer.echo(json.dumps(result, indent=2))
+    for row in rows:
+        if row["error"]:
+            console.print(f"[red]input {row['input']}: {row['error']}[/]")
+        else:
+            console.print(f"input {row['input']}: {len(row['detections'])} boxes with score >= {min_score}")
     if any(r["error"] for r in rows):
         raise typer.Exit(1)

@@ -32,6 +32,7 @@ class RunParams(_Section):
     dask_address: str | None = Field(default=None, description="scheduler of an existing Dask cluster; "
                                      "None starts a LocalCluster")
     gpus: int = Field(default=0, ge=0, le=64, description="GPUs per Dask worker (LocalCluster) / per host")
+    dask_workers: int = Field(default=2, ge=1, le=256, description="LocalCluster worker processes (dask runner)")
 
 
 class DataParams(_Section):
@@ -195,35 +196,83 @@ class DetectParams(_Section):
         default="four", description="four: mass/calc x benign/malignant (BWC counted benign); two: mass vs calc"
     )
     max_size: int = Field(default=512, ge=64, le=4096, description="long side of detector input, pixels")
+    max_images: int | None = Field(default=None, ge=1, description="at most this many images per split (None: all)")
     epochs: int = Field(default=10, ge=1, le=10_000)
     batch_size: int = Field(default=2, ge=1, le=256)
     lr: float = Field(default=0.01, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=1e-4, ge=0)
+    max_rotation: float = Field(default=10.0, ge=0, le=180, description="augmentation rotation range, degrees")
     anchor_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])
     aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
     hash_bits: int = Field(default=48, ge=1, le=512)
+    representation: int = Field(default=256, ge=8, le=4096, description="box head width of ours")
+    fpn_channels: int = Field(default=128, ge=8, le=1024, description="FPN channels of ours")
+    fusion_weights: list[float] = Field(default_factory=lambda: [0.4, 0.4, 0.3],
+                                        description="branch weights of the fused maps (paper: 0.4/0.4/0.3)")
+    proposals_train: int = Field(default=2000, ge=1, description="RPN proposals kept per image in training")
+    proposals_test: int = Field(default=1000, ge=1, description="RPN proposals kept per image at inference")
+    roi_samples: int = Field(default=512, ge=1, description="proposals sampled per image for the box head loss")
     baselines: list[Literal["ours_nohash", "frcnn_r50"]] = Field(
         default_factory=lambda: ["ours_nohash", "frcnn_r50"]
     )
     r50_weights: str = Field(default="imagenet", description="coco | imagenet | none | path to a state dict")
     latency_repeats: int = Field(default=10, ge=1)
+    examples: int = Field(default=3, ge=0, le=50, description="example figures of predicted vs true boxes")
     seed: int = 0
+
+
+BaselineNetwork = Literal["vgg16", "inception_v3", "resnet50", "densenet121"]
 
 
 class BaselinesParams(_Section):
-    """Single-network classifiers and classic baselines (mammo_core.baselines)."""
+    """Single-network classifiers and classic baselines (mammo_core.baselines); schedule as the train stage's."""
 
-    networks: list[Literal["vgg16", "inception_v3", "resnet50", "densenet121"]] = Field(
+    networks: list[BaselineNetwork] = Field(
         default_factory=lambda: ["vgg16", "inception_v3", "resnet50", "densenet121"]
     )
     classic: list[Literal["sift_bovw_svm", "agnet"]] = Field(default_factory=lambda: ["sift_bovw_svm", "agnet"])
-    weights: str = Field(default="none", description="imagenet | none (torchvision weight files from the local cache)")
-    epochs: int = Field(default=10, ge=1, le=10_000)
+    weights: Literal["imagenet", "none"] = Field(
+        default="none", description="imagenet: torchvision weight files from the local torch hub cache "
+        "(random init, tagged, when absent); none: random init"
+    )
+    vgg_classifier: Literal["full", "pooled"] = Field(
+        default="full", description="full: torchvision's 25088-4096-4096 classifier (last layer replaced); "
+        "pooled: global average pooling + one linear layer (CPU-sized, 14.7M instead of 134M parameters)"
+    )
+    keep_weights: bool = Field(default=True, description="store each network's best weights in its unit")
+    max_train_rows: int | None = Field(default=None, ge=1, description="CPU budget for smoke runs: train every "
+                                       "method on at most this many training rows, classes taking turns; None = all")
+    epochs: int = Field(default=100, ge=1, le=10_000)
     batch_size: int = Field(default=32, ge=1, le=4096)
     lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    lr_step: int = Field(default=20, ge=1)
+    lr_gamma: float = Field(default=10.0, ge=1)
+    warmup_epochs: int = Field(default=5, ge=0)
+    warmup_lr: float = Field(default=1e-5, gt=0)
+    rollback_every: int = Field(default=5, ge=0)
     latency_repeats: int = Field(default=10, ge=1)
+    n_boot: int = Field(default=1000, ge=0, le=100_000)
+    sift_image_size: int = Field(default=128, ge=16, le=1024, description="patches are resized to this for SIFT")
+    sift_max_keypoints: int = Field(default=64, ge=1)
+    sift_vocabulary: int = Field(default=64, ge=2, le=10_000)
+    sift_svm_c: float = Field(default=10.0, gt=0)
+    agnet_pair: tuple[BaselineNetwork, BaselineNetwork] = ("vgg16", "inception_v3")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BaselinesParams:
+        if len(set(self.networks)) != len(self.networks):
+            raise ValueError(f"baselines.networks lists a network twice: {self.networks}")
+        if "agnet" in self.classic:
+            if self.agnet_pair[0] == self.agnet_pair[1]:
+                raise ValueError(f"baselines.agnet_pair must name two different networks, got {list(self.agnet_pair)}")
+            missing = [n for n in self.agnet_pair if n not in self.networks]
+            if missing:
+                raise ValueError(f"baselines.agnet_pair names {missing}, which baselines.networks does not train")
+        return self
 
 
 class Params(BaseModel):

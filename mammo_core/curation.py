@@ -200,6 +200,17 @@ def _resolve_full_image(index: layouts.SeriesIndex, paths: list[str]) -> Path:
     raise first or BadItem("image", "no full-image path listed")
 
 
+def _single_threaded_worker() -> None:
+    """Pool initializer: one torch thread per worker process.
+
+    Why: the workers are forked. When the parent has already run a parallel torch op (a model built,
+    a checkpoint saved, an earlier stage in the same process), the child inherits a dead OpenMP thread
+    pool and its first parallel region (``downsample``) waits for it forever: curation hangs with no
+    error. With one thread torch never enters a parallel region; the workers are the parallelism.
+    """
+    torch.set_num_threads(1)
+
+
 def _run_jobs(
     jobs: list[ImageJob], workers: int, progress: Callable[[int, int], None] | None
 ) -> list[ImageOutcome]:
@@ -210,7 +221,7 @@ def _run_jobs(
             if progress:
                 progress(i + 1, len(jobs))
         return results
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded_worker) as pool:
         for i, outcome in enumerate(pool.map(process_image, jobs, chunksize=1)):
             results.append(outcome)
             if progress:

@@ -260,9 +260,28 @@ class ChunkedH5Writer:
 
 
 # -- reading -------------------------------------------------------------------------------------------
+class UnreadableH5Error(OSError):
+    """An HDF5 file that cannot be opened (truncated, overwritten, not HDF5); the message names the file."""
+
+
+def open_for_reading(path: str | os.PathLike) -> h5py.File:
+    """Open ``path`` read-only; a corrupt file raises :class:`UnreadableH5Error` naming it.
+
+    Why: h5py's own message ("file signature not found", "truncated file: eof = ...") does not say
+    which file, and a user with several stage folders needs to know which one to regenerate.
+    """
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UnreadableH5Error(f"{path}: not a readable HDF5 file ({exc}); regenerate it (mammo run --force "
+                                "<the stage that wrote it>)") from exc
+
+
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     """All file attributes, JSON-decoded (values written by :class:`ChunkedH5Writer`)."""
-    with h5py.File(path, "r") as fh:
+    with open_for_reading(path) as fh:
         out = {}
         for key, value in fh.attrs.items():
             if isinstance(value, bytes):
@@ -278,7 +297,7 @@ def read_datasets(
     path: str | os.PathLike, names: Sequence[str] | None = None, rows: slice | np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Read whole datasets (or the same rows of each) into memory; a missing name is a clear KeyError."""
-    with h5py.File(path, "r") as fh:
+    with open_for_reading(path) as fh:
         names = list(names) if names is not None else [k for k in fh if isinstance(fh[k], h5py.Dataset)]
         missing = [n for n in names if n not in fh]
         if missing:
@@ -293,7 +312,7 @@ def iter_blocks(
     """Yield ``(first_row, {name: rows})`` over contiguous blocks: memory stays bounded on big files."""
     if block_rows < 1:
         raise ValueError("block_rows must be at least 1")
-    with h5py.File(path, "r") as fh:
+    with open_for_reading(path) as fh:
         missing = [n for n in names if n not in fh]
         if missing:
             raise KeyError(f"{Path(path).name} has no dataset {missing}; it holds {sorted(fh)}")

@@ -3,9 +3,9 @@
 Every number in the report is read from a file in a sealed stage folder, and every section ends with the
 files it read ("Source: classify/table5_classifiers.csv (key ..., sha256 ...)"), so a reader can trace any
 value back to the artifact that holds it. Nothing is recomputed here and nothing is invented: an artifact
-that is missing turns into a line that names it, and the experiments this pipeline version does not run
-(single-network baselines, detection) say so instead of showing numbers. The paper's own values appear in
-columns labelled as claims (:mod:`mammo_core.paper_claims`).
+that is missing turns into a line that names it, and an experiment whose stage folder was not given (the
+single-network baselines of Tables 1, 6 and Figure 10, the detection of Table 8) says "not run" instead of
+showing numbers. The paper's own values appear in columns labelled as claims (:mod:`mammo_core.paper_claims`).
 
 Plain library code: reads files, returns/writes text. The ``report`` stage (``tasks/report.py``) logs the
 output to MLflow.
@@ -14,6 +14,7 @@ output to MLflow.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_core import paper_claims as claims
-from mammo_core.report_render import Figure, Preformatted, Section, Table, write_report
+from mammo_core.report_render import Figure, Preformatted, Section, Table, format_value, write_report
 from mammo_core.store import MANIFEST, file_sha256
 
 TITLE = "mammo-fusion: run report"
@@ -218,12 +219,6 @@ def _not_run(heading: str, stage: str, claim: Table) -> Section:
     return section
 
 
-def _table1(art: _Artifacts) -> Section:
-    return _not_run("Table 1: performance of different methods", "baselines", _claims_table(
-        "table1_paper_claims", claims.TABLE1_ACCURACY_PCT, "method", ("paper (claim) accuracy %",),
-        "The paper's claimed values (not measured here)"))
-
-
 def _table2(art: _Artifacts) -> Section:
     section = Section("Table 2: fusing any two branches, test accuracy per class")
     pairs = _Reader(art, section).csv("classify", "table2_pairs.csv", index_col=0)
@@ -313,12 +308,6 @@ def _table5(art: _Artifacts) -> Section:
     return section
 
 
-def _table6(art: _Artifacts) -> Section:
-    return _not_run("Table 6: single-network methods, accuracy and inference time", "baselines", _claims_table(
-        "table6_paper_claims", claims.TABLE6, "method", ("paper (claim) accuracy %", "paper (claim) time ms"),
-        "The paper's claimed values (not measured here)"))
-
-
 def _table7(art: _Artifacts) -> Section:
     section = Section("Table 7: frozen parameters and test accuracy per branch")
     reader = _Reader(art, section)
@@ -348,12 +337,6 @@ def _table7(art: _Artifacts) -> Section:
     section.note(CLAIM_NOTE, "claim")
     _cite_paper(section, "Table 7")
     return section
-
-
-def _table8(art: _Artifacts) -> Section:
-    return _not_run("Table 8: detection, mAP and time", "detect", _claims_table(
-        "table8_paper_claims", claims.TABLE8, "model", ("paper (claim) mAP %", "paper (claim) time ms"),
-        "The paper's claimed values (not measured here)"))
 
 
 def _val_curves(history: Mapping[str, list[Mapping[str, Any]]]) -> pd.DataFrame:
@@ -397,10 +380,190 @@ def _figure9(art: _Artifacts) -> Section:
     return section
 
 
+# ------------------------------------------------------ Tables 1, 6, 8 and Figure 10 (baselines and detect stages)
+
+# Our names -> the paper's row names (keys of paper_claims tables); a name without a paper row gets no claim.
+TABLE1_PAPER_ROWS = {"sift_bovw_svm": "SIFT-BoVW", "vgg16": "VGGNet", "agnet": "AGNet", "inception_v3": "Inception",
+                     "densenet121": "DenseNet", "fusion": "Our"}
+TABLE6_PAPER_ROWS = {"vgg16": "VGGNet based", "inception_v3": "InceptionV3 based", "resnet50": "ResNet50 based",
+                     "densenet121": "DenseNet based", "fusion": "Our"}
+TABLE8_PAPER_ROWS = {"frcnn_r50": "Faster RCNN", "ours": "Ours"}
+# Where the fused model's own per-image latency may be recorded (stage, manifest metric), first found wins.
+FUSED_LATENCY_METRICS = (("train", "train/fused/latency_ms"), ("features", "features/fused/latency_ms"),
+                         ("classify", "classify/fusion/latency_ms"), ("baselines", "baselines/fused/latency_ms"))
+
+
+def _given(art: _Artifacts, stage: str) -> bool:
+    return art.dirs.get(stage) is not None
+
+
+def _fusion_row(table5: pd.DataFrame | None) -> Mapping[str, Any]:
+    """The fused classifier's row of ``classify/table5_classifiers.csv`` (empty when absent)."""
+    if table5 is None or "classifier" not in table5.columns:
+        return {}
+    rows = table5[table5["classifier"] == "fusion"]
+    return rows.iloc[0].to_dict() if len(rows) else {}
+
+
+def _table1(art: _Artifacts) -> Section:
+    claim = _claims_table("table1_paper_claims", claims.TABLE1_ACCURACY_PCT, "method", ("paper (claim) accuracy %",),
+                          "The paper's claimed values (not measured here)")
+    if not _given(art, "baselines"):
+        return _not_run("Table 1: performance of different methods", "baselines", claim)
+    section = Section("Table 1: performance of different methods")
+    reader = _Reader(art, section)
+    base = reader.json("baselines", "baselines.json") or {}
+    train = reader.manifest("train", "metrics train/<branch>/test_acc") or {}
+    table5 = reader.csv("classify", "table5_classifiers.csv")
+    rows = []
+
+    def add(method: str, kind: str, source: str, row: Mapping[str, Any]) -> None:
+        rows.append({"method": method, "kind": kind, "test_acc": row.get("test_acc", np.nan),
+                     "ci_low": row.get("ci_low", np.nan), "ci_high": row.get("ci_high", np.nan),
+                     "paper row": TABLE1_PAPER_ROWS.get(method, ""),
+                     "paper (claim) accuracy %": claims.TABLE1_ACCURACY_PCT.get(TABLE1_PAPER_ROWS.get(method, ""), ""),
+                     "source": source})
+
+    for row in base.get("classic", []):
+        add(str(row["method"]), "classic", "baselines/baselines.json", row)
+    for row in base.get("rows", []):
+        add(str(row["network"]), "single network", "baselines/baselines.json", row)
+    for b in BRANCHES:
+        add(b, "our branch (own head)", "train/manifest.json",
+            {"test_acc": _metric(train.get("metrics"), f"train/{b}/test_acc")})
+    fusion = _fusion_row(table5)
+    add("fusion", "ours: fused SVM+kNN+RF on hash codes", "classify/table5_classifiers.csv",
+        {"test_acc": fusion.get("test_acc", np.nan), "ci_low": fusion.get("test_acc_ci_low", np.nan),
+         "ci_high": fusion.get("test_acc_ci_high", np.nan)})
+    section.add(Table("table1_methods", pd.DataFrame(rows), "Ours: test accuracy of the classic methods, the single "
+                      "networks, our branches and our fused classifier, with 95% bootstrap intervals where the "
+                      "stage computed them; 'paper row' names the row of the paper's Table 1 the claim is from"))
+    if "majority_rate" in base:
+        section.note(f"Majority-class rate on the test split: {format_value(base['majority_rate'])} "
+                     "(baselines/baselines.json), the accuracy of always answering the most frequent class.")
+    details = [f"{r['method']}: {r['detail']}" for r in base.get("classic", []) if r.get("detail")]
+    for text in details:
+        section.note(text)
+    section.note(CLAIM_NOTE + " The paper gives no ResNet50 row in Table 1.", "claim")
+    _cite_paper(section, "Table 1")
+    return section
+
+
+def _fused_latency(art: _Artifacts, reader: _Reader) -> tuple[float, str]:
+    """(latency in ms, where it came from) for our fused model, or (nan, what was looked for)."""
+    for stage, metric in FUSED_LATENCY_METRICS:
+        manifest = art.manifest(stage) if _given(art, stage) else None
+        value = (manifest or {}).get("metrics", {}).get(metric)
+        if value is not None:
+            reader.manifest(stage, f"metric {metric}")
+            return float(value), f"{stage}/manifest.json"
+    return float("nan"), ", ".join(metric for _, metric in FUSED_LATENCY_METRICS)
+
+
+def _table6(art: _Artifacts) -> Section:
+    claim = _claims_table("table6_paper_claims", claims.TABLE6, "method",
+                          ("paper (claim) accuracy %", "paper (claim) time ms"),
+                          "The paper's claimed values (not measured here)")
+    if not _given(art, "baselines"):
+        return _not_run("Table 6: single-network methods, accuracy and inference time", "baselines", claim)
+    section = Section("Table 6: single-network methods, accuracy and inference time")
+    reader = _Reader(art, section)
+    base = reader.json("baselines", "baselines.json") or {}
+    rows = []
+    for row in base.get("rows", []):
+        paper = claims.TABLE6.get(TABLE6_PAPER_ROWS.get(str(row["network"]), ""), ("", ""))
+        rows.append({"method": row["network"], "test_acc": row.get("test_acc", np.nan),
+                     "ci_low": row.get("ci_low", np.nan), "ci_high": row.get("ci_high", np.nan),
+                     "balanced_acc": row.get("balanced_acc", np.nan), "latency_ms": row.get("latency_ms", np.nan),
+                     "params_m": row.get("params_m", np.nan), "input_size": row.get("input_size", np.nan),
+                     "epochs": row.get("epochs", np.nan), "weights": row.get("weights", ""),
+                     "paper (claim) accuracy %": paper[0], "paper (claim) time ms": paper[1],
+                     "source": "baselines/baselines.json"})
+    fusion = _fusion_row(reader.csv("classify", "table5_classifiers.csv"))
+    latency, latency_source = _fused_latency(art, reader)
+    paper = claims.TABLE6["Our"]
+    rows.append({"method": "fusion", "test_acc": fusion.get("test_acc", np.nan),
+                 "ci_low": fusion.get("test_acc_ci_low", np.nan), "ci_high": fusion.get("test_acc_ci_high", np.nan),
+                 "balanced_acc": fusion.get("balanced_acc", np.nan), "latency_ms": latency,
+                 "paper (claim) accuracy %": paper[0], "paper (claim) time ms": paper[1],
+                 "source": "classify/table5_classifiers.csv" + ("" if math.isnan(latency) else f", {latency_source}")})
+    section.add(Table("table6_single_networks", pd.DataFrame(rows), "Ours: each single network trained on the same "
+                      "patches (test accuracy with its 95% bootstrap interval, per-image inference latency), and our "
+                      "fused classifier"))
+    if math.isnan(latency):
+        section.note("The fused model's inference latency is not recorded by any artifact of this run (looked for "
+                     f"manifest metrics {latency_source}); its latency cell is empty.", "missing")
+    section.note(CLAIM_NOTE, "claim")
+    _cite_paper(section, "Table 6")
+    return section
+
+
+def _table8(art: _Artifacts) -> Section:
+    claim = _claims_table("table8_paper_claims", claims.TABLE8, "model",
+                          ("paper (claim) mAP %", "paper (claim) time ms"),
+                          "The paper's claimed values (not measured here)")
+    if not _given(art, "detect"):
+        return _not_run("Table 8: detection, mAP and time", "detect", claim)
+    section = Section("Table 8: detection, mAP and time")
+    reader = _Reader(art, section)
+    det = reader.json("detect", "detection.json") or {}
+    rows, per_class = [], {}
+    for row in det.get("rows", []):
+        model = str(row["model"])
+        paper = claims.TABLE8.get(TABLE8_PAPER_ROWS.get(model, ""), ("", ""))
+        froc = row.get("froc") or {}
+        rows.append({"model": model, "mAP@0.5": row.get("map50", np.nan), "mAP@[.5:.95]": row.get("map", np.nan),
+                     "AR@100": row.get("ar100", np.nan),
+                     **{f"FROC sens @{fp} FP/img": froc.get(fp, np.nan) for fp in ("0.5", "1", "2")},
+                     "latency_ms": row.get("latency_ms", np.nan), "params_m": row.get("params_m", np.nan),
+                     "epochs": row.get("epochs", np.nan), "weights": row.get("weights", ""),
+                     "paper (claim) mAP %": paper[0], "paper (claim) time ms": paper[1]})
+        per_class[model] = row.get("per_class_ap50") or {}
+    if rows:
+        section.add(Table("table8_detection", pd.DataFrame(rows), f"Ours: detection on the test images (input long "
+                          f"side {det.get('input_size', '?')} px): COCO mAP at IoU 0.5 and 0.5:0.95, recall at 100, "
+                          "FROC sensitivity, per-image latency"))
+    fast = det.get("fast_rcnn")
+    paper = claims.TABLE8["Fast RCNN"]
+    section.note(f"Fast R-CNN (paper claim: mAP {paper[0]} %, {paper[1]} ms) has no row of ours; the detect stage "
+                 f"records why: {fast or 'no reason recorded'}", "not_run")
+    if per_class:
+        classes = list(det.get("classes") or sorted({c for v in per_class.values() for c in v}))
+        frame = pd.DataFrame({m: [v.get(c, np.nan) for c in classes] for m, v in per_class.items()},
+                             index=pd.Index(classes, name="class"))
+        section.add(Table("table8_per_class_ap50", frame, "Ours: AP at IoU 0.5 per class", index=True))
+    if det.get("lesion_sizes"):
+        section.add(Preformatted("Lesion sizes of the test boxes (detection.json lesion_sizes)",
+                                 json.dumps(det["lesion_sizes"], indent=2, sort_keys=True)))
+    dropped = det.get("dropped_boxes") or {}
+    if dropped:
+        frame = pd.DataFrame(sorted(dropped.items(), key=lambda kv: -kv[1]), columns=["reason", "boxes"])
+        section.add(Table("table8_dropped_boxes", frame, "Ground-truth boxes dropped before detection, per reason"))
+    if (art.dirs["detect"] / "lesion_sizes.png").is_file():  # optional figure of the detect stage
+        reader.figure("detect", "lesion_sizes.png", "Sizes of the test lesions at the detector's input scale")
+    for png in sorted(p.name for p in art.dirs["detect"].glob("examples_*.png")):
+        label = png.removesuffix(".png").removeprefix("examples_")
+        reader.figure("detect", png, f"Detections on test images ({label}): predicted and true boxes")
+    section.note(CLAIM_NOTE + " Our mAP values are fractions; the paper's are percentages.", "claim")
+    _cite_paper(section, "Table 8")
+    return section
+
+
+
 def _figure10(art: _Artifacts) -> Section:
+    if not _given(art, "baselines"):
+        section = Section("Figure 10: validation accuracy of other backbones")
+        section.note("not run in this pipeline version: needs the baselines stage, which this pipeline does not "
+                     "have yet.", "not_run")
+        return section
     section = Section("Figure 10: validation accuracy of other backbones")
-    section.note("not run in this pipeline version: needs the baselines stage, which this pipeline does not have "
-                 "yet.", "not_run")
+    reader = _Reader(art, section)
+    reader.figure("baselines", "figure10_val_curves.png", "Validation accuracy per epoch of each single network "
+                  "(baselines stage figure)")
+    curves = reader.json("baselines", "val_curves.json")
+    if curves is not None:
+        section.add(Table("figure10_val_acc", _val_curves(curves), "Validation accuracy per epoch and network",
+                          index=True))
     return section
 
 
@@ -468,7 +631,8 @@ def build_report(stage_dirs: Mapping[str, Path | str | None], out_dir: Path | st
                  run_info: Mapping[str, Any]) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` (self-contained) and ``tables/*.csv`` into ``out_dir``.
 
-    ``stage_dirs`` maps a stage name (curate, patches, train, features, hashing, classify) to its sealed folder;
+    ``stage_dirs`` maps a stage name (curate, patches, train, features, hashing, classify, and optionally
+    detect and baselines) to its sealed folder;
     ``run_info`` may hold ``params`` (the whole params file), ``code_version``, ``stage_keys`` and
     ``report_key``. Returns the written paths (``md``, ``html``, ``tables``, ``figures``).
     """

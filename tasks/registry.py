@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from mammo_core.config import Params
-from tasks import acquire, augment, classify, curate, features, hashing, patches, report, train
+from tasks import acquire, augment, baselines, classify, curate, detect, features, hashing, patches, report, train
 from tasks.runtime import StageSpec
 
 ORDER: tuple[StageSpec, ...] = (
     acquire.SPEC, curate.SPEC, patches.SPEC, augment.SPEC, train.SPEC, features.SPEC, hashing.SPEC, classify.SPEC,
-    report.SPEC,
+    detect.SPEC, baselines.SPEC, report.SPEC,
 )
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in ORDER}
 

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from mammo_core import paper_claims, report, report_render
 from tasks import runtime, tracking
 
-UPSTREAM = ("curate", "patches", "train", "features", "hashing", "classify")
+UPSTREAM = ("curate", "patches", "train", "features", "hashing", "classify", "detect", "baselines")
 
 
 def report_files(folder: Path) -> list[tuple[Path, str]]:

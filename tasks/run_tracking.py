@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -46,9 +47,19 @@ def _flow_run_id() -> str:
         return ""
 
 
+RESUMABLE_TAGS = ("params_file", "overrides_json", "stages_json")
+
+
 @task(cache_policy=NO_CACHE, persist_result=False)
-def open_run(params_file: str | None, overrides: list[str], store: str | None, force: list[str]) -> RunContext:
-    """Validate params and open the parent run; the returned context is shared by every stage."""
+def open_run(
+    params_file: str | None,
+    overrides: list[str],
+    store: str | None,
+    force: list[str],
+    stages: list[str] | None = None,
+    resume: str | None = None,
+) -> RunContext:
+    """Validate params and open the parent run (or reopen ``resume``); the context is shared by every stage."""
     store_root = Path(store or os.environ.get("MAMMO_STORE") or ".mammo").resolve()
     params = load_params(params_file, overrides)
     uri = tracking.default_tracking_uri(store_root)
@@ -57,22 +68,28 @@ def open_run(params_file: str | None, overrides: list[str], store: str | None, f
     experiment_id = tracking.ensure_experiment(client, params.run.experiment, artifact_root)
     commit = git_commit()
     flow_run_id = _flow_run_id()
-    parent = tracking.start_run(
-        client,
-        experiment_id,
-        params.run.name,
-        tags={
-            "params_file": params_file or "<defaults>",
-            "overrides": " ".join(overrides),
-            "git_commit": commit,
-            "prefect_flow_run_id": flow_run_id,
-            "mlflow.source.name": "mammo run",
-            "kind": "pipeline",
-        },
-    )
     dump = params.model_dump(mode="json")
-    _log_params(client, parent, dump)
-    client.log_text(parent, yaml.safe_dump(dump, sort_keys=True), "params.yaml")
+    if resume:
+        parent = tracking.reopen_run(client, resume, flow_run_id)
+        experiment_id = client.get_run(parent).info.experiment_id
+    else:
+        parent = tracking.start_run(
+            client,
+            experiment_id,
+            params.run.name,
+            tags={
+                "params_file": params_file or "<defaults>",
+                "overrides": " ".join(overrides),
+                "overrides_json": json.dumps(list(overrides)),
+                "stages_json": json.dumps(list(stages) if stages else None),
+                "git_commit": commit,
+                "prefect_flow_run_id": flow_run_id,
+                "mlflow.source.name": "mammo run",
+                "kind": "pipeline",
+            },
+        )
+        _log_params(client, parent, dump)
+        client.log_text(parent, yaml.safe_dump(dump, sort_keys=True), "params.yaml")
     return RunContext(
         store=str(store_root),
         params=dump,
@@ -84,6 +101,31 @@ def open_run(params_file: str | None, overrides: list[str], store: str | None, f
         git_commit=commit,
         force=frozenset(set().union(*(registry.descendants(s) for s in force))) if force else frozenset(),
     )
+
+
+def resume_arguments(tracking_uri: str, run_id: str) -> dict:
+    """params_file, overrides and stages of an earlier ``mammo run``, read back from its parent run's tags.
+
+    Raises ``ValueError`` naming the run when it is not a pipeline parent run or lacks the tags.
+    """
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:
+        raise ValueError(f"run {run_id} not found in the tracking store {tracking_uri}") from exc
+    tags = run.data.tags
+    if tags.get("kind") != "pipeline":
+        raise ValueError(f"run {run_id} is not a 'mammo run' parent run (tag kind={tags.get('kind')!r})")
+    missing = [t for t in RESUMABLE_TAGS if t not in tags]
+    if missing:
+        raise ValueError(f"run {run_id} lacks the tags {missing}: give -p/--set/--from again instead")
+    params_file = tags["params_file"]
+    return {
+        "params_file": None if params_file == "<defaults>" else params_file,
+        "overrides": json.loads(tags["overrides_json"]),
+        "stages": json.loads(tags["stages_json"]),
+        "status": run.info.status,
+    }
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)

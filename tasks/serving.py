@@ -395,5 +395,7 @@ def log_and_register(ctx, registered_name: str = REGISTERED_NAME):
     version = getattr(info, "registered_model_version", None)
     ctx.set_tags({"serving.model_id": info.model_id, "serving.registered_model": registered_name,
                   "serving.registered_version": str(version)})
+    if version is not None:  # `mammo promote` moves `champion` here once the numbers say so
+        ctx.client.set_registered_model_alias(registered_name, "candidate", str(version))
     ctx.logger.info("classify: served model %s registered as %s version %s", info.model_id, registered_name, version)
     return info

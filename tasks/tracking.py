@@ -99,3 +99,19 @@ def log_file_dataset(client: MlflowClient, run_id: str, path: Path, name: str, c
 def finish_run(client: MlflowClient, run_id: str, ok: bool) -> None:
     status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
     client.set_terminated(run_id, status=status)
+
+
+def reopen_run(client: MlflowClient, run_id: str, flow_run_id: str) -> str:
+    """Set a finished or failed parent run back to RUNNING so a resumed ``mammo run`` continues inside it.
+
+    Why: the UI then shows one run per pipeline execution, with the failed stage's child run next to the
+    retried one, instead of a second parent that holds half of the stages.
+    """
+    run = client.get_run(run_id)
+    if run.data.tags.get(PARENT_TAG):
+        raise ValueError(f"run {run_id} is a stage run; resume its parent {run.data.tags[PARENT_TAG]}")
+    attempts = int(run.data.tags.get("resume_count", "0")) + 1
+    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    client.set_tag(run_id, "resume_count", str(attempts))
+    client.set_tag(run_id, f"prefect_flow_run_id.resume{attempts}", flow_run_id)
+    return run_id

@@ -8,13 +8,20 @@ predictions, confusion matrices and the validation-curve figure.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 
-from mammo_core import checkpoint, densenet_parts, figures, h5io, model, schedule, training
+from mammo_core import checkpoint, densenet_parts, devices, figures, h5io, model, schedule, training
+from mammo_core.config import Params
 from mammo_core.store import write_json_atomic
 from tasks import runtime
 from tasks.augment import FILE as AUGMENTED_FILE
@@ -125,6 +132,62 @@ def _run(ctx: runtime.StageContext) -> None:
     curves = {b: [r.val_acc[b] for r in h] for b, h in history.items()}
     fig = figures.curves_figure(curves, "Validation accuracy per branch", ctx.workdir / "val_curves.png")
     ctx.log_artifact(fig, "figures")
+
+
+def pretrain_branch(params: Params, upstream: Mapping[str, runtime.StageResult], scratch: Path, branch: str,
+                    device: str) -> int:
+    """Train one ``separate``-mode branch into the train stage's checkpoint folder; returns its best epoch.
+
+    Why: this lets a cluster train the three branches at once, one per GPU. Each branch writes exactly the
+    checkpoint that ``_run`` would write (same seed, same batch order), so when the train stage runs next it
+    resumes every branch from its final epoch, trains nothing more, and seals the same weights a
+    single-process run produces.
+    """
+    p = params.train
+    patches_file = upstream["patches"].file(PATCHES_FILE)
+    class_names = list(h5io.read_attrs(patches_file)["class_names"])
+    train = training.load_tensor_data(upstream["augment"].file(AUGMENTED_FILE))
+    val = training.load_tensor_data(patches_file, split=SPLIT_CODES["val"])
+    sched = schedule.Schedule.from_params({**p.model_dump(), "device": device})
+    freeze_upto = dict(p.freeze_upto or model.DEFAULT_FREEZE_UPTO)
+    if branch not in freeze_upto:
+        raise ValueError(f"train: unknown branch {branch!r}; branches are {sorted(freeze_upto)}")
+    single = model.build_single(freeze_upto[branch], len(class_names), model.load_backbone_weights(p.weights),
+                                seed=p.seed, name=branch)
+    result = training.train_separate({branch: single}, train, val, sched, checkpoint_dir=scratch,
+                                     class_names=class_names)
+    return int(result[branch].best_epoch[branch])
+
+
+def branch_names(params: Params) -> list[str]:
+    return list(dict(params.train.freeze_upto or model.DEFAULT_FREEZE_UPTO))
+
+
+def _dask_worker_name() -> object | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().name
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return None
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def branch_task(ctx: runtime.RunContext, key: str, upstream: dict[str, runtime.StageResult], branch: str) -> int:
+    """One branch training as its own task; the GPU comes from the Dask worker that holds the resource.
+
+    The ``gpu-<i>`` global concurrency limit (made by the flow) keeps a second task off the same GPU.
+    """
+    threads = os.environ.get("MAMMO_TORCH_THREADS")  # set by flows.runners for LocalCluster workers
+    if threads:
+        torch.set_num_threads(int(threads))
+    gpu = devices.assigned_gpu(_dask_worker_name())
+    device = devices.device_for(ctx.params["run"]["device"], gpu, torch.cuda.device_count())
+    scratch = Path(ctx.store) / "scratch" / "train" / key
+    guard = concurrency(f"gpu-{gpu}", occupy=1) if gpu is not None else nullcontext()
+    with guard:
+        get_run_logger().info("train: branch %s on %s (GPU slot %s)", branch, device, gpu)
+        return pretrain_branch(ctx.typed_params(), upstream, scratch, branch, device)
 
 
 SPEC = runtime.StageSpec(

@@ -17,3 +17,26 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"shared fixtures not found at {FIXTURES}")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def kill_anywhere(tmp_path_factory):
+    """The kill-anywhere chain (tests/test_kill_anywhere.py), run once per session.
+
+    Session-scoped so that its assertions and the reliability summary (tests/test_reliability.py) read
+    the same kills instead of paying for the pipeline runs twice.
+    """
+    from tests.test_kill_anywhere import run_kill_anywhere
+
+    return run_kill_anywhere(tmp_path_factory.mktemp("kill_anywhere"))
+
+
+@pytest.fixture(scope="session")
+def bad_input_outcome(tmp_path_factory):
+    """The generated bad-input corpus (tests/data/bad/generate.py) run through the code that must refuse it.
+
+    Session-scoped for the same reason as ``kill_anywhere``: the per-item tests and the summary share it.
+    """
+    from tests.test_bad_inputs import run_corpus
+
+    return run_corpus(tmp_path_factory.mktemp("bad_inputs"))

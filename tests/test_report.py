@@ -20,7 +20,8 @@ from mammo_core.store import file_sha256
 CLASSES = ["NORMAL", "MASS_BENIGN", "CALC_MALIGNANT"]
 BRANCHES = ("freeze1", "freeze2", "freeze3")
 KEYS = {"curate": "c" * 24, "patches": "p" * 24, "train": "t" * 24, "features": "f" * 24, "hashing": "h" * 24,
-        "classify": "k" * 24}
+        "classify": "k" * 24, "detect": "d" * 24, "baselines": "b" * 24}
+NEW_STAGES = ("detect", "baselines")  # optional for the report: absent -> "not run"
 
 
 def _png(path: Path, shade: int) -> None:
@@ -41,9 +42,12 @@ def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value), encoding="utf-8")
 
 
-def make_store(root: Path) -> dict[str, Path]:
-    """Stage folders laid out like a finished run's, holding small known numbers."""
-    dirs = {s: root / s / k for s, k in KEYS.items()}
+def make_store(root: Path, with_new_stages: bool = True) -> dict[str, Path]:
+    """Stage folders laid out like a finished run's, holding small known numbers.
+
+    ``with_new_stages=False`` leaves out the detect and baselines folders (a run of a pipeline without them).
+    """
+    dirs = {s: root / s / k for s, k in KEYS.items() if with_new_stages or s not in NEW_STAGES}
     for d in dirs.values():
         d.mkdir(parents=True)
 
@@ -120,7 +124,60 @@ def make_store(root: Path) -> dict[str, Path]:
     _png(d / "confusion_fusion.png", 150)
     _seal(d, "classify", {"classify/fusion/test_acc": 0.7125}, {"classify": {"n_boot": 200, "codes": "hash@48"}},
           {"hashing": KEYS["hashing"], "train": KEYS["train"]})
+    if with_new_stages:
+        _make_detect(dirs["detect"])
+        _make_baselines(dirs["baselines"])
     return dirs
+
+
+def _make_detect(d: Path) -> None:
+    """A detect folder following the stage's contract (detection.json, table8_detection.csv, examples_*.png)."""
+    rows = [
+        {"model": "ours", "map50": 0.4375, "map": 0.1875, "ar100": 0.5625, "latency_ms": 41.25,
+         "froc": {"0.5": 0.25, "1": 0.375, "2": 0.5}, "per_class_ap50": {"MASS_BENIGN": 0.5, "CALC_MALIGNANT": 0.375},
+         "weights": "train:tttt", "params_m": 7.125, "epochs": 3},
+        {"model": "ours_nohash", "map50": 0.40625, "map": 0.15625, "ar100": 0.53125, "latency_ms": 39.5,
+         "froc": {"0.5": 0.125, "1": 0.25, "2": 0.4375}, "per_class_ap50": {"MASS_BENIGN": 0.4375,
+                                                                            "CALC_MALIGNANT": 0.375},
+         "weights": "train:tttt", "params_m": 7.0625, "epochs": 3},
+        {"model": "frcnn_r50", "map50": 0.3125, "map": 0.125, "ar100": 0.46875, "latency_ms": 123.5,
+         "froc": {"0.5": 0.0625, "1": 0.125, "2": 0.25}, "per_class_ap50": {"MASS_BENIGN": 0.25,
+                                                                           "CALC_MALIGNANT": 0.375},
+         "weights": "none (random init)", "params_m": 41.3, "epochs": 3},
+    ]
+    _write_json(d / "detection.json", {
+        "classes": ["MASS_BENIGN", "CALC_MALIGNANT"], "input_size": 384, "rows": rows,
+        "fast_rcnn": "superseded by Faster R-CNN; selective search is not available offline",
+        "lesion_sizes": {"median_px": 21.5}, "dropped_boxes": {"degenerate box": 2, "outside image": 1}})
+    pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows]).to_csv(
+        d / "table8_detection.csv", index=False)
+    _png(d / "examples_ours.png", 180)
+    _png(d / "examples_frcnn_r50.png", 200)
+    _seal(d, "detect", {"detect/ours/map50": 0.4375, "detect/ours/latency_ms": 41.25}, {"detect": {"epochs": 3}},
+          {"curate": KEYS["curate"], "train": KEYS["train"]})
+
+
+def _make_baselines(d: Path) -> None:
+    """A baselines folder following the stage's contract (baselines.json, val_curves.json, the Figure 10 PNG)."""
+    nets = {"vgg16": (0.5625, 0.375, 0.6875, 0.5, 12.5, 134.3), "inception_v3": (0.59375, 0.40625, 0.71875, 0.55,
+                                                                                  9.75, 21.8),
+            "resnet50": (0.625, 0.4375, 0.75, 0.6, 8.25, 23.5), "densenet121": (0.65625, 0.46875, 0.78125, 0.625,
+                                                                                 10.5, 7.0)}
+    rows = [{"network": n, "test_acc": a, "ci_low": lo, "ci_high": hi, "balanced_acc": b, "latency_ms": ms,
+             "params_m": pm, "weights": "none", "input_size": 32, "epochs": 2}
+            for n, (a, lo, hi, b, ms, pm) in nets.items()]
+    classic = [{"method": "sift_bovw_svm", "test_acc": 0.40625, "ci_low": 0.25, "ci_high": 0.5625,
+                "detail": "dense SIFT, 64 visual words, RBF SVM"},
+               {"method": "agnet", "test_acc": 0.46875, "ci_low": 0.3125, "ci_high": 0.625,
+                "detail": "attention-gated CNN, 2 epochs"}]
+    _write_json(d / "baselines.json", {"classes": CLASSES, "majority_rate": 0.34375, "rows": rows,
+                                       "classic": classic})
+    _write_json(d / "val_curves.json", {n: [{"epoch": e, "val_acc": v, "train_loss": 1.0 / e}
+                                            for e, v in ((1, 0.28125 + i / 32), (2, 0.40625 + i / 32))]
+                                        for i, n in enumerate(nets)})
+    _png(d / "figure10_val_curves.png", 220)
+    _seal(d, "baselines", {f"baselines/{n}/test_acc": r[0] for n, r in nets.items()}, {"baselines": {"epochs": 2}},
+          {"augment": "g" * 24, "patches": KEYS["patches"]})
 
 
 def sections_of(md: str) -> dict[str, str]:
@@ -210,8 +267,66 @@ def test_each_measured_section_names_its_source_files(built):
     assert "Source: the paper" in s["Table 5"]
 
 
-def test_stages_not_in_this_pipeline_say_so_and_show_no_value_of_ours(built):
+def test_single_networks_and_classic_methods_fill_tables_1_and_6_with_claims_beside(built):
     _, _, md = built
+    s = sections_of(md)
+    t1 = s["Table 1"]
+    assert "| sift_bovw_svm | classic | 0.4062 | 0.25 | 0.5625 | SIFT-BoVW | 89.05 | baselines/baselines.json |" in t1
+    assert "| densenet121 | single network | 0.6562 | 0.4688 | 0.7812 | DenseNet | 93.70 |" in t1
+    assert "| resnet50 | single network | 0.625 | 0.4375 | 0.75 |  |  |" in t1  # the paper has no such row
+    assert "| freeze2 | our branch (own head) | 0.4375 |  |  |  |  | train/manifest.json |" in t1
+    assert "| fusion | ours: fused SVM+kNN+RF on hash codes | 0.7125 | 0.5125 | 0.8125 | Our | 94.68 |" in t1
+    assert "Majority-class rate on the test split: 0.3438" in t1
+    assert "not run" not in t1
+    t6 = s["Table 6"]
+    assert "| vgg16 | 0.5625 | 0.375 | 0.6875 | 0.5 | 12.5 | 134.3 | 32 | 2 | none | 90.09 | 6.062 |" in t6
+    assert "| fusion | 0.7125 | 0.5125 | 0.8125 | 0.67 |  |  |  |  |  | 94.48 | 15.052 |" in t6
+    assert "fused model's inference latency is not recorded by any artifact" in t6
+    curves = s["Figure 10"]
+    assert "| 2 | 0.4062 | 0.4375 | 0.4688 | 0.5 |" in curves
+    assert "](figures/baselines_figure10_val_curves.png)" in curves
+    for label in ("Table 1", "Table 6", "Figure 10"):
+        assert f"Source: baselines/baselines.json (key {KEYS['baselines']}" in s[label] or label == "Figure 10"
+    assert f"Source: baselines/val_curves.json (key {KEYS['baselines']}" in curves
+    assert f"Source: train/manifest.json (key {KEYS['train']}" in t1
+    assert f"Source: classify/table5_classifiers.csv (key {KEYS['classify']}" in t6
+
+
+def test_fused_latency_is_shown_when_a_stage_records_it(tmp_path):
+    dirs = make_store(tmp_path / "stages")
+    manifest = json.loads((dirs["features"] / "manifest.json").read_text(encoding="utf-8"))
+    manifest["metrics"]["features/fused/latency_ms"] = 17.375
+    (dirs["features"] / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    build_report(dirs, tmp_path / "report", {})
+    t6 = sections_of((tmp_path / "report" / "report.md").read_text(encoding="utf-8"))["Table 6"]
+    assert "| fusion | 0.7125 | 0.5125 | 0.8125 | 0.67 | 17.375 |" in t6
+    assert "classify/table5_classifiers.csv, features/manifest.json |" in t6
+    assert f"Source: features/manifest.json (key {KEYS['features']}, metric features/fused/latency_ms)" in t6
+    assert "not recorded" not in t6
+
+
+def test_detection_fills_table_8_with_claims_and_the_reason_fast_rcnn_is_absent(built):
+    _, out, md = built
+    t8 = sections_of(md)["Table 8"]
+    assert ("| ours | 0.4375 | 0.1875 | 0.5625 | 0.25 | 0.375 | 0.5 | 41.25 | 7.125 | 3 | train:tttt | 75.01 | 105 |"
+            in t8)
+    assert "| ours_nohash | 0.4062 | 0.1562 | 0.5312 | 0.125 | 0.25 | 0.4375 | 39.5 | 7.0625 | 3 | train:tttt |  |  |" \
+        in t8
+    assert "| frcnn_r50 | 0.3125 | 0.125 | 0.4688 |" in t8 and "| 70.03 | 325 |" in t8
+    assert ("Fast R-CNN (paper claim: mAP 60.50 %, 534 ms) has no row of ours; the detect stage records why: "
+            "superseded by Faster R-CNN") in t8
+    assert "| MASS_BENIGN | 0.5 | 0.4375 | 0.25 |" in t8  # AP50 per class and model
+    assert "| degenerate box | 2 |" in t8
+    assert "](figures/detect_examples_ours.png)" in t8 and "](figures/detect_examples_frcnn_r50.png)" in t8
+    assert f"Source: detect/detection.json (key {KEYS['detect']}" in t8
+    t8_csv = pd.read_csv(out / "tables" / "table8_detection.csv").set_index("model")
+    assert t8_csv.loc["ours_nohash", "mAP@0.5"] == 0.40625  # full precision in the CSV
+
+
+def test_stages_not_in_this_pipeline_say_so_and_show_no_value_of_ours(tmp_path):
+    dirs = make_store(tmp_path / "stages", with_new_stages=False)
+    build_report(dirs, tmp_path / "report", {})
+    md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     s = sections_of(md)
     for label, stage in (("Table 1", "baselines"), ("Table 6", "baselines"), ("Table 8", "detect"),
                          ("Figure 10", "baselines")):
@@ -225,7 +340,8 @@ def test_html_is_self_contained_with_embedded_figures(built):
     _, out, _ = built
     page = (out / "report.html").read_text(encoding="utf-8")
     images = re.findall(r'<img [^>]*src="([^"]+)"', page)
-    assert len(images) == 7  # val curves, fusion grid, MAP plot, three branch and one fusion confusion matrix
+    # val curves, fusion grid, MAP plot, three branch and one fusion confusion matrix, Figure 10, two detections
+    assert len(images) == 10
     for src in images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
@@ -240,7 +356,8 @@ def test_tables_are_written_as_csv_at_full_precision(built):
     _, out, md = built
     names = {p.stem for p in (out / "tables").glob("*.csv")}
     assert {"table2_pairwise_fusion", "table3_wrong_by_one_branch", "table4_map", "table5_classifiers",
-            "table7_branches", "figure9_val_acc", "confusion_freeze1", "table1_paper_claims"} <= names
+            "table7_branches", "figure9_val_acc", "confusion_freeze1", "table1_methods", "table6_single_networks",
+            "table8_detection", "figure10_val_acc"} <= names
     pairs = pd.read_csv(out / "tables" / "table2_pairwise_fusion.csv", index_col=0)
     assert pairs.loc["CALC_MALIGNANT", "freeze1"] == 0.22727272727272727  # the md shows 0.2273
     t5 = pd.read_csv(out / "tables" / "table5_classifiers.csv")

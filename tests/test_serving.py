@@ -291,10 +291,10 @@ def test_predict_command_prints_json_for_a_png_patch(cli, model, lineage, test_p
     assert "P_00016" not in result.stdout
 
 
-def test_predict_command_explains_that_the_detector_does_not_exist(cli, tmp_path):
+def test_predict_command_explains_that_the_detector_is_not_registered_yet(cli, tmp_path):
     result = cli(str(tmp_path / "x.png"), "--model", "models:/mammo-detector/latest")
     assert result.exit_code == 2
-    assert "not part of this pipeline" in result.output and "mammo-classifier" in result.output
+    assert "no registered model 'mammo-detector'" in result.output and "detect stage" in result.output
     result = cli(str(tmp_path / "x.png"), "--model", "models:/no-such-model/1")
     assert result.exit_code == 2
     assert "no registered model 'no-such-model'" in result.output and "mammo-classifier" in result.output

@@ -1,0 +1,267 @@
+"""Torchvision single-network classifiers for the paper's Table 6: VGG16, InceptionV3, ResNet50, DenseNet-121.
+
+Each network is torchvision's own architecture with its ImageNet classifier replaced by a new linear
+layer for the task's classes. VGG16 has two variants (``vgg_classifier``): ``full`` keeps its two
+4096-wide layers and replaces only the last one, which is how it is usually transfer-learned and why
+its 134M parameters dominate Table 6; ``pooled`` averages the last convolution's map and reads it with
+one linear layer (14.7M parameters), the usual small-input variant, for CPU runs where moving 134M
+parameters (and three copies of them in every checkpoint) would cost more than the rest together.
+
+Input adaptation (:class:`SingleNetClassifier`): the grey patch arrives as the three equal,
+ImageNet-normalised channels that :func:`mammo_core.training.prepare_images` makes, and is resized
+bilinearly to the network's input size, ``max(patch size, the network's minimum)``. The minimums are
+torchvision's (``weights.meta["min_size"]``): InceptionV3 needs 75 px, VGG16 32 px (five 2x poolings),
+DenseNet-121 29 px, ResNet50 1 px. Why upsample instead of changing the stem: the pretrained filters
+then see the scale they were trained on, and the architecture stays the published one.
+
+InceptionV3's auxiliary classifier needs a 17x17 ``Mixed_6e`` map, i.e. inputs of about 299 px; below
+:data:`INCEPTION_AUX_MIN_INPUT` it is removed (and its pretrained weights skipped), at or above it it is
+kept and trained with torchvision's reference weight (``loss + AUX_LOSS_WEIGHT * aux_loss``).
+
+Weights: ``"imagenet"`` reads torchvision's file for the network from the local torch hub cache
+(``torch.hub.get_dir()/checkpoints/<file>``) with ``weights_only=True``; nothing is downloaded. When the
+file is absent the network is randomly initialised and :attr:`SingleNetClassifier.weights_tag` says so
+("none (random init)"), so a table never passes random weights off as transfer learning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from mammo_core.model import _OLD_DENSELAYER_KEY
+
+NETWORKS = ("vgg16", "inception_v3", "resnet50", "densenet121")
+INCEPTION_AUX_MIN_INPUT = 299
+AUX_LOSS_WEIGHT = 0.4
+VGG_POOLED_WIDTH = 512  # channels of VGG16's last convolution
+RANDOM_INIT_TAG = "none (random init)"
+IMAGENET_TAG = "imagenet"
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    """What differs between the four networks: builder, ImageNet weights, minimum input, head location."""
+
+    builder: object
+    weights: torchvision.models.WeightsEnum
+    feature_dim: int  # width of the pooled features the new head reads (AGNet fuses these)
+
+
+_INFO: Mapping[str, NetworkInfo] = {
+    "vgg16": NetworkInfo(torchvision.models.vgg16, torchvision.models.VGG16_Weights.IMAGENET1K_V1, 4096),
+    "inception_v3": NetworkInfo(torchvision.models.inception_v3,
+                                torchvision.models.Inception_V3_Weights.IMAGENET1K_V1, 2048),
+    "resnet50": NetworkInfo(torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1, 2048),
+    "densenet121": NetworkInfo(torchvision.models.densenet121,
+                               torchvision.models.DenseNet121_Weights.IMAGENET1K_V1, 1024),
+}
+
+
+def _info(network: str) -> NetworkInfo:
+    if network not in _INFO:
+        raise ValueError(f"unknown baseline network {network!r}; expected one of {', '.join(NETWORKS)}")
+    return _INFO[network]
+
+
+def min_input_size(network: str) -> int:
+    """torchvision's minimum input side for ``network`` (its weights' ``min_size`` metadata)."""
+    return int(max(_info(network).weights.meta["min_size"]))
+
+
+def input_size_for(network: str, patch_size: int) -> int:
+    """The side the patch is resized to: the patch's own, or the network's minimum when larger."""
+    return max(int(patch_size), min_input_size(network))
+
+
+def imagenet_file(network: str) -> Path:
+    """Where torchvision keeps ``network``'s ImageNet weights in the local torch hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(_info(network).weights.url).name
+
+
+def _read_state(path: Path) -> dict[str, Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for crafted payloads, RuntimeError for non-torch files
+        raise ValueError(f"{path}: not a plain tensor state dict, refused ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return dict(state)
+
+
+def _build_on_meta(network: str) -> nn.Module:
+    """The torchvision architecture without allocating or initialising anything (see :func:`_initialise`)."""
+    info = _info(network)
+    with torch.device("meta"):
+        if network == "inception_v3":
+            # transform_input maps ImageNet-normalised inputs to the [-1, 1] scaling Google's weights expect.
+            return info.builder(weights=None, aux_logits=True, init_weights=False, transform_input=True)
+        if network == "vgg16":
+            return info.builder(weights=None, init_weights=False)
+        return info.builder(weights=None)
+
+
+def _initialise(net: nn.Module) -> nn.Module:
+    """Allocate on the CPU and initialise with one rule for all four networks.
+
+    The rule is torchvision's for VGG, ResNet and DenseNet (convolutions He-normal on fan-out, linear
+    layers N(0, 0.01) with zero bias, batch norm 1/0). Why not each builder's own: InceptionV3's
+    truncated normals and VGG16's full-size classifier took about 3 s each to initialise on a CPU core,
+    more than a smoke epoch, and the networks were built on the meta device so the replaced heads are
+    never initialised at all.
+    """
+    net.to_empty(device="cpu")
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.01)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            module.reset_parameters()  # weight 1, bias 0, running statistics reset
+    return net
+
+
+def _replace_head(net: nn.Module, network: str, num_classes: int, vgg_classifier: str) -> None:
+    width = _info(network).feature_dim
+    if network == "vgg16" and vgg_classifier == "pooled":  # on the meta device too: nothing allocated yet
+        net.avgpool = nn.AdaptiveAvgPool2d(1)
+        net.classifier = nn.Linear(VGG_POOLED_WIDTH, num_classes)
+    elif network == "vgg16":
+        net.classifier[6] = nn.Linear(width, num_classes)
+    elif network == "densenet121":
+        net.classifier = nn.Linear(width, num_classes)
+    else:
+        net.fc = nn.Linear(width, num_classes)
+        if network == "inception_v3" and net.AuxLogits is not None:
+            net.AuxLogits.fc = nn.Linear(net.AuxLogits.fc.in_features, num_classes)
+
+
+_HEAD_PREFIX = {"vgg16": "classifier.6.", "inception_v3": "fc.", "resnet50": "fc.", "densenet121": "classifier."}
+
+
+def _load_imagenet(net: nn.Module, network: str, path: Path, vgg_classifier: str) -> None:
+    """Load every ImageNet weight except the classifier(s) the new head replaced; check the rest strictly."""
+    state = _read_state(path)
+    if network == "densenet121":  # pre-0.4 key names ("norm.1") in torchvision's published file
+        state = {(m.group(1) + m.group(2)) if (m := _OLD_DENSELAYER_KEY.match(k)) else k: v for k, v in state.items()}
+    heads = ("classifier." if vgg_classifier == "pooled" else _HEAD_PREFIX[network], "AuxLogits.fc.")
+    dropped = ("AuxLogits.",) if getattr(net, "AuxLogits", True) is None else ()
+    body = {k: v for k, v in state.items() if not k.startswith(heads + dropped)}
+    own = net.state_dict()
+    for key, value in body.items():
+        if key not in own or tuple(own[key].shape) != tuple(value.shape):
+            raise ValueError(f"{path}: not {network}'s ImageNet state dict; first mismatched key {key!r}")
+    missing = [k for k in own if k not in body and not k.startswith(heads) and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"{path}: not {network}'s ImageNet state dict; first missing key {missing[0]!r}")
+    net.load_state_dict(body, strict=False)
+
+
+class SingleNetClassifier(nn.Module):
+    """A torchvision network with a new head, fed 3-channel normalised patches of any side.
+
+    ``forward`` returns the class logits (the auxiliary ones never leave ``training_logits``);
+    ``features`` returns the pooled penultimate features the head reads (AGNet fuses these).
+    """
+
+    def __init__(self, network: str, num_classes: int, *, input_size: int, weights: str = "none",
+                 vgg_classifier: str = "full", seed: int = 0):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if input_size < min_input_size(network):
+            raise ValueError(f"{network} needs inputs of at least {min_input_size(network)} px, got {input_size}")
+        if weights not in ("imagenet", "none"):
+            raise ValueError(f"baselines.weights must be 'imagenet' or 'none', got {weights!r}")
+        if vgg_classifier not in ("full", "pooled"):
+            raise ValueError(f"baselines.vgg_classifier must be 'full' or 'pooled', got {vgg_classifier!r}")
+        self.vgg_classifier = vgg_classifier if network == "vgg16" else "full"
+        self.network = network
+        self.num_classes = num_classes
+        self.input_size = int(input_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = _build_on_meta(network)
+            if network == "inception_v3" and input_size < INCEPTION_AUX_MIN_INPUT:
+                net.AuxLogits = None  # its 5x5 conv needs a 17x17 Mixed_6e map (~299 px inputs)
+                net.aux_logits = False
+            _replace_head(net, network, num_classes, self.vgg_classifier)
+            _initialise(net)
+        self.weights_tag = RANDOM_INIT_TAG
+        if weights == "imagenet" and imagenet_file(network).is_file():
+            _load_imagenet(net, network, imagenet_file(network), self.vgg_classifier)
+            self.weights_tag = IMAGENET_TAG
+        self.net = net
+
+    @property
+    def has_aux(self) -> bool:
+        return self.network == "inception_v3" and self.net.AuxLogits is not None
+
+    def adapt(self, x: Tensor) -> Tensor:
+        """Resize (N, 3, S, S) to the network's input side; a no-op when the sides match."""
+        if x.shape[-1] == self.input_size and x.shape[-2] == self.input_size:
+            return x
+        return F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                             antialias=x.shape[-1] > self.input_size)
+
+    def training_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(logits, auxiliary logits or None): what the training loss needs in train mode."""
+        out = self.net(self.adapt(x))
+        if isinstance(out, tuple):  # InceptionOutputs in train mode with the aux head
+            return out[0], out[1]
+        return out, None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.net(self.adapt(x))
+        return out[0] if isinstance(out, tuple) else out
+
+    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(pooled penultimate features (N, feature_dim), logits (N, C)) from one forward pass.
+
+        The features are the new head's input, caught by a forward hook, so each architecture's own
+        forward (pooling, dropout, Inception's input transform) stays exactly torchvision's.
+        """
+        captured: list[Tensor] = []
+        handle = self.head.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+        try:
+            logits = self.forward(x)
+        finally:
+            handle.remove()
+        return captured[0].flatten(1), logits
+
+    def features(self, x: Tensor) -> Tensor:
+        """The pooled penultimate features (N, feature_dim): the input of the new head."""
+        return self.features_and_logits(x)[0]
+
+    @property
+    def head(self) -> nn.Linear:
+        if self.network == "vgg16":
+            return self.net.classifier if self.vgg_classifier == "pooled" else self.net.classifier[6]
+        if self.network == "densenet121":
+            return self.net.classifier
+        return self.net.fc
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features
+
+
+def build_baseline(network: str, num_classes: int, patch_size: int, *, weights: str = "none",
+                   vgg_classifier: str = "full", seed: int = 0) -> SingleNetClassifier:
+    """``network`` with a ``num_classes`` head, sized for ``patch_size`` patches (upsampled to its minimum)."""
+    return SingleNetClassifier(network, num_classes, input_size=input_size_for(network, patch_size),
+                               weights=weights, vgg_classifier=vgg_classifier, seed=seed)
+
+
+def parameter_millions(model: nn.Module) -> float:
+    """Parameter count in millions (Table 6's size column)."""
+    return sum(p.numel() for p in model.parameters()) / 1e6

@@ -1,0 +1,210 @@
+"""Training one single-network baseline under the branches' protocol, resumable from a per-epoch checkpoint.
+
+Same protocol as the Freeze1..3 branches (:mod:`mammo_core.training`): the same data (augmented train
+set, validation patches), the same input preparation (:func:`~mammo_core.training.prepare_images`), the
+same batch order (one seeded generator, :func:`~mammo_core.training._epoch_batches`), the same schedule
+(:class:`~mammo_core.schedule.Schedule`: SGD, step decay, warm-up, roll-back to the best validation
+weights every ``rollback_every`` epochs) and the same checkpoint contract (:mod:`mammo_core.checkpoint`:
+weights, optimizer, scheduler, RNG states, best-so-far and history, written atomically after every
+epoch; a rerun continues after the last completed epoch and ends where an uninterrupted run would).
+
+Why a loop of its own: the branch loop works on the shared-trunk models' branch views; a torchvision
+network is one module whose InceptionV3 variant may return auxiliary logits, so the generic loop here
+treats the whole network as the single trainable part.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mammo_core.baselines.networks import AUX_LOSS_WEIGHT, SingleNetClassifier
+from mammo_core.checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT_VERSION,
+    capture_rng,
+    check_same_architecture,
+    load_safely,
+    restore_rng,
+    save_atomic,
+)
+from mammo_core.schedule import Schedule, make_optimizer, make_scheduler
+from mammo_core.training import TensorData, TrainingDiverged, _epoch_batches, check_training_classes, prepare_images
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of one network (1-based ``epoch``), as ``val_curves.json`` stores it (plus lr, seconds)."""
+
+    epoch: int
+    train_loss: float
+    val_acc: float
+    lr: float
+    seconds: float
+    rolled_back: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BaselineTrainResult:
+    """``model`` holds the best-validation weights (eval mode)."""
+
+    model: SingleNetClassifier
+    history: list[EpochRecord]
+    best_epoch: int
+    best_val_acc: float
+    resumed_from_epoch: int
+
+
+def predict(model: SingleNetClassifier, data: TensorData, *, batch_size: int = 64,
+            device: torch.device | str | None = None) -> np.ndarray:
+    """Class probabilities (N, C) float32 in eval and inference mode, in chunks of ``batch_size``."""
+    return read_out(model, data, batch_size=batch_size, device=device)[0]
+
+
+def extract_features(model: SingleNetClassifier, data: TensorData, *, batch_size: int = 64,
+                     device: torch.device | str | None = None) -> np.ndarray:
+    """Pooled penultimate features (N, feature_dim) float32, eval and inference mode."""
+    return read_out(model, data, batch_size=batch_size, device=device)[1]
+
+
+def read_out(model: SingleNetClassifier, data: TensorData, *, batch_size: int = 64,
+             device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities (N, C), pooled features (N, feature_dim)) from one eval-mode pass."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    probabilities: list[Tensor] = []
+    features: list[Tensor] = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(data), batch_size):
+                f, logits = model.features_and_logits(prepare_images(data.images[start:start + batch_size], device))
+                probabilities.append(torch.softmax(logits.float(), dim=1).cpu())
+                features.append(f.float().cpu())
+    finally:
+        model.train(was_training)
+    if not probabilities:
+        return np.zeros((0, model.num_classes), np.float32), np.zeros((0, model.feature_dim), np.float32)
+    return torch.cat(probabilities).numpy(), torch.cat(features).numpy()
+
+
+def _accuracy(model: SingleNetClassifier, data: TensorData, batch_size: int, device: torch.device) -> float:
+    if len(data) == 0:
+        return float("nan")
+    proba = predict(model, data, batch_size=batch_size, device=device)
+    return float((proba.argmax(axis=1) == data.labels.numpy()).mean())
+
+
+def _state_copy(model: SingleNetClassifier) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_baseline(
+    model: SingleNetClassifier,
+    train: TensorData,
+    val: TensorData,
+    schedule: Schedule,
+    *,
+    checkpoint_dir: str | Path,
+    class_names: list[str],
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> BaselineTrainResult:
+    """Fine-tune every parameter of ``model``; resume from ``checkpoint_dir/checkpoint.pt`` when present.
+
+    ``on_epoch`` sees each epoch after its checkpoint is written; ``on_batch(epoch, batch)`` runs before
+    each training batch (fault injection in tests).
+    """
+    check_training_classes(train.labels, model.num_classes, class_names)
+    if len(train) < 2:
+        raise ValueError(f"{len(train)} training sample(s): at least 2 are needed")
+    if len(val) == 0:
+        raise ValueError("the validation set is empty: best-epoch selection and roll-back need it")
+    device = schedule.resolve_device()
+    model.to(device)
+    generator = torch.Generator().manual_seed(schedule.seed)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], schedule)
+    scheduler = make_scheduler(optimizer, schedule)
+    best_epoch, best_acc, best_state = 0, float("-inf"), _state_copy(model)
+    history: list[EpochRecord] = []
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    start = 0
+    if path.exists():
+        saved = load_safely(path, device)
+        check_same_architecture(path, saved["model"], model.state_dict())
+        for key, value in schedule.fingerprint().items():
+            if saved["schedule"].get(key) != value:
+                raise ValueError(f"{path}: checkpoint was trained with {key}={saved['schedule'].get(key)!r}, "
+                                 f"now {value!r}; use a fresh checkpoint folder to change it")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        restore_rng(saved["rng"], generator)
+        best_epoch, best_acc = int(saved["best"]["epoch"]), float(saved["best"]["val_acc"])
+        best_state = saved["best"]["state"] if saved["best"]["state"] is not None else _state_copy(model)
+        history = [EpochRecord(**d) for d in saved["history"]]
+        start = int(saved["epoch"])
+
+    for epoch in range(start, schedule.epochs):
+        began = time.perf_counter()
+        model.train()
+        lr = float(optimizer.param_groups[0]["lr"])
+        loss_sum, seen = 0.0, 0
+        batches = _epoch_batches(len(train), schedule.batch_size, generator)
+        for i, idx in enumerate(batches):
+            if on_batch is not None:
+                on_batch(epoch + 1, i)
+            x = prepare_images(train.images[idx], device)
+            y = train.labels[idx].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            logits, aux = model.training_logits(x)
+            loss = F.cross_entropy(logits, y)
+            if aux is not None:
+                loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux, y)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(model.network, epoch + 1, path if path.exists() else None)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        scheduler.step()
+        val_acc = _accuracy(model, val, schedule.batch_size, device)
+        if val_acc > best_acc:
+            best_epoch, best_acc, best_state = epoch + 1, val_acc, _state_copy(model)
+        rolled = schedule.is_rollback_epoch(epoch) and best_acc > val_acc
+        if rolled:  # as the branches do: back to the best weights, momentum of the abandoned path dropped
+            model.load_state_dict(best_state)
+            optimizer.state.clear()
+        record = EpochRecord(epoch + 1, loss_sum / max(seen, 1), val_acc, lr, time.perf_counter() - began, rolled)
+        history.append(record)
+        # The best weights are stored only when they differ from the current ones (halves the file otherwise).
+        best_is_current = best_epoch == epoch + 1 and not rolled
+        save_atomic({
+            "format": FORMAT_VERSION,
+            "network": model.network,
+            "epoch": epoch + 1,
+            "schedule": schedule.fingerprint(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": capture_rng(generator),
+            "best": {"epoch": best_epoch, "val_acc": best_acc, "state": None if best_is_current else best_state},
+            "history": [r.to_dict() for r in history],
+        }, path)
+        if on_epoch is not None:
+            on_epoch(record)
+    model.load_state_dict(best_state)
+    model.eval()
+    return BaselineTrainResult(model, history, best_epoch, best_acc, start)

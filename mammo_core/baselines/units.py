@@ -1,0 +1,199 @@
+"""Per-network sealed units: each trained baseline is cached on its own, so adding a network retrains nothing.
+
+Layout: ``<store>/units/baselines/<unit_key>/`` with ``unit.json`` (history, best epoch, size, weights
+tag), ``outputs.h5`` (validation/test class probabilities and the pooled features of every split, which
+the AGNet fusion reads), optionally ``weights.pt`` (best weights, ``keep_weights``), and ``manifest.json``
+written last. Units are produced and sealed with :class:`mammo_core.store.ArtifactStore`'s temporary
+folder + rename, so a unit folder without manifest never exists.
+
+The unit key hashes the network name, the settings that change its training (schedule, epochs,
+weights, VGG classifier), the keys of the data it was trained on (augment, patches) and the source of
+the code that trains it, but not the list of networks, the classic baselines or the latency settings:
+those change the stage, not what one network learns.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from mammo_core import checkpoint, schedule, training
+from mammo_core.baselines import networks
+from mammo_core.baselines import train as baseline_train
+from mammo_core.baselines.agnet import FeatureSplits
+from mammo_core.baselines.train import EpochRecord
+from mammo_core.store import ArtifactStore, source_digest, stage_key, write_json_atomic
+
+UNIT_STAGE = "baselines"
+UNIT_FILE = "unit.json"
+OUTPUTS_FILE = "outputs.h5"
+WEIGHTS_FILE = "weights.pt"
+UNIT_CODE = (networks, baseline_train, training, schedule, checkpoint)
+
+
+class UnitStore(ArtifactStore):
+    """An :class:`ArtifactStore` rooted at ``<store>/units`` instead of ``<store>/stages``."""
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / "units" / stage
+
+
+@dataclass
+class NetworkOutcome:
+    """What the stage needs from one trained network (read back identically from a reused unit)."""
+
+    network: str
+    history: list[EpochRecord]
+    best_epoch: int
+    best_val_acc: float
+    val_probabilities: np.ndarray
+    test_probabilities: np.ndarray
+    features: FeatureSplits
+    params_m: float
+    weights: str  # "imagenet" | "none (random init)"
+    input_size: int
+    epochs: int
+    resumed_from_epoch: int = 0
+    unit_key: str = ""
+    reused: bool = False
+
+
+def unit_key(network: str, settings: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
+    """Content key of one network's unit (see the module docstring for what enters it)."""
+    code = source_digest((sys.modules[__name__], *UNIT_CODE))
+    return stage_key(f"{UNIT_STAGE}/{network}", code, {"network": network, **settings}, upstream)
+
+
+def _write(folder: Path, outcome: NetworkOutcome, weights_state: Mapping[str, torch.Tensor] | None) -> None:
+    write_json_atomic(folder / UNIT_FILE, {
+        "network": outcome.network, "history": [r.to_dict() for r in outcome.history],
+        "best_epoch": outcome.best_epoch, "best_val_acc": outcome.best_val_acc, "params_m": outcome.params_m,
+        "weights": outcome.weights, "input_size": outcome.input_size, "epochs": outcome.epochs,
+        "resumed_from_epoch": outcome.resumed_from_epoch,
+    })
+    with h5py.File(folder / OUTPUTS_FILE, "w") as fh:
+        fh.create_dataset("val/probabilities", data=outcome.val_probabilities)
+        fh.create_dataset("test/probabilities", data=outcome.test_probabilities)
+        for split in ("train", "val", "test"):
+            fh.create_dataset(f"{split}/features", data=getattr(outcome.features, split))
+    if weights_state is not None:
+        checkpoint.save_atomic(dict(weights_state), folder / WEIGHTS_FILE)
+
+
+def read_unit(folder: Path) -> NetworkOutcome:
+    """The outcome stored in a sealed unit folder; a missing file or key is a ValueError naming it."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / UNIT_FILE).read_text(encoding="utf-8"))
+        with h5py.File(folder / OUTPUTS_FILE, "r") as fh:
+            arrays = {k: fh[k][:] for k in ("val/probabilities", "test/probabilities", "train/features",
+                                            "val/features", "test/features")}
+        return NetworkOutcome(
+            network=meta["network"], history=[EpochRecord(**d) for d in meta["history"]],
+            best_epoch=int(meta["best_epoch"]), best_val_acc=float(meta["best_val_acc"]),
+            val_probabilities=arrays["val/probabilities"], test_probabilities=arrays["test/probabilities"],
+            features=FeatureSplits(arrays["train/features"], arrays["val/features"], arrays["test/features"]),
+            params_m=float(meta["params_m"]), weights=meta["weights"], input_size=int(meta["input_size"]),
+            epochs=int(meta["epochs"]), resumed_from_epoch=int(meta.get("resumed_from_epoch", 0)),
+            unit_key=folder.name, reused=True,
+        )
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{folder}: unreadable baseline unit ({type(exc).__name__}: {exc})") from exc
+
+
+def obtain_unit(store_root: str | Path, network: str, key: str,
+                produce: Callable[[], tuple[NetworkOutcome, Mapping[str, torch.Tensor] | None]],
+                *, params: Mapping[str, Any], upstream: Mapping[str, str]) -> NetworkOutcome:
+    """The sealed unit for ``key`` if there is one, else ``produce()`` it, seal it and return it."""
+    store = UnitStore(store_root)
+    found = store.find(UNIT_STAGE, key)
+    if found is not None:
+        return read_unit(found.path)
+    outcome, weights_state = produce()
+    tmp = store.begin(UNIT_STAGE, key)
+    try:
+        _write(tmp, outcome, weights_state)
+        folder = store.seal(UNIT_STAGE, key, tmp, params={"network": network, **params}, upstream=upstream,
+                            metrics={"best_val_acc": outcome.best_val_acc, "best_epoch": outcome.best_epoch},
+                            mlflow_run_id=None)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    outcome.unit_key = folder.key
+    return outcome
+
+
+def balanced_subset(labels: np.ndarray, max_rows: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of at most ``max_rows`` rows, drawn class by class in turn (seeded), every class kept.
+
+    A CPU budget for smoke runs (``baselines.max_train_rows``): a plain random subset of a small
+    training set can lose a whole class, which training refuses. Classes take turns, each giving its
+    next row in a seeded random order, until ``max_rows`` rows are taken or every row is.
+    """
+    labels = np.asarray(labels)
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    if len(labels) <= max_rows:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    queues = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
+    taken: list[int] = []
+    while len(taken) < max_rows:
+        for queue in queues:
+            if queue and len(taken) < max_rows:
+                taken.append(int(queue.pop(0)))
+    return np.sort(np.asarray(taken, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class BaselineData:
+    """The three splits under the branches' protocol: augmented train set, validation and test patches."""
+
+    train: training.TensorData
+    val: training.TensorData
+    test: training.TensorData
+    class_names: list[str]
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    def with_train_rows(self, max_rows: int | None, seed: int = 0) -> BaselineData:
+        """The same data with the training set cut to :func:`balanced_subset` (``None``: unchanged)."""
+        if max_rows is None or len(self.train) <= max_rows:
+            return self
+        rows = torch.from_numpy(balanced_subset(self.train.labels.numpy(), max_rows, seed))
+        subset = training.TensorData(self.train.images[rows], self.train.labels[rows])
+        return BaselineData(subset, self.val, self.test, self.class_names)
+
+
+def train_network(network: str, data: BaselineData, sched: schedule.Schedule, *, weights: str,
+                  vgg_classifier: str, keep_weights: bool, checkpoint_dir: Path,
+                  on_epoch: Callable[[EpochRecord], None] | None = None,
+                  on_batch: Callable[[int, int], None] | None = None,
+                  ) -> tuple[NetworkOutcome, dict[str, torch.Tensor] | None]:
+    """Build, train (resumable), and read out one network: probabilities and pooled features per split."""
+    model = networks.build_baseline(network, len(data.class_names), data.patch_size, weights=weights,
+                                    vgg_classifier=vgg_classifier, seed=sched.seed)
+    result = baseline_train.train_baseline(model, data.train, data.val, sched, checkpoint_dir=checkpoint_dir,
+                                           class_names=data.class_names, on_epoch=on_epoch, on_batch=on_batch)
+    trained, batch = result.model, sched.batch_size
+    (_, f_train), (p_val, f_val), (p_test, f_test) = (
+        baseline_train.read_out(trained, getattr(data, s), batch_size=batch) for s in ("train", "val", "test"))
+    outcome = NetworkOutcome(
+        network=network, history=result.history, best_epoch=result.best_epoch, best_val_acc=result.best_val_acc,
+        val_probabilities=p_val, test_probabilities=p_test, features=FeatureSplits(f_train, f_val, f_test),
+        params_m=networks.parameter_millions(trained), weights=trained.weights_tag,
+        input_size=trained.input_size, epochs=sched.epochs, resumed_from_epoch=result.resumed_from_epoch,
+    )
+    state = {k: v.detach().cpu() for k, v in trained.state_dict().items()} if keep_weights else None
+    return outcome, state

@@ -1,0 +1,6 @@
+"""Lesion detection on full mammograms: Faster R-CNN on the fused DenseNet backbone with a hash head.
+
+Modules: ``data`` (records, breast crop, box-consistent augmentation), ``backbone`` (fused extractor + FPN),
+``heads`` (hash classification head), ``builders`` (ours / ours_nohash / frcnn_r50), ``engine`` (training
+with per-epoch checkpoints), ``evaluate`` (COCO metrics, FROC), ``latency`` (side-by-side timing).
+"""

@@ -1,0 +1,45 @@
+"""Per-image latency of several detectors measured side by side in one process.
+
+Why interleaved rounds: on a shared or thermally throttled CPU the machine's speed drifts; timing model A
+for a minute and then model B for a minute would fold that drift into the comparison. Each round times one
+call of every model on the same input, after warm-up calls that are not timed; the median over rounds is
+reported (robust to the occasional scheduler hiccup).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_latency(models: Mapping[str, nn.Module], image: Tensor, repeats: int = 10, warmup: int = 2
+                    ) -> dict[str, float]:
+    """Median milliseconds per image (batch of one) for each model, on ``image`` (3, H, W) on the models' device."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    for m in models.values():
+        m.eval()
+    device = image.device
+    for _ in range(warmup):
+        for m in models.values():
+            m([image])
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            _sync(device)
+            started = time.perf_counter()
+            m([image])
+            _sync(device)
+            times[name].append((time.perf_counter() - started) * 1000.0)
+    return {name: statistics.median(t) for name, t in times.items()}

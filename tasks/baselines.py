@@ -1,0 +1,161 @@
+"""baselines: single-network classifiers (Table 6, Figure 10) and the classic baselines of Table 1.
+
+Each network is trained under the train stage's protocol and cached as its own sealed unit
+(:mod:`mammo_core.baselines.units`), so adding a network to ``baselines.networks`` trains only that one;
+checkpoints go to the stage's scratch folder (per network and unit key), so a killed run resumes from
+the last finished epoch. The stage then measures every network's latency side by side in this process,
+the bootstrap intervals by patient, SIFT-BoVW + SVM and the AGNet-style fusion, and writes the artifact
+contract the report reads: ``baselines.json``, ``table6_single_networks.csv``, ``table1_baselines.csv``,
+``val_curves.json`` and ``figure10_val_curves.png``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mammo_core import figures, h5io, metrics, model, schedule, training
+from mammo_core.baselines import agnet, latency, networks, sift_bovw, units
+from mammo_core.baselines import train as baseline_train
+from mammo_core.config import BaselinesParams
+from mammo_core.store import write_json_atomic
+from tasks import runtime
+from tasks.augment import FILE as AUGMENTED_FILE
+from tasks.patches import FILE as PATCHES_FILE
+
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+RESULTS = "baselines.json"
+TABLE6 = "table6_single_networks.csv"
+TABLE1 = "table1_baselines.csv"
+CURVES = "val_curves.json"
+FIGURE10 = "figure10_val_curves.png"
+FUSED = "fused"
+
+
+def _unit_settings(p: BaselinesParams, network: str, sched: schedule.Schedule) -> dict[str, Any]:
+    """What changes one network's training (the unit key); the VGG head only matters to VGG."""
+    settings = {"schedule": sched.fingerprint(), "epochs": sched.epochs, "weights": p.weights,
+                "keep_weights": p.keep_weights, "max_train_rows": p.max_train_rows}
+    if network == "vgg16":
+        settings["vgg_classifier"] = p.vgg_classifier
+    return settings
+
+
+def _with_ci(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
+    """Test accuracy and its 95% interval from resampling patients (NaN where there is nothing to resample)."""
+    nan = float("nan")
+    if len(y) == 0:
+        return {"test_acc": nan, "ci_low": nan, "ci_high": nan}
+    low, high = metrics.bootstrap_ci(metrics.ACCURACY, y, pred, None, groups, n_boot=n_boot, seed=seed) \
+        if n_boot > 0 else (nan, nan)
+    return {"test_acc": metrics.ACCURACY(y, pred), "ci_low": low, "ci_high": high}
+
+
+def _run(ctx: runtime.StageContext) -> None:
+    p = ctx.params.baselines
+    patches_file = ctx.upstream["patches"].file(PATCHES_FILE)
+    class_names = list(h5io.read_attrs(patches_file)["class_names"])
+    data = units.BaselineData(
+        train=training.load_tensor_data(ctx.upstream["augment"].file(AUGMENTED_FILE)),
+        val=training.load_tensor_data(patches_file, split=SPLIT_CODES["val"]),
+        test=training.load_tensor_data(patches_file, split=SPLIT_CODES["test"]),
+        class_names=class_names,
+    ).with_train_rows(p.max_train_rows, p.seed)
+    # Patient ids only group the bootstrap by patient; they are never written or logged.
+    columns = h5io.read_datasets(patches_file, ["split", "patient_id"])
+    groups = np.asarray(columns["patient_id"])[columns["split"] == SPLIT_CODES["test"]]
+    y_val, y_test = data.val.labels.numpy(), data.test.labels.numpy()
+    sched = schedule.Schedule.from_params({**p.model_dump(), "device": ctx.params.run.device})
+    device = sched.resolve_device()
+    upstream = {s: ctx.upstream[s].key for s in ("augment", "patches")}
+    ctx.set_tags({"baselines.device": str(device)})
+    ctx.logger.info("baselines: %d training rows, %d val, %d test, networks %s, device %s",
+                    len(data.train), len(data.val), len(data.test), p.networks, device)
+
+    outcomes: dict[str, units.NetworkOutcome] = {}
+    for network in p.networks:
+        settings = _unit_settings(p, network, sched)
+        key = units.unit_key(network, settings, upstream)
+
+        def produce(network: str = network, key: str = key):
+            return units.train_network(
+                network, data, sched, weights=p.weights, vgg_classifier=p.vgg_classifier,
+                keep_weights=p.keep_weights, checkpoint_dir=ctx.scratch / f"{network}-{key}",
+                on_epoch=lambda r, n=network: ctx.logger.info("baselines: %s epoch %d val_acc %.3f (%.1f s)",
+                                                              n, r.epoch, r.val_acc, r.seconds),
+            )
+
+        outcome = units.obtain_unit(ctx.store_root, network, key, produce, params=settings, upstream=upstream)
+        outcomes[network] = outcome
+        ctx.logger.info("baselines: %s %s (unit %s)", network, "reused" if outcome.reused else "trained", key)
+        for record in outcome.history:
+            ctx.log_metrics({f"baselines/{network}/val_acc": record.val_acc,
+                             f"baselines/{network}/train_loss": record.train_loss}, step=record.epoch)
+        ctx.log_metric(f"baselines/{network}/reused", float(outcome.reused))
+
+    # Latency side by side in this process: fresh builds (cost depends on the architecture, not the weights).
+    built = {n: networks.build_baseline(n, len(class_names), data.patch_size, vgg_classifier=p.vgg_classifier,
+                                        seed=p.seed) for n in p.networks}
+    built[FUSED] = model.FusedDenseNet(len(class_names), dict(model.DEFAULT_FREEZE_UPTO), seed=p.seed)
+    ms = latency.latency_ms(built, data.patch_size, repeats=p.latency_repeats, device=device, seed=p.seed)
+    del built
+
+    rows, metric_values = [], {f"baselines/{FUSED}/latency_ms": ms[FUSED]}
+    for network, outcome in outcomes.items():
+        pred = outcome.test_probabilities.argmax(axis=1) if len(y_test) else np.zeros(0, np.int64)
+        row = {"network": network, **_with_ci(y_test, pred, groups, p.n_boot, p.seed),
+               "balanced_acc": metrics.BALANCED_ACCURACY(y_test, pred) if len(y_test) else float("nan"),
+               "latency_ms": ms[network], "params_m": outcome.params_m, "weights": outcome.weights,
+               "input_size": outcome.input_size, "epochs": outcome.epochs}
+        rows.append(row)
+        metric_values[f"baselines/{network}/test_acc"] = row["test_acc"]
+        metric_values[f"baselines/{network}/latency_ms"] = row["latency_ms"]
+        metric_values[f"baselines/{network}/best_epoch"] = outcome.best_epoch
+
+    classic = []
+    if "sift_bovw_svm" in p.classic:
+        settings = sift_bovw.BovwSettings(image_size=p.sift_image_size, max_keypoints=p.sift_max_keypoints,
+                                          vocabulary_size=p.sift_vocabulary, svm_c=p.sift_svm_c, seed=p.seed)
+        bovw = sift_bovw.sift_bovw_svm(data.train.images.numpy(), data.train.labels.numpy(),
+                                       data.test.images.numpy(), settings)
+        totals = {"train": len(data.train), "test": len(data.test)}
+        classic.append({"method": "sift_bovw_svm", **_with_ci(y_test, bovw.predictions, groups, p.n_boot, p.seed),
+                        "detail": bovw.detail(totals)})
+        ctx.log_metrics({"baselines/sift_bovw_svm/empty_train": bovw.empty["train"],
+                         "baselines/sift_bovw_svm/empty_test": bovw.empty["test"]})
+    if "agnet" in p.classic:
+        a, b = p.agnet_pair
+        fused = agnet.agnet_fusion(outcomes[a].features, outcomes[b].features, data.train.labels.numpy(), y_val,
+                                   (a, b), seed=p.seed)
+        classic.append({"method": "agnet", **_with_ci(y_test, fused.test_predictions, groups, p.n_boot, p.seed),
+                        "detail": fused.detail()})
+    for row in classic:
+        metric_values[f"baselines/{row['method']}/test_acc"] = row["test_acc"]
+    ctx.log_metrics(metric_values)
+
+    counts = np.bincount(y_test, minlength=len(class_names))
+    majority = float(counts.max() / counts.sum()) if counts.sum() else float("nan")
+    write_json_atomic(ctx.workdir / RESULTS, {"classes": class_names, "majority_rate": majority, "rows": rows,
+                                              "classic": classic})
+    pd.DataFrame(rows).to_csv(ctx.workdir / TABLE6, index=False)
+    pd.DataFrame(classic, columns=["method", "test_acc", "ci_low", "ci_high", "detail"]).to_csv(
+        ctx.workdir / TABLE1, index=False)
+    curves = {n: [{"epoch": r.epoch, "val_acc": r.val_acc, "train_loss": r.train_loss} for r in o.history]
+              for n, o in outcomes.items()}
+    write_json_atomic(ctx.workdir / CURVES, curves)
+    fig = figures.curves_figure({n: [r["val_acc"] for r in c] for n, c in curves.items()},
+                                "Figure 10: validation accuracy per backbone", ctx.workdir / FIGURE10)
+    ctx.log_artifact(fig, "figures")
+    for name in (RESULTS, TABLE6, TABLE1, CURVES):
+        ctx.log_artifact(ctx.workdir / name, "tables")
+
+
+SPEC = runtime.StageSpec(
+    name="baselines",
+    upstream=("augment", "patches"),
+    sections=("baselines",),
+    code=(networks, baseline_train, units, latency, sift_bovw, agnet, training, schedule, model, metrics, figures),
+    run=_run,
+)

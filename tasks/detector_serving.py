@@ -1,0 +1,190 @@
+"""The lesion detector as an MLflow pyfunc model: full mammogram -> boxes with class and score.
+
+What is served is the detect stage's own detector ("ours": fused DenseNet + FPN + hash head), rebuilt
+from ``detector_config.json`` and ``detector.pt`` (``weights_only=True``; nothing is unpickled: the model
+is logged "from code", like the classifier in ``tasks/serving.py``, whose tracking-URI and requirements
+helpers it reuses).
+
+Preprocessing is the detect stage's (``mammo_core.detection.data.prepare_image``): breast mask, the
+``breast_window`` intensity window, crop to the breast, resize to long side ``input_size``. Boxes are mapped
+back to pixels of the file as read (DICOM in display orientation; PNG/JPEG of any size and bit depth), so
+they overlay the original. An image without breast tissue or a DICOM without pixel data is an error for
+that input only; a weights file for other classes is refused at load time with the file named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw
+
+from mammo_core.detection.builders import DetectorConfig, load_detector
+from mammo_core.detection.data import prepare_image
+from mammo_core.detection.engine import as_input
+from mammo_core.errors import BadItem
+from mammo_core.patches import breast_mask, to_unit_range
+
+REGISTERED_NAME = "mammo-detector"
+LOGGED_NAME = "mammo-detector"
+COLUMNS = ["input", "x0", "y0", "x1", "y1", "class", "score", "error"]
+COLOURS = ("#ff5555", "#55ff55", "#5599ff", "#ffcc33", "#ff66ff", "#66ffff")
+
+
+@dataclass
+class Detection:
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the original image
+    label: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"box": [round(v, 2) for v in self.box], "class": self.label, "score": round(self.score, 4)}
+
+
+def read_mammogram(path: str | os.PathLike) -> np.ndarray:
+    """uint16 image of a DICOM/PNG/JPEG (8-bit files scaled by 257); BadItem (reason only) when unusable."""
+    from mammo_core.dicom_io import read_image_file
+
+    image, _ = read_image_file(Path(path))
+    if image.ndim != 2 or min(image.shape) < 8:
+        raise BadItem("image", f"expected a 2-D image of at least 8x8 pixels, got shape {image.shape}")
+    return image
+
+
+def windowed(image: np.ndarray) -> np.ndarray:
+    """uint8 display image on the detector's intensity window (what the overlay is drawn on)."""
+    unit = to_unit_range(image, breast_mask(image), "breast_window")
+    return np.clip(np.rint(unit), 0, 255).astype(np.uint8)
+
+
+def save_overlay(image: np.ndarray, detections: list[Detection], path: str | os.PathLike) -> Path:
+    """PNG of the windowed image with each box, class and score drawn; written atomically."""
+    rgb = Image.fromarray(windowed(image)).convert("RGB")
+    draw = ImageDraw.Draw(rgb)
+    width = max(1, round(max(image.shape) / 400))
+    for d in detections:
+        colour = COLOURS[hash(d.label) % len(COLOURS)]
+        draw.rectangle(d.box, outline=colour, width=width)
+        draw.text((d.box[0], max(0.0, d.box[1] - 12)), f"{d.label} {d.score:.2f}", fill=colour)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    rgb.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+class DetectorPipeline:
+    """The served detector as plain objects (no MLflow): what :class:`DetectorModel` runs."""
+
+    def __init__(self, model: torch.nn.Module, config: DetectorConfig):
+        self.model = model.eval()
+        self.config = config
+
+    @classmethod
+    def load(cls, files: Mapping[str, str | os.PathLike]) -> DetectorPipeline:
+        config = DetectorConfig.from_dict(json.loads(Path(files["config"]).read_text(encoding="utf-8")))
+        return cls(load_detector(files["weights"], config), config)
+
+    @torch.inference_mode()
+    def detect(self, image: np.ndarray, min_score: float = 0.05) -> list[Detection]:
+        """Boxes in the image's own pixels, highest score first."""
+        prepared = prepare_image(image, self.config.input_size)
+        if prepared is None:
+            raise BadItem("image", "no breast tissue found (blank or constant image)")
+        tensor, (cx, cy), scale = prepared
+        out = self.model([as_input(tensor, "cpu")])[0]
+        h, w = image.shape
+        found = []
+        for box, label, score in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist(),
+                                     strict=True):
+            if score < min_score:
+                continue
+            x0, y0, x1, y1 = (box[0] / scale + cx, box[1] / scale + cy, box[2] / scale + cx, box[3] / scale + cy)
+            found.append(Detection((min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w),
+                                    min(max(y1, 0.0), h)), self.config.classes[int(label) - 1], float(score)))
+        return sorted(found, key=lambda d: -d.score)
+
+    def predict_frame(self, frame: pd.DataFrame, min_score: float = 0.05) -> pd.DataFrame:
+        """Rows with ``path`` -> one row per detection (``input`` = 1-based row), or one row with ``error``."""
+        if "path" not in frame.columns:
+            raise ValueError(f"input needs a column 'path' (mammogram files), got {list(frame.columns)}")
+        rows = []
+        for i, path in enumerate(frame["path"].astype(str).tolist(), start=1):
+            try:
+                for d in self.detect(read_mammogram(path), min_score):
+                    rows.append({"input": i, "x0": d.box[0], "y0": d.box[1], "x1": d.box[2], "y1": d.box[3],
+                                 "class": d.label, "score": d.score, "error": ""})
+            except BadItem as exc:  # the reason only: CBIS file names carry patient ids
+                rows.append({"input": i, "x0": np.nan, "y0": np.nan, "x1": np.nan, "y1": np.nan, "class": "",
+                             "score": np.nan, "error": exc.reason.replace(path, f"input {i}")})
+        return pd.DataFrame(rows, columns=COLUMNS)
+
+
+class DetectorModel(mlflow.pyfunc.PythonModel):
+    """``mlflow.pyfunc`` wrapper of :class:`DetectorPipeline`."""
+
+    def load_context(self, context) -> None:
+        self.pipeline = DetectorPipeline.load(context.artifacts)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        min_score = float((params or {}).get("min_score", 0.05))
+        return self.pipeline.predict_frame(pd.DataFrame(model_input), min_score)
+
+
+_MODEL_CODE = (
+    '"""mlflow models-from-code entry of the mammo detector (see tasks/detector_serving.py)."""\n'
+    "import mlflow\n\n"
+    "from tasks.detector_serving import DetectorModel\n\n"
+    "mlflow.models.set_model(DetectorModel())\n"
+)
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("string", "path")])
+    outputs = Schema([ColSpec("long", "input"), *(ColSpec("double", c) for c in ("x0", "y0", "x1", "y1")),
+                      ColSpec("string", "class"), ColSpec("double", "score"), ColSpec("string", "error")])
+    return ModelSignature(inputs=inputs, outputs=outputs,
+                          params=ParamSchema([ParamSpec("min_score", "double", 0.05)]))
+
+
+def log_model(client, run_id: str, files: Mapping[str, str], registered_name: str | None = REGISTERED_NAME):
+    """Log the detector as a pyfunc LoggedModel of run ``run_id`` and register it; returns the ModelInfo."""
+    from mlflow.models import Model
+
+    from tasks.serving import _requirements, _tracking_uri
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    with tempfile.TemporaryDirectory(prefix="mammo-detector-") as tmp, _tracking_uri(client.tracking_uri):
+        code = Path(tmp) / "mammo_detector_model.py"
+        code.write_text(_MODEL_CODE, encoding="utf-8")
+        logged = client.create_logged_model(experiment_id=experiment_id, name=LOGGED_NAME, source_run_id=run_id)
+        return Model.log(
+            artifact_path=None, name=LOGGED_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
+            python_model=str(code), artifacts=dict(files), signature=signature(),
+            pip_requirements=_requirements(), registered_model_name=registered_name,
+        )
+
+
+def log_and_register(ctx, registered_name: str = REGISTERED_NAME):
+    """From the detect stage, after ``detector.pt`` and ``detector_config.json`` are written."""
+    from tasks.detect import CONFIG_FILE, WEIGHTS_FILE
+
+    files = {"weights": str(ctx.workdir / WEIGHTS_FILE), "config": str(ctx.workdir / CONFIG_FILE)}
+    info = log_model(ctx.client, ctx.run_id, files, registered_name)
+    version = getattr(info, "registered_model_version", None)
+    ctx.set_tags({"serving.model_id": info.model_id, "serving.registered_model": registered_name,
+                  "serving.registered_version": str(version)})
+    ctx.logger.info("detect: served model %s registered as %s version %s", info.model_id, registered_name, version)
+    return info

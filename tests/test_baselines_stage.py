@@ -1,0 +1,122 @@
+"""The baselines stage on the smoke params through the real runtime (sealed folder, MLflow child run).
+
+The upstream stages come from a real ``mammo run --until augment``; the stage then runs twice: first
+without VGG16, then with the smoke params' full list, which must train VGG16 only and reuse the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mammo_core.config import load_params
+from tasks import baselines as stage
+from tasks import runtime, tracking
+from tests.test_pipeline_e2e import SMOKE, mammo
+
+pytestmark = pytest.mark.slow
+NETWORKS = ["vgg16", "inception_v3", "resnet50", "densenet121"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("baselines")
+    store = root / "store"
+    mammo(store, "run", "-p", str(SMOKE), "--until", "augment")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = tracking.ensure_experiment(client, "baselines-test", root / "artifacts")
+    parent = tracking.start_run(client, experiment, "mammo run", tags={})
+    upstream = {}
+    for name in ("patches", "augment"):
+        (folder,) = [p for p in (store / "stages" / name).iterdir() if not p.name.startswith(".")]
+        upstream[name] = runtime.StageResult(stage=name, key=folder.name, path=str(folder), metrics={},
+                                             mlflow_run_id=None, parent_run_id=None, seconds=0.0, ran=False)
+
+    def run(*overrides: str) -> tuple[runtime.StageResult, float]:
+        params = load_params(SMOKE, list(overrides))
+        ctx = runtime.RunContext(store=str(store), params=params.model_dump(mode="json"), params_file=str(SMOKE),
+                                 tracking_uri=uri, experiment_id=experiment, parent_run_id=parent,
+                                 flow_run_id="flow", git_commit="abc")
+        key = stage.SPEC.key(params, {s: r.key for s, r in upstream.items()})
+        began = time.perf_counter()
+        result = runtime.execute(stage.SPEC, ctx, key, upstream)
+        return result, time.perf_counter() - began
+
+    without_vgg = run("baselines.networks=[inception_v3, resnet50, densenet121]",
+                      "baselines.agnet_pair=[inception_v3, resnet50]")
+    full = run()
+    return {"store": store, "client": client, "without_vgg": without_vgg, "full": full}
+
+
+def test_stage_writes_the_artifact_contract(world):
+    result, seconds = world["full"]
+    folder = Path(result.path)
+    assert (folder / "manifest.json").is_file()
+    data = json.loads((folder / "baselines.json").read_text())
+    assert data["classes"][0] == "NORMAL" and len(data["classes"]) == 7
+    assert 0 < data["majority_rate"] <= 1
+    assert [r["network"] for r in data["rows"]] == NETWORKS
+    for row in data["rows"]:
+        assert set(row) == {"network", "test_acc", "ci_low", "ci_high", "balanced_acc", "latency_ms", "params_m",
+                            "weights", "input_size", "epochs"}
+        assert row["ci_low"] <= row["test_acc"] <= row["ci_high"]
+        assert row["latency_ms"] > 0 and row["epochs"] == 1 and row["weights"] == "none (random init)"
+    sizes = {r["network"]: (r["input_size"], round(r["params_m"], 1)) for r in data["rows"]}
+    assert sizes == {"vgg16": (32, 14.7), "inception_v3": (75, 21.8), "resnet50": (32, 23.5),
+                     "densenet121": (32, 7.0)}
+    assert [c["method"] for c in data["classic"]] == ["sift_bovw_svm", "agnet"]
+    assert "patches without keypoints" in data["classic"][0]["detail"]
+    assert "vgg16 + inception_v3" in data["classic"][1]["detail"]
+    assert all(0 <= c["ci_low"] <= c["test_acc"] <= c["ci_high"] <= 1 for c in data["classic"])
+    table6 = pd.read_csv(folder / stage.TABLE6)
+    assert table6["network"].tolist() == NETWORKS
+    assert pd.read_csv(folder / stage.TABLE1)["method"].tolist() == ["sift_bovw_svm", "agnet"]
+    curves = json.loads((folder / stage.CURVES).read_text())
+    assert sorted(curves) == sorted(NETWORKS)
+    assert all(set(c[0]) == {"epoch", "val_acc", "train_loss"} for c in curves.values())
+    assert (folder / stage.FIGURE10).stat().st_size > 1000
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["metrics"]["baselines/densenet121/test_acc"] == data["rows"][3]["test_acc"]
+    assert manifest["metrics"]["baselines/fused/latency_ms"] > 0
+    assert "patient" not in json.dumps(manifest).lower()
+
+
+def test_mlflow_carries_the_named_metrics(world):
+    result, _ = world["full"]
+    run = world["client"].get_run(result.mlflow_run_id)
+    names = set(run.data.metrics)
+    for network in NETWORKS:
+        assert {f"baselines/{network}/test_acc", f"baselines/{network}/latency_ms",
+                f"baselines/{network}/val_acc"} <= names
+    assert {"baselines/sift_bovw_svm/test_acc", "baselines/agnet/test_acc"} <= names
+    history = world["client"].get_metric_history(result.mlflow_run_id, "baselines/resnet50/val_acc")
+    assert [m.step for m in history] == [1]
+
+
+def test_adding_a_network_trains_only_that_one(world):
+    first, _ = world["without_vgg"]
+    full, _ = world["full"]
+    assert first.key != full.key
+    assert {k: v for k, v in full.metrics.items() if k.endswith("/reused")} == {
+        "baselines/vgg16/reused": 0.0, "baselines/inception_v3/reused": 1.0, "baselines/resnet50/reused": 1.0,
+        "baselines/densenet121/reused": 1.0}
+    units_dir = world["store"] / "units" / "baselines"
+    assert len([p for p in units_dir.iterdir() if (p / "manifest.json").is_file()]) == 4
+    before = json.loads((Path(first.path) / "baselines.json").read_text())["rows"]
+    after = json.loads((Path(full.path) / "baselines.json").read_text())["rows"]
+    same = {r["network"]: r["test_acc"] for r in before}
+    assert all(same[r["network"]] == r["test_acc"] for r in after if r["network"] in same)
+    assert not (world["store"] / "scratch" / "baselines" / full.key).exists()  # checkpoints go once sealed
+
+
+def test_stage_fits_the_smoke_budget(world):
+    _, seconds = world["without_vgg"]
+    _, full_seconds = world["full"]
+    print(f"baselines stage: {seconds:.1f} s (3 networks fresh), {full_seconds:.1f} s (vgg16 fresh, 3 reused)")
+    assert seconds < 60  # 25 s on an idle 2-core machine; generous here, since tests share the cores

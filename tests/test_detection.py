@@ -1,0 +1,269 @@
+"""Unit tests of mammo_core.detection: boxes under augmentation, data loading, heads, resume, metrics."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from mammo_core.detection import builders, data, engine, evaluate, heads, latency
+
+CLASSES = ["MASS_BENIGN", "MASS_MALIGNANT", "CALC_BENIGN", "CALC_MALIGNANT"]
+
+
+# ------------------------------------------------------------------------------------------ boxes
+
+
+def test_flips_mirror_boxes_and_pixels_together():
+    image = torch.zeros(1, 20, 30)
+    image[0, 2:6, 3:10] = 1.0
+    boxes = torch.tensor([[3.0, 2.0, 10.0, 6.0]])
+    flipped, fb = data.hflip(image, boxes)
+    assert fb.tolist() == [[20.0, 2.0, 27.0, 6.0]]
+    ys, xs = torch.nonzero(flipped[0], as_tuple=True)
+    assert (xs.min().item(), xs.max().item() + 1) == (20, 27)
+    vflipped, vb = data.vflip(image, boxes)
+    assert vb.tolist() == [[3.0, 14.0, 10.0, 18.0]]
+    ys, _ = torch.nonzero(vflipped[0], as_tuple=True)
+    assert (ys.min().item(), ys.max().item() + 1) == (14, 18)
+
+
+def test_rotation_by_90_degrees_recomputes_the_box_exactly():
+    # square 40x40 image, box 10 wide and 4 high; rotated 90 degrees counter-clockwise about (20, 20)
+    out = data.rotate_boxes(torch.tensor([[5.0, 8.0, 15.0, 12.0]]), 90.0, 40, 40)
+    assert out[0].tolist() == pytest.approx([8.0, 25.0, 12.0, 35.0])
+
+
+def test_rotated_box_encloses_the_rotated_object():
+    image = torch.zeros(1, 64, 64)
+    image[0, 20:30, 24:44] = 1.0
+    boxes = torch.tensor([[24.0, 20.0, 44.0, 30.0]])
+    rotated, out = data.rotate(image, boxes, 10.0)
+    ys, xs = torch.nonzero(rotated[0] > 0.5, as_tuple=True)
+    x0, y0, x1, y1 = out[0].tolist()
+    assert x0 <= xs.min().item() + 0.5 and xs.max().item() + 0.5 <= x1 + 0.5
+    assert y0 <= ys.min().item() + 0.5 and ys.max().item() + 0.5 <= y1 + 0.5
+    # and it is tight: the enclosing box of the turned corners, not the whole image
+    assert (x1 - x0) < 26 and (y1 - y0) < 18 and (x1 - x0) > 20
+
+
+def test_bad_boxes_are_clipped_or_dropped_and_counted():
+    dropped: Counter = Counter()
+    keep, boxes = data.clean_boxes([[5, 5, 5, 9], [-10, 2, 8, 6], [50, 50, 60, 60], [1, 1, 4, 4]], 20, 30, dropped)
+    assert keep == [1, 3]
+    assert boxes.tolist() == [[0.0, 2.0, 8.0, 6.0], [1.0, 1.0, 4.0, 4.0]]
+    assert dropped == Counter({"zero_size": 1, "outside_image": 1})
+
+
+def test_detection_classes_count_bwc_as_benign():
+    assert data.detection_class("mass", "BENIGN_WITHOUT_CALLBACK", "four") == "MASS_BENIGN"
+    assert data.detection_class("calc", "MALIGNANT", "four") == "CALC_MALIGNANT"
+    assert data.detection_class("calc", "BENIGN", "two") == "CALC"
+    assert data.detection_class("architectural", "BENIGN", "four") is None
+
+
+def _curate_folder(tmp_path):
+    (tmp_path / "cache" / "images").mkdir(parents=True)
+    breast = np.full((100, 60), 500, dtype=np.uint16)
+    breast[5:95, 10:50] = 30000
+    Image.fromarray(breast).save(tmp_path / "cache" / "images" / "a.png")
+    Image.fromarray(np.zeros((100, 60), dtype=np.uint16)).save(tmp_path / "cache" / "images" / "b.png")
+    Image.fromarray(breast).save(tmp_path / "cache" / "images" / "c.png")
+    images = pd.DataFrame({"image_id": ["a", "b", "c"], "split": ["train", "train", "test"],
+                           "cache_path": ["images/a.png", "images/b.png", "images/c.png"],
+                           "scale": [0.5, 0.5, 0.5]})
+    # full-image coordinates (cache = full * 0.5): a's mass at cache (20, 30)-(30, 40); a zero-size calc
+    lesions = pd.DataFrame({"image_id": ["a", "a", "b"], "abnormality_type": ["mass", "calc", "mass"],
+                            "pathology": ["MALIGNANT", "BENIGN", "BENIGN"],
+                            "x0": [40, 60, 10], "y0": [60, 60, 10], "x1": [60, 60, 20], "y1": [80, 70, 20]})
+    images.to_parquet(tmp_path / "images.parquet")
+    lesions.to_parquet(tmp_path / "lesions.parquet")
+    return tmp_path
+
+
+def test_dataset_crops_to_the_breast_keeps_negatives_and_counts_drops(tmp_path):
+    folder = _curate_folder(tmp_path)
+    dataset = data.load_detection_data(folder, "four", max_size=90)
+    assert dataset.dropped == Counter({"no_breast_tissue": 1, "zero_size": 1})
+    a, c = dataset.images
+    assert (a.split, c.split) == ("train", "test")
+    assert tuple(a.image.shape[1:]) == (90, 40)  # the 90x40 breast, scale 1
+    assert a.crop == (10, 5) and a.scale == pytest.approx(1.0)
+    assert a.boxes.tolist() == [[10.0, 25.0, 20.0, 35.0]]  # shifted by the crop
+    assert a.labels.tolist() == [CLASSES.index("MASS_MALIGNANT") + 1]
+    assert len(c.boxes) == 0  # a lesion-free image stays in as a negative
+    assert a.image.max().item() == pytest.approx(1.0) and a.image.min().item() >= 0.0
+
+
+def test_dataset_names_the_missing_column(tmp_path):
+    folder = _curate_folder(tmp_path)
+    pd.read_parquet(folder / "lesions.parquet").drop(columns=["pathology"]).to_parquet(folder / "lesions.parquet")
+    with pytest.raises(ValueError, match=r"lesions.parquet: missing columns \['pathology'\]"):
+        data.load_detection_data(folder, "four", max_size=90)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def test_hash_head_shapes_and_classification_goes_through_the_codes():
+    torch.manual_seed(0)
+    head = heads.HashBoxPredictor(32, 5, hash_bits=12)
+    x = torch.randn(7, 32)
+    logits, deltas = head(x)
+    assert logits.shape == (7, 5) and deltas.shape == (7, 20)
+    codes = head.codes(x)
+    assert codes.shape == (7, 12) and codes.min().item() >= 0.0 and codes.max().item() <= 1.0
+    torch.testing.assert_close(logits, head.cls_score(codes))
+    logits.sum().backward()
+    assert head.hash.projection.weight.grad.abs().sum() > 0  # the class loss trains the decoder
+    assert head.bbox_pred.weight.grad is None  # box regression does not depend on the class path
+    with torch.no_grad():
+        head.hash.slice_weight.mul_(-1.0)
+    new_logits, new_deltas = head(x)
+    assert not torch.allclose(new_logits, logits)
+    torch.testing.assert_close(new_deltas, deltas)
+
+
+def _tiny_config(model: str = "ours", classes=CLASSES) -> builders.DetectorConfig:
+    return builders.DetectorConfig(model=model, classes=list(classes), input_size=64, anchor_sizes=[8, 16, 32, 64],
+                                   hash_bits=8, representation=32, fpn_channels=16, proposals_train=50,
+                                   proposals_test=20, roi_samples=16)
+
+
+def test_ours_uses_the_hash_head_at_inference_and_the_ablation_does_not():
+    model, tag = builders.build_detector(_tiny_config("ours"))
+    assert tag == "none (random init)"
+    assert isinstance(model.roi_heads.box_predictor, heads.HashBoxPredictor)
+    calls = []
+    model.roi_heads.box_predictor.hash.register_forward_hook(lambda *a: calls.append(a[2].shape))
+    model.eval()
+    with torch.inference_mode():
+        model([torch.rand(3, 64, 40)])
+    assert calls and calls[0][1] == 8
+    plain, _ = builders.build_detector(_tiny_config("ours_nohash"))
+    assert isinstance(plain.roi_heads.box_predictor, heads.PlainBoxPredictor)
+    assert builders.parameter_millions(model) > builders.parameter_millions(plain)
+
+
+def _items(n: int = 3) -> list[data.DetectionImage]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        image = torch.rand(1, 64, 48, generator=g) * 0.2
+        image[0, 20:34, 10:26] += 0.7
+        out.append(data.DetectionImage(i, "train", image, torch.tensor([[10.0, 20.0, 26.0, 34.0]]),
+                                       torch.tensor([1 + i % 4]), (0, 0), 1.0, 1.0))
+    return out
+
+
+def test_resume_from_checkpoint_is_bit_identical_on_cpu(tmp_path):
+    items = _items()
+    kwargs = dict(epochs=2, lr=0.005, batch_size=2, seed=3)
+    straight, _ = builders.build_detector(_tiny_config("ours_nohash"))
+    full = engine.train_detector(straight, items, checkpoint_path=tmp_path / "a.pt", **kwargs)
+    first, _ = builders.build_detector(_tiny_config("ours_nohash"))
+    engine.train_detector(first, items, checkpoint_path=tmp_path / "b.pt", stop_after=1, **kwargs)
+    torch.manual_seed(12345)  # a fresh process would start from other RNG states: resume must restore them
+    again, _ = builders.build_detector(_tiny_config("ours_nohash"))
+    resumed = engine.train_detector(again, items, checkpoint_path=tmp_path / "b.pt", **kwargs)
+    assert resumed.resumed_from_epoch == 1 and len(resumed.history) == 2
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in full.history]
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    items = _items(2)
+    model, _ = builders.build_detector(_tiny_config("ours_nohash"))
+    engine.train_detector(model, items, epochs=1, lr=0.005, checkpoint_path=tmp_path / "c.pt")
+    other, _ = builders.build_detector(_tiny_config("ours_nohash", classes=["MASS", "CALC"]))
+    with pytest.raises(ValueError, match=r"c\.pt: checkpoint of another architecture"):
+        engine.train_detector(other, items, epochs=2, lr=0.005, checkpoint_path=tmp_path / "c.pt")
+
+
+def test_detector_weights_for_other_classes_are_refused_with_the_file_named(tmp_path):
+    model, _ = builders.build_detector(_tiny_config("ours"))
+    torch.save(model.state_dict(), tmp_path / "detector.pt")
+    two = _tiny_config("ours", classes=["MASS", "CALC"])
+    with pytest.raises(ValueError, match=r"detector\.pt: detector weights for 4 classes, but the config lists 2"):
+        builders.load_detector(tmp_path / "detector.pt", two)
+    with pytest.raises(ValueError, match=r"detector\.pt: detector weights for classes .* expected \['MASS'"):
+        builders.load_detector(tmp_path / "detector.pt", _tiny_config("ours"), expected_classes=["MASS", "CALC"])
+    loaded = builders.load_detector(tmp_path / "detector.pt", _tiny_config("ours"))
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_detector_config_round_trips_and_rejects_unknown_keys():
+    config = _tiny_config()
+    assert builders.DetectorConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown keys \\['colour'\\]"):
+        builders.DetectorConfig.from_dict({**config.to_dict(), "colour": 1})
+    with pytest.raises(ValueError, match="unknown detector 'yolo'"):
+        builders.DetectorConfig(model="yolo", classes=["A"], input_size=64)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def _case():
+    a, b = [10.0, 10.0, 30.0, 30.0], [50.0, 50.0, 70.0, 80.0]
+    targets = [{"boxes": torch.tensor([a]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([b]), "labels": torch.tensor([2])}]
+    predictions = [
+        {"boxes": torch.tensor([a, [80.0, 80.0, 90.0, 90.0], [11.0, 10.0, 30.0, 30.0]]),
+         "scores": torch.tensor([0.9, 0.8, 0.6]), "labels": torch.tensor([1, 1, 1])},
+        {"boxes": torch.tensor([b, [0.0, 0.0, 5.0, 5.0]]), "scores": torch.tensor([0.7, 0.95]),
+         "labels": torch.tensor([1, 2])},
+    ]
+    return predictions, targets
+
+
+def test_coco_metrics_on_a_hand_made_case():
+    predictions, targets = _case()
+    m = evaluate.coco_metrics(predictions, targets, CLASSES)
+    # class 1: TP .9, FP .8, FP .7 (b is class 2), duplicate .6 -> AP 1; class 2: only an FP -> AP 0
+    assert m["per_class_ap50"]["MASS_BENIGN"] == pytest.approx(1.0)
+    assert m["per_class_ap50"]["MASS_MALIGNANT"] == pytest.approx(0.0)
+    assert math.isnan(m["per_class_ap50"]["CALC_BENIGN"]) and math.isnan(m["per_class_ap50"]["CALC_MALIGNANT"])
+    assert m["map50"] == pytest.approx(0.5)
+    assert m["ar100"] == pytest.approx(0.5)
+    assert 0.0 < m["map"] <= m["map50"]
+
+
+def test_froc_on_a_hand_made_case():
+    predictions, targets = _case()
+    # class-agnostic, by score: .95 FP, .9 finds a, .8 FP, .7 finds b, .6 duplicate of a (not counted)
+    assert evaluate.froc(predictions, targets) == {"0.5": 0.5, "1": 1.0, "2": 1.0}
+    assert evaluate.froc(predictions, targets, rates=(0.25,)) == {"0.25": 0.0}
+
+
+def test_metrics_without_detections_or_truth():
+    _, targets = _case()
+    empty = [{"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}] * 2
+    m = evaluate.coco_metrics(empty, targets, CLASSES)
+    assert m["map50"] == 0.0 and math.isnan(m["per_class_ap50"]["CALC_BENIGN"])
+    assert evaluate.froc(empty, targets) == {"0.5": 0.0, "1": 0.0, "2": 0.0}
+    no_truth = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}] * 2
+    assert math.isnan(evaluate.coco_metrics(empty, no_truth, CLASSES)["map50"])
+
+
+def test_latency_is_measured_for_every_model_side_by_side():
+    slow = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 5, padding=2), torch.nn.Conv2d(64, 64, 5, padding=2))
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, images):
+            return [self.body(images[0][None])]
+
+    times = latency.measure_latency({"fast": Wrap(torch.nn.Identity()), "slow": Wrap(slow)},
+                                    torch.rand(3, 64, 64), repeats=3, warmup=1)
+    assert set(times) == {"fast", "slow"} and times["slow"] > times["fast"] > 0

@@ -1,0 +1,41 @@
+"""Reliability summary: kill points survived, bad inputs tried, items lost, computed from the real checks.
+
+Nothing here is a number written by hand: the counts come from the session's kill-anywhere chain
+(``kill_anywhere`` fixture, tests/test_kill_anywhere.py) and the generated bad-input corpus
+(``bad_input_outcome`` fixture, tests/test_bad_inputs.py), which other modules assert item by item. The
+summary prints one JSON line (visible in ``make test`` output) and writes it to ``reliability.json``
+in the session's temporary root, so an issue resolution can quote it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_bad_inputs import verdicts
+from tests.test_kill_anywhere import KILL_PLAN
+
+pytestmark = pytest.mark.slow
+
+
+def test_reliability_summary(kill_anywhere, bad_input_outcome, tmp_path_factory, capsys):
+    kills = kill_anywhere.summary()
+    judged = verdicts(bad_input_outcome)
+    summary = {
+        "kill_points_tried": len(kill_anywhere.kills),
+        "kill_points_survived": kills["kill_points_survived"],
+        "kill_points": kills["kill_points"],
+        "bad_inputs_tried": len(judged),
+        "bad_inputs_as_specified": sum(v is None for v in judged.values()),
+        "items_lost": bad_input_outcome.lost,
+        "abandoned_temporary_folders": len(kills["abandoned_temporary_folders"]),
+    }
+    path = tmp_path_factory.getbasetemp() / "reliability.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    with capsys.disabled():
+        print(f"\nreliability summary: {json.dumps(summary)}")
+    assert summary["kill_points_tried"] == len(KILL_PLAN)
+    assert summary["kill_points_survived"] == len(KILL_PLAN), kills["final_problems"]
+    assert {k: v for k, v in judged.items() if v is not None} == {}
+    assert summary["items_lost"] == 0
