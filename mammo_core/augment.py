@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from PIL import Image
@@ -115,7 +114,7 @@ class AugmentSummary:
 def _check_patches_file(path: Path) -> tuple[int, int, dict[str, np.dtype]]:
     """Rows, patch size and dtypes of ``patches.h5``; a clear error when it is not one."""
     try:
-        fh = h5py.File(path, "r")
+        fh = h5io.open_for_reading(path)
     except (OSError, FileNotFoundError) as exc:
         raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from None
     with fh:
@@ -209,7 +208,7 @@ def augment_split(
 
 def preview_grid(h5_path: str | Path, png_path: str | Path, n: int = 16, max_copies: int = 4) -> Path:
     """A PNG: one row per original (spread over the file), the original first, then its copies."""
-    with h5py.File(h5_path, "r") as fh:
+    with h5io.open_for_reading(h5_path) as fh:
         origin = fh["origin_index"][:]
         copy = fh["copy"][:]
         starts = np.flatnonzero(copy == 0)

@@ -65,7 +65,7 @@ def export_features(
     another model.
     """
     patches_h5 = Path(patches_h5)
-    with h5py.File(patches_h5, "r") as fh:
+    with h5io.open_for_reading(patches_h5) as fh:
         total = int(fh["labels"].shape[0])
         string_dtypes = {n: fh[n].dtype for n in ("patient_id", "source_id")}
     branches = list(model.branches.keys())
@@ -91,7 +91,7 @@ def export_features(
 
 def read_branch_features(path: str | os.PathLike, split_code: int | None = None) -> dict[str, np.ndarray]:
     """Per-branch features (and labels/patient ids) of one split code, or of all rows."""
-    with h5py.File(path, "r") as fh:
+    with h5io.open_for_reading(path) as fh:
         rows = np.flatnonzero(fh["split"][:] == split_code) if split_code is not None else slice(None)
         names = [n for n in (*BRANCH_DATASETS, "fused", "labels", "patient_id", "source_id") if n in fh]
         return {n: fh[n][rows] for n in names}

@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
-from mammo_core import features, patches, retrieval
+from mammo_core import features, h5io, patches, retrieval
 from mammo_core.dicom_io import read_image_file
 from mammo_core.hashing import FCDecoder, HashDecoder
 from mammo_core.labels import PATHOLOGIES
@@ -100,7 +99,7 @@ def read_code_database(codes_h5: str | os.PathLike, decoder: str, bits: int, spl
     Patient ids are read only to strip them from the source ids; they are not returned.
     """
     path = Path(codes_h5)
-    with h5py.File(path, "r") as fh:
+    with h5io.open_for_reading(path) as fh:
         name = f"{decoder}/{bits}/{split}"
         if name not in fh:
             have = sorted(f"{d}/{q}" for d in fh if d not in ("labels", "patient_id", "source_id") for q in fh[d])

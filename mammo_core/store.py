@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -97,6 +98,29 @@ class StageFolder:
         return self.manifest.get("mlflow_run_id")
 
 
+_HOST = socket.gethostname().replace("/", "_") or "localhost"
+
+
+def _tmp_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a ``.tmp-<key>-<host>-<pid>-<hex>`` folder name; None for any other name."""
+    if not name.startswith(".tmp-"):
+        return None
+    parts = name[len(".tmp-"):].split("-")
+    if len(parts) < 4 or not parts[-2].isdigit():
+        return None
+    return "-".join(parts[1:-2]), int(parts[-2])
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 class IntegrityError(RuntimeError):
     """A sealed stage folder does not match its manifest."""
 
@@ -126,9 +150,41 @@ class ArtifactStore:
         """A fresh temporary folder for producing (stage, key)."""
         parent = self.stage_dir(stage)
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = parent / f".tmp-{key}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         return tmp
+
+    def sweep_abandoned(self, stage: str) -> int:
+        """Remove temporary folders whose producer is gone: a process of this host that no longer runs.
+
+        Why: a killed run leaves its ``.tmp-`` folder behind (it never reaches the rename), and nothing else
+        would ever reclaim that disk. A folder of a live process, or of another host sharing the store, is
+        left alone; so is a folder named in an older format that does not say who made it.
+        """
+        parent = self.stage_dir(stage)
+        if not parent.is_dir():
+            return 0
+        removed = 0
+        for child in parent.iterdir():
+            owner = _tmp_owner(child.name)
+            if child.name.startswith(".old-") or (owner is not None and owner[0] == _HOST
+                                                  and not _process_alive(owner[1])):
+                shutil.rmtree(child, ignore_errors=True)
+                removed += 1
+        return removed
+
+    def check_sizes(self, folder: StageFolder) -> None:
+        """Every file of the manifest is present with its recorded size (cheap; :meth:`verify` hashes too).
+
+        Why: a finished stage is reused by every later run; a file deleted or truncated since sealing
+        would otherwise surface as an obscure error in a downstream stage, or not at all.
+        """
+        for entry in folder.manifest.get("files", []):
+            f = folder.path / entry["path"]
+            if not f.is_file() or f.stat().st_size != entry["size"]:
+                state = "missing" if not f.is_file() else f"{f.stat().st_size} bytes, sealed with {entry['size']}"
+                raise IntegrityError(f"{folder.path}: {entry['path']} is {state}; re-run the stage with "
+                                     f"`mammo run --force {folder.stage}`")
 
     def seal(
         self,
@@ -188,16 +244,3 @@ class ArtifactStore:
                 raise IntegrityError(f"{folder.path}: missing {entry['path']}")
             if f.stat().st_size != entry["size"] or file_sha256(f) != entry["sha256"]:
                 raise IntegrityError(f"{folder.path}: {entry['path']} does not match its manifest")
-
-    def sweep_temporaries(self, stage: str, older_than_s: float = 0.0) -> int:
-        """Remove abandoned ``.tmp-``/``.old-`` folders of a stage (left by killed runs)."""
-        parent = self.stage_dir(stage)
-        if not parent.is_dir():
-            return 0
-        removed = 0
-        now = time.time()
-        for child in parent.iterdir():
-            if child.name.startswith((".tmp-", ".old-")) and now - child.stat().st_mtime >= older_than_s:
-                shutil.rmtree(child, ignore_errors=True)
-                removed += 1
-        return removed

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mammo_core import h5io
 from mammo_core.checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
@@ -108,7 +109,7 @@ def load_tensor_data(path: str | os.PathLike[str], split: int | None = None) -> 
     """
     path = Path(path)
     try:
-        with h5py.File(path, "r") as fh:
+        with h5io.open_for_reading(path) as fh:
             needed = ["images", "labels"] + (["split"] if split is not None else [])
             missing = [n for n in needed if n not in fh]
             if missing:
@@ -284,7 +285,7 @@ class _FrozenCache:
             os.replace(tmp, scratch)
         finally:
             tmp.unlink(missing_ok=True)
-        self.file = h5py.File(scratch, "r")
+        self.file = h5io.open_for_reading(scratch)
 
     def get(self, branch: str, idx: Tensor) -> Tensor:
         key = self.key[branch]

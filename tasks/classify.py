@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import pandas as pd
 
-from mammo_core import classifiers, figures, metrics, model_io, retrieval
+from mammo_core import classifiers, figures, h5io, metrics, model_io, retrieval
 from mammo_core.store import write_json_atomic
 from tasks import runtime, serving
 from tasks.train import PREDICTIONS
@@ -23,7 +22,7 @@ ROWS = ("knn", "svm", "rf", "fusion", "voting", "stacking")
 
 def read_codes(path, decoder: str, bits: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(unpacked 0/1 codes, labels, patient ids) of one split from ``codes.h5``."""
-    with h5py.File(path, "r") as fh:
+    with h5io.open_for_reading(path) as fh:
         key = f"{decoder}/{bits}/{split}"
         if key not in fh:
             raise KeyError(f"{path}: no codes {key!r}; hashing produced {sorted(fh[decoder]) if decoder in fh else []}")
@@ -36,7 +35,7 @@ def read_codes(path, decoder: str, bits: int, split: str) -> tuple[np.ndarray, n
 def _run(ctx: runtime.StageContext) -> None:
     p = ctx.params.classify
     codes_path = ctx.upstream["hashing"].file(CODES_FILE)
-    with h5py.File(codes_path, "r") as fh:
+    with h5io.open_for_reading(codes_path) as fh:
         class_names = json.loads(fh.attrs["class_names"])
     data = {s: read_codes(codes_path, p.decoder, p.bits, s) for s in ("train", "val", "test")}
     (x_tr, y_tr, _), (x_val, y_val, _), (x_te, y_te, groups_te) = data["train"], data["val"], data["test"]
@@ -92,7 +91,7 @@ def _run(ctx: runtime.StageContext) -> None:
     ctx.log_metrics(metric_values)
 
     # Tables 2 and 3: diversity of the Freeze1..3 branches on the test patches (train stage predictions).
-    with h5py.File(ctx.upstream["train"].file(PREDICTIONS), "r") as fh:
+    with h5io.open_for_reading(ctx.upstream["train"].file(PREDICTIONS)) as fh:
         y_branch = fh["test/labels"][:]
         probas = {b: fh[f"test/{b}/probabilities"][:] for b in ("freeze1", "freeze2", "freeze3")}
     metrics.branch_pair_accuracy_table(probas, y_branch, class_names).to_csv(ctx.workdir / "table2_pairs.csv")

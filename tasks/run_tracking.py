@@ -69,6 +69,7 @@ def open_run(
     commit = git_commit()
     flow_run_id = _flow_run_id()
     dump = params.model_dump(mode="json")
+    tracking.close_orphaned_runs(client, experiment_id)
     if resume:
         parent = tracking.reopen_run(client, resume, flow_run_id)
         experiment_id = client.get_run(parent).info.experiment_id

@@ -143,6 +143,7 @@ def _result_from_store(spec: StageSpec, store: ArtifactStore, key: str) -> Stage
     folder = store.find(spec.name, key)
     if folder is None:
         return None
+    store.check_sizes(folder)  # a sealed folder changed since: a clear error, never silent reuse
     return StageResult(
         stage=spec.name,
         key=key,
@@ -193,6 +194,9 @@ def execute(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, Stag
         parent_run_id=ctx.parent_run_id,
     )
     _log_params(client, run_id, spec.params_of(params))
+    swept = store.sweep_abandoned(spec.name)
+    if swept:
+        logger.info("%s: removed %d temporary folder(s) left by killed runs", spec.name, swept)
     workdir = store.begin(spec.name, key)
     started = time.perf_counter()
     stage_ctx = StageContext(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from mammo_core import faults
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 _MAX_BATCH = 900
+HOST_TAG = "mammo.host"
+PID_TAG = "mammo.pid"
 
 
 def default_tracking_uri(store: Path) -> str:
@@ -71,11 +74,47 @@ def start_run(
     tags: Mapping[str, str],
     parent_run_id: str | None = None,
 ) -> str:
-    all_tags = {RUN_NAME_TAG: name, **{k: str(v) for k, v in tags.items()}}
+    all_tags = {RUN_NAME_TAG: name, **{k: str(v) for k, v in tags.items()}, **owner_tags()}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = client.create_run(experiment_id, run_name=name, tags=all_tags)
     return run.info.run_id
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process runs an MLflow run: lets a later run tell a live run from one whose process was killed."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs still RUNNING whose process (on this host) is gone; returns their ids.
+
+    Why: a SIGKILLed ``mammo run`` cannot end its MLflow runs, which would show as running forever in the
+    UI. Runs of live processes (a concurrent ``mammo run``) and of other hosts are left alone.
+    """
+    host = socket.gethostname().replace("'", "")
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
+    closed = []
+    for run in runs:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "ended_by", "its process is gone (killed); marked by a later mammo run")
+            client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+            closed.append(run.info.run_id)
+    return closed
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
@@ -112,6 +151,8 @@ def reopen_run(client: MlflowClient, run_id: str, flow_run_id: str) -> str:
         raise ValueError(f"run {run_id} is a stage run; resume its parent {run.data.tags[PARENT_TAG]}")
     attempts = int(run.data.tags.get("resume_count", "0")) + 1
     client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    for key, value in owner_tags().items():
+        client.set_tag(run_id, key, value)
     client.set_tag(run_id, "resume_count", str(attempts))
     client.set_tag(run_id, f"prefect_flow_run_id.resume{attempts}", flow_run_id)
     return run_id

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def listening_addresses(port: int) -> set[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="needs Linux /proc/net/tcp")
-def test_mammo_ui_listens_on_loopback_only(tmp_path):
+def test_mammo_ui_serves_the_store_on_loopback_only(tmp_path):
     port = free_port()
     ui = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "ui", "--port", str(port), "--store", str(tmp_path / "store")],
@@ -50,6 +51,8 @@ def test_mammo_ui_listens_on_loopback_only(tmp_path):
         addresses = listening_addresses(port)
         assert addresses, f"nothing listens on port {port}"
         assert addresses <= LOOPBACK, f"mammo ui listens on {addresses}, not only on loopback"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+            assert resp.status == 200, "the UI serves the store"
     finally:
         os.killpg(ui.pid, 15)
         ui.wait(timeout=30)

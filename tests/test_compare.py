@@ -76,15 +76,16 @@ def test_compare_runs_writes_every_item_to_one_long_frame_and_markdown():
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory) -> tuple[Path, str, str]:
-    """Two `mammo run` on the smoke params in one store; the second changes only classify.n_boot."""
+def two_runs(smoke_store, tmp_path_factory) -> tuple[Path, str, str]:
+    """Two `mammo run` on the smoke params in one store; the second changes only classify.n_boot.
+
+    The first is the session's fresh smoke run (conftest ``smoke_store``), taken as a copy.
+    """
+    from tests.smoke_store import copy_store
     from tests.test_pipeline_e2e import SMOKE, mammo, runs_of
 
-    store = tmp_path_factory.mktemp("compare_store")
-    params = store / "smoke.yaml"  # one copy for both runs: only the --set differs between them
-    params.write_text(SMOKE.read_text(encoding="utf-8"), encoding="utf-8")
-    mammo(store, "run", "-p", str(params))
-    mammo(store, "run", "-p", str(params), "--set", "classify.n_boot=50")
+    store = copy_store(smoke_store, tmp_path_factory.mktemp("compare") / "store")
+    mammo(store, "run", "-p", str(SMOKE), "--set", "classify.n_boot=50")
     parents = [r.info.run_id for r in runs_of(store) if r.data.tags.get("kind") == "pipeline"]
     assert len(parents) == 2
     return store, parents[0], parents[1]

@@ -13,17 +13,16 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.test_pipeline_e2e import SMOKE, client_for, mammo
+from tests.test_pipeline_e2e import client_for, mammo
 
 pytestmark = pytest.mark.slow
 MODELS = ["ours", "ours_nohash", "frcnn_r50"]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("detect_store")
-    mammo(root, "run", "-p", str(SMOKE), "--until", "detect")
-    return root
+def store(smoke_store) -> Path:
+    """The session's full smoke run (conftest); read only here."""
+    return smoke_store
 
 
 def _detect_folder(store: Path) -> Path:

@@ -2,9 +2,11 @@
 
 Why this shape (it must stay cheap, the whole suite has a 20-minute budget on 2 cores):
 
-- ONE uninterrupted reference run of ``params/smoke.yaml --until classify``. ``classify`` is the last stage
-  whose numbers are the method's results (report only re-renders them and detect/baselines are other
-  issues), so stopping there covers every stage that computes, at about half the cost of a full run.
+- The reference is the session's uninterrupted full smoke run (``smoke_store`` in conftest, shared with
+  other tests). The killed chain stops at ``--until classify``: classify is the last stage of the
+  classification chain, and the detect and baselines stages share the same runtime, store and checkpoint
+  code (and have their own resume tests), so stopping there exercises every kind of kill point at about
+  half the cost of a full run.
 - ONE store that is killed repeatedly: run 1 dies at point A, its rerun dies at point B, ... each rerun
   resumes from whatever the previous kill left, which is the situation a user is in after a crash;
   finally a clean rerun completes.
@@ -203,14 +205,22 @@ def mlflow_problems(store: Path) -> list[str]:
                if "mlflow.parentRunId" not in r.data.tags]
     if not parents or parents[0].info.status != "FINISHED":
         problems.append(f"last parent run is {parents[0].info.status if parents else 'missing'}")
+    # the killed runs' processes are gone: the next run marked their MLflow runs KILLED, none shows as running
+    running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    problems += [f"run {r.info.run_id} ({r.info.run_name}) still RUNNING" for r in running]
     return problems
 
 
-def run_kill_anywhere(base: Path) -> KillAnywhereOutcome:
-    """Run the reference, then the kill chain and the final clean rerun; record what happened."""
-    outcome = KillAnywhereOutcome(reference=base / "reference", killed=base / "killed")
-    code, out = run_cli(env_for(outcome.reference), base / "reference.log")
-    assert code == 0, f"reference run failed ({code}):\n{out[-4000:]}"
+def run_kill_anywhere(base: Path, reference: Path | None = None) -> KillAnywhereOutcome:
+    """Run the kill chain and the final clean rerun; record what happened.
+
+    ``reference`` is a store holding an uninterrupted smoke run (the session's ``smoke_store``: a full run
+    covers every stage up to classify with the same params); without it one is run here first.
+    """
+    outcome = KillAnywhereOutcome(reference=reference or base / "reference", killed=base / "killed")
+    if reference is None:
+        code, out = run_cli(env_for(outcome.reference), base / "reference.log")
+        assert code == 0, f"reference run failed ({code}):\n{out[-4000:]}"
     for i, point in enumerate(KILL_PLAN):
         marker = base / f"fault-{i}.fired"
         code, _ = run_cli(env_for(outcome.killed, point, marker), base / f"kill-{i}.log")
@@ -262,8 +272,9 @@ def test_rerun_after_the_kills_completes_and_equals_the_uninterrupted_run(kill_a
 
 
 def test_killed_runs_leave_no_temporary_stage_folder_after_the_rerun(kill_anywhere):
-    """Temporary folders of killed runs may stay until swept, but never at a final path or sealed."""
+    """A killed run's temporary folder is never sealed, and the rerun of that stage reclaims it."""
     for stage in STAGES:
         parent = kill_anywhere.killed / "stages" / stage
         leftovers = [p for p in parent.iterdir() if p.name.startswith(".") and (p / "manifest.json").exists()]
         assert leftovers == [], f"{stage}: a temporary folder carries a manifest: {leftovers}"
+    assert kill_anywhere.summary()["abandoned_temporary_folders"] == []

@@ -1,7 +1,7 @@
 """End to end: `mammo run -p params/smoke.yaml` through a real Prefect flow and real MLflow store.
 
-One store is shared by the tests in this module (module-scoped fixture) so the pipeline runs once
-fresh; later tests exercise caching, param changes and Prefect-database loss on top of it.
+The fresh run is the session's ``smoke_store`` (conftest), shared with other modules; the tests here work on
+a copy of it: later tests exercise caching, param changes and Prefect-database loss on top of it.
 """
 
 from __future__ import annotations
@@ -66,11 +66,11 @@ def runs_of(store: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("store")
-    proc = mammo(root, "run", "-p", str(SMOKE))
-    (root / "first_run.txt").write_text(proc.stdout + proc.stderr)
-    return root
+def store(smoke_store, tmp_path_factory) -> Path:
+    """A copy of the session's fresh smoke run (conftest), which the tests below rerun and change."""
+    from tests.smoke_store import copy_store
+
+    return copy_store(smoke_store, tmp_path_factory.mktemp("e2e") / "store")
 
 
 def test_first_run_runs_every_stage_and_seals_folders(store):
@@ -131,11 +131,15 @@ def test_second_run_is_all_cached_with_child_runs(store):
 
 
 def test_param_change_reruns_that_stage_and_descendants_only(store):
-    proc = mammo(store, "run", "-p", str(SMOKE), "--set", "curate.max_side=256")
-    assert stage_rows(proc.stdout + proc.stderr) == statuses(default="ran", acquire="cached")
+    """A hashing param re-runs hashing, classify and report; detect and baselines (other branches) are reused."""
+    proc = mammo(store, "run", "-p", str(SMOKE), "--set", "hashing.epochs=4")
+    expected = {name: ("ran" if name in {"hashing", "classify", "report"} else "cached") for name in STAGES}
+    assert registry.descendants("hashing") == {"hashing", "classify", "report"}
+    assert stage_rows(proc.stdout + proc.stderr) == expected
 
 
 def test_deleted_prefect_database_still_skips(store):
+    assert (store / "prefect").is_dir(), "the runs above used a Prefect database in the store"
     shutil.rmtree(store / "prefect")
     proc = mammo(store, "run", "-p", str(SMOKE))
     assert stage_rows(proc.stdout + proc.stderr) == statuses(default="cached")
@@ -149,8 +153,8 @@ def test_status_lists_stages(store):
 def test_force_reruns_stage(store):
     proc = mammo(store, "run", "-p", str(SMOKE), "--only", "curate", "--force", "curate")
     assert stage_rows(proc.stdout + proc.stderr) == {"curate": "ran"}
-    proc = mammo(store, "run", "-p", str(SMOKE), "--force", "patches")
-    expected = {name: ("ran" if name in registry.descendants("patches") else "cached") for name in STAGES}
+    proc = mammo(store, "run", "-p", str(SMOKE), "--force", "features")
+    expected = {name: ("ran" if name in registry.descendants("features") else "cached") for name in STAGES}
     assert stage_rows(proc.stdout + proc.stderr) == expected
 
 

@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -40,14 +38,6 @@ pytestmark = pytest.mark.slow
 N_PATCHES = 6
 
 
-def _run_smoke(store: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env["MAMMO_STORE"] = str(store)
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-p", str(SMOKE)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"smoke run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-
-
 def _is_registered(client: MlflowClient) -> bool:
     return any(m.name == serving.REGISTERED_NAME for m in client.search_registered_models())
 
@@ -70,15 +60,20 @@ def _register_like_classify(store: Path, classify, client: MlflowClient, workdir
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(store, tracking URI, classify StageFolder, store reused?); the global tracking URI points there meanwhile."""
+def served(smoke_store, tmp_path_factory):
+    """(store, tracking URI, classify StageFolder, store reused?); the global tracking URI points there meanwhile.
+
+    The store is a copy of the session's smoke run (conftest), which registered the model through the
+    classify stage.
+    """
+    from tests.smoke_store import copy_store
+
     tmp = tmp_path_factory.mktemp("serving")
     given = os.environ.get("MAMMO_SERVING_SMOKE_STORE")
     if given:
         store, tracking_uri = Path(given).resolve(), f"sqlite:///{tmp / 'mlflow.db'}"
     else:
-        store = tmp / "store"
-        _run_smoke(store)
+        store = copy_store(smoke_store, tmp / "store")
         tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
     art = ArtifactStore(store)
     (classify_dir,) = [p for p in art.stage_dir("classify").iterdir() if (p / "manifest.json").is_file()]

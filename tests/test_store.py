@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -90,13 +92,34 @@ def test_force_replaces_existing(tmp_path):
     assert (art.final_path("s", "k") / "out.txt").read_text() == "v2"
 
 
-def test_sweep_removes_abandoned_temporaries(tmp_path):
+def test_sweep_removes_only_folders_whose_producer_is_gone(tmp_path):
+    art = ArtifactStore(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = art.begin("s", "k")  # this process: still running
+    killed = live.with_name(live.name.replace(f"-{os.getpid()}-", f"-{dead.pid}-"))
+    killed.mkdir()
+    elsewhere = live.with_name(f".tmp-k-other-host-{dead.pid}-abcd1234")  # another host on a shared store
+    elsewhere.mkdir()
+    aside = live.with_name(".old-k-abcd1234")  # a forced replace killed before its clean-up
+    aside.mkdir()
+    assert art.sweep_abandoned("s") == 2
+    assert live.exists() and elsewhere.exists()
+    assert not killed.exists() and not aside.exists()
+
+
+def test_reuse_check_names_a_file_changed_after_sealing(tmp_path):
     art = ArtifactStore(tmp_path)
     tmp = art.begin("s", "k")
-    old = 1_000_000
-    os.utime(tmp, (old, old))
-    assert art.sweep_temporaries("s", older_than_s=3600) == 1
-    assert not tmp.exists()
+    (tmp / "out.txt").write_text("sealed")
+    folder = art.seal("s", "k", tmp, params={}, upstream={}, metrics={}, mlflow_run_id=None)
+    art.check_sizes(folder)
+    (folder.path / "out.txt").write_text("truncated")
+    with pytest.raises(IntegrityError, match=r"out.txt is 9 bytes, sealed with 6; .*--force s"):
+        art.check_sizes(folder)
+    (folder.path / "out.txt").unlink()
+    with pytest.raises(IntegrityError, match="out.txt is missing"):
+        art.check_sizes(folder)
 
 
 def test_canonical_json_stable():

@@ -79,20 +79,3 @@ def test_pipeline_tracks_to_a_remote_mlflow_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-def test_mammo_ui_serves_the_store_on_localhost(tmp_path):
-    port = free_port()
-    store = tmp_path / "store"
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "ui", "--port", str(port), "--store", str(store)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(),
-        start_new_session=True,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", ui)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
-            assert resp.status == 200
-    finally:
-        os.killpg(ui.pid, 15)
-        ui.wait(timeout=30)

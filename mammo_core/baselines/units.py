@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import torch
 
-from mammo_core import checkpoint, schedule, training
+from mammo_core import checkpoint, h5io, schedule, training
 from mammo_core.baselines import networks
 from mammo_core.baselines import train as baseline_train
 from mammo_core.baselines.agnet import FeatureSplits
@@ -94,7 +94,7 @@ def read_unit(folder: Path) -> NetworkOutcome:
     folder = Path(folder)
     try:
         meta = json.loads((folder / UNIT_FILE).read_text(encoding="utf-8"))
-        with h5py.File(folder / OUTPUTS_FILE, "r") as fh:
+        with h5io.open_for_reading(folder / OUTPUTS_FILE) as fh:
             arrays = {k: fh[k][:] for k in ("val/probabilities", "test/probabilities", "train/features",
                                             "val/features", "test/features")}
         return NetworkOutcome(

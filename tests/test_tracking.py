@@ -1,0 +1,27 @@
+"""MLflow bookkeeping helpers of tasks/tracking.py on a real (SQLite-backed) tracking store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tasks import tracking
+
+
+def test_runs_of_killed_processes_are_marked_killed_and_live_ones_kept(tmp_path):
+    client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    experiment = tracking.ensure_experiment(client, "orphans", tmp_path / "artifacts")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = tracking.start_run(client, experiment, "live", tags={})  # this process
+    orphan = tracking.start_run(client, experiment, "orphan", tags={})
+    client.set_tag(orphan, tracking.PID_TAG, str(dead.pid))
+    elsewhere = tracking.start_run(client, experiment, "other host", tags={})
+    client.set_tag(elsewhere, tracking.HOST_TAG, "another-host")
+    client.set_tag(elsewhere, tracking.PID_TAG, str(dead.pid))
+
+    assert tracking.close_orphaned_runs(client, experiment) == [orphan]
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert "killed" in client.get_run(orphan).data.tags["ended_by"]
+    assert client.get_run(live).info.status == "RUNNING"
+    assert client.get_run(elsewhere).info.status == "RUNNING"
