@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from tests.test_kill_anywhere import env_for
 from tests.test_pipeline_e2e import REPO, SMOKE, runs_of
-from tests.test_resume_after_kill import env_for
 
 pytestmark = pytest.mark.slow
 

@@ -266,6 +266,9 @@ def test_rerun_after_the_kills_completes_and_equals_the_uninterrupted_run(kill_a
     got = manifests(kill_anywhere.killed)
     assert got["train"]["metrics"]["train/resumed_from_epoch"] >= 1, "train resumed from its checkpoint"
     ref = manifests(kill_anywhere.reference)
+    weights = {m: {f["path"]: f["sha256"] for f in m_["files"]}["weights.pt"] for m, m_ in
+               (("killed", got["train"]), ("reference", ref["train"]))}
+    assert weights["killed"] == weights["reference"], "weights after a mid-training kill are bit-identical"
     assert result_metrics(got["classify"]) == result_metrics(ref["classify"])
     assert result_metrics(got["classify"])["classify/fusion/test_acc"] > 0
     assert not any((kill_anywhere.killed / "scratch").rglob("checkpoint.pt")), "scratch removed once sealed"

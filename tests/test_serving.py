@@ -286,10 +286,17 @@ def test_predict_command_prints_json_for_a_png_patch(cli, model, lineage, test_p
     assert "P_00016" not in result.stdout
 
 
-def test_predict_command_explains_that_the_detector_is_not_registered_yet(cli, tmp_path):
+def test_predict_command_names_missing_models_and_how_to_get_them(cli, served, tmp_path):
+    """Last in this module: it removes the detector's registration from the module's store copy."""
+    result = cli(str(tmp_path / "x.png"), "--model", "models:/no-such-model/1")
+    assert result.exit_code == 2
+    assert "no registered model 'no-such-model'" in result.output
+    _, tracking_uri, _, given_store = served
+    assert "mammo-classifier" in result.output  # the message lists what is registered
+    client = MlflowClient(tracking_uri)
+    if not given_store:  # the pipeline run registered the detector too
+        assert "mammo-detector" in result.output
+        client.delete_registered_model("mammo-detector")
     result = cli(str(tmp_path / "x.png"), "--model", "models:/mammo-detector/latest")
     assert result.exit_code == 2
     assert "no registered model 'mammo-detector'" in result.output and "detect stage" in result.output
-    result = cli(str(tmp_path / "x.png"), "--model", "models:/no-such-model/1")
-    assert result.exit_code == 2
-    assert "no registered model 'no-such-model'" in result.output and "mammo-classifier" in result.output
