@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,14 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+from mammo_core.figures import save_figure  # noqa: E402
 
 
 def lesion_sizes_figure(sizes: np.ndarray, anchor_sizes: Sequence[int], path: Path) -> Path:
@@ -34,7 +26,7 @@ def lesion_sizes_figure(sizes: np.ndarray, anchor_sizes: Sequence[int], path: Pa
     ax.set_xlabel("lesion box size, sqrt(w*h) in detector-input pixels (dashed: anchor sizes)")
     ax.set_ylabel("lesions")
     ax.set_title(f"Lesion sizes (n={len(sizes)})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def example_figure(image: Tensor, truth: Mapping[str, Tensor], predicted: Mapping[str, Tensor],
@@ -53,4 +45,4 @@ def example_figure(image: Tensor, truth: Mapping[str, Tensor], predicted: Mappin
         ax.text(box[0], box[1] - 2, f"{classes[label - 1]}:{score:.2f}", color="#c44e52", fontsize=6)
     ax.set_axis_off()
     ax.set_title("green: truth, red: predicted", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
