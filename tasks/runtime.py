@@ -305,9 +305,13 @@ def _task_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
     return f"{parameters['stage']}-{parameters['key']}"
 
 
-@task(cache_key_fn=_task_cache_key, persist_result=True, retries=0)
+@task(cache_key_fn=_task_cache_key, persist_result=True, retries=0, log_prints=False)
 def stage_task(stage: str, ctx: RunContext, key: str, upstream: dict[str, StageResult]) -> StageResult:
-    """The Prefect task behind every stage (renamed per stage with ``with_options``)."""
+    """The Prefect task behind every stage (renamed per stage with ``with_options``).
+
+    ``log_prints=False``: stages log through their logger; what libraries print (pycocotools' summary
+    tables, for one) stays out of the run log, where the flow's ``log_prints`` would otherwise put it.
+    """
     from tasks.registry import STAGES
 
     return execute(STAGES[stage], ctx, key, upstream)
