@@ -66,3 +66,29 @@ def test_dask_runner_trains_three_branch_tasks_with_gpu_resources_and_same_weigh
     assert len(set(re.findall(r"Starting temporary server on (\S+)", out))) == 1
     train_runs = [r for r in runs_of(store) if r.data.tags.get("mlflow.runName") == "train"]
     assert len(train_runs) == 2 and all(r.info.status == "FINISHED" for r in train_runs)
+
+
+@pytest.mark.slow
+def test_process_runner_reproduces_the_thread_runners_stages(smoke_store, tmp_path):
+    """`run.task_runner=process` runs stages in worker processes; patches and augment come out the same.
+
+    A copy of the session's smoke run (thread runner) is the reference; patches and augment are forced
+    again under the process runner: they are the first stages that read and write HDF5 through the worker
+    boundary, and their metrics count every patch.
+    """
+    from tests.smoke_store import copy_store
+
+    store = copy_store(smoke_store, tmp_path / "store")
+
+    def metrics(stage: str) -> dict[str, float]:
+        (folder,) = [p for p in (store / "stages" / stage).iterdir() if (p / "manifest.json").is_file()]
+        found = json.loads((folder / "manifest.json").read_text())["metrics"]
+        return {k: v for k, v in found.items() if not k.endswith("seconds")}
+
+    before = {stage: metrics(stage) for stage in ("patches", "augment")}
+    proc = mammo(store, "run", "-p", str(SMOKE), "--until", "augment", "--force", "patches",
+                 "--set", "run.task_runner=process")
+    assert stage_rows(proc.stdout + proc.stderr) == {"acquire": "cached", "curate": "cached", "patches": "ran",
+                                                     "augment": "ran"}
+    assert {stage: metrics(stage) for stage in ("patches", "augment")} == before
+    assert before["patches"], "the patches stage records its counts"
