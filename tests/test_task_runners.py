@@ -38,8 +38,8 @@ def test_device_for_maps_the_gpu_onto_visible_devices_and_refuses_cuda_without_o
 
 def _weights(store):
     folder = next((store / "stages" / "train").glob("*/manifest.json")).parent
-    return json.loads((folder / "manifest.json").read_text()), torch.load(folder / "weights.pt",
-                                                                          weights_only=True)
+    weights = torch.load(folder / "weights.pt", weights_only=True)
+    return json.loads((folder / "manifest.json").read_text()), weights
 
 
 @pytest.mark.slow
