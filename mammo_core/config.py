@@ -203,6 +203,12 @@ class DetectParams(_Section):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=1e-4, ge=0)
     max_rotation: float = Field(default=10.0, ge=0, le=180, description="augmentation rotation range, degrees")
+    train_crop: int | None = Field(default=256, ge=32, le=4096,
+                                   description="train on windows of this side (None: whole images)")
+    positive_fraction: float = Field(default=0.75, ge=0, le=1,
+                                     description="share of training windows placed on a lesion")
+    train_backbone: bool = Field(default=False, description="also train ours' fused extractor (default: "
+                                 "frozen, FPN/RPN/box head train; the ResNet-50 baseline keeps torchvision's rule)")
     anchor_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])
     aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
     hash_bits: int = Field(default=48, ge=1, le=512)

@@ -1,7 +1,10 @@
 """detect: Faster R-CNN on the fused backbone with a hash head, its baselines, COCO/FROC metrics and latency.
 
-Every model trains on the identical split and budget (epochs, batch, optimiser, augmentation, seed); each
-checkpoints per epoch into the stage's scratch folder, so a rerun after a kill continues. The sealed folder
+Every model trains on the identical split and budget (epochs, batch, optimiser, augmentation, training
+windows, seed); each checkpoints per epoch into the stage's scratch folder, so a rerun after a kill
+continues. By default (``detect.train_crop``, ``detect.train_backbone``) training sees 256-px windows, most of
+them placed on a lesion, and ours keeps the fused extractor the train stage produced frozen; evaluation and
+serving always see whole breast crops. The sealed folder
 holds ``detection.json`` (the Table 8 contract), ``table8_detection.csv``, ``history.json``, the lesion-size
 figure and a few example figures (named by position, never by image id: CBIS ids carry patient ids), plus
 the final detector (``detector.pt`` + ``detector_config.json``), logged as an MLflow model and registered
@@ -83,6 +86,8 @@ def _run(ctx: runtime.StageContext) -> None:
         cfg = config_for(name)
         model, tag = builders.build_detector(cfg, copy.deepcopy(fused) if name != "frcnn_r50" else None,
                                              p.r50_weights)
+        if name != "frcnn_r50" and not p.train_backbone:
+            tag += f", extractor frozen ({builders.freeze_feature_extractor(model) / 1e6:.1f}M parameters)"
 
         def on_epoch(record: engine.EpochRecord, name: str = name) -> None:
             ctx.log_metrics({f"detect/{name}/train_loss": record.train_loss}
@@ -94,11 +99,14 @@ def _run(ctx: runtime.StageContext) -> None:
         result = engine.train_detector(
             model, train, epochs=p.epochs, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
             batch_size=p.batch_size, seed=p.seed, checkpoint_path=ctx.scratch / f"{name}.pt", device=device,
-            max_rotation=p.max_rotation, scorer=val_ap50 if val and p.epochs > 1 else None, on_epoch=on_epoch)
+            max_rotation=p.max_rotation, crop_size=p.train_crop, positive_fraction=p.positive_fraction,
+            scorer=val_ap50 if val and p.epochs > 1 else None, on_epoch=on_epoch)
         preds = engine.predict(result.model, test, device)
         targets = [i.target() for i in test]
         coco = evaluate.coco_metrics(preds, targets, dataset.classes)
+        lesion = evaluate.coco_metrics(evaluate.class_agnostic(preds), evaluate.class_agnostic(targets), ["lesion"])
         rows.append({"model": name, "map50": coco["map50"], "map": coco["map"], "ar100": coco["ar100"],
+                     "lesion_ap50": lesion["map50"],
                      "latency_ms": float("nan"), "froc": evaluate.froc(preds, targets),
                      "per_class_ap50": coco["per_class_ap50"], "weights": tag,
                      "params_m": round(builders.parameter_millions(result.model), 3), "epochs": p.epochs,
@@ -114,7 +122,7 @@ def _run(ctx: runtime.StageContext) -> None:
     for row in rows:
         row["latency_ms"] = times[row["model"]]
         prefix = f"detect/{row['model']}"
-        for key in ("map50", "map", "ar100", "latency_ms"):
+        for key in ("map50", "map", "ar100", "lesion_ap50", "latency_ms"):
             metrics[f"{prefix}/{key}"] = row[key]
         for rate, value in row["froc"].items():
             metrics[f"{prefix}/froc_{rate.replace('.', '_')}fp"] = value
@@ -132,6 +140,9 @@ def _run(ctx: runtime.StageContext) -> None:
         "lesion_sizes": size_summary, "dropped_boxes": dict(dataset.dropped),
         "latency_input_hw": list(probe.shape[-2:]), "device": str(device),
         "split_images": {"train": len(train), "val": len(val), "test": len(test)},
+        "training": {"epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr, "train_crop": p.train_crop,
+                     "positive_fraction": p.positive_fraction, "train_backbone": p.train_backbone,
+                     "roi_samples": p.roi_samples, "proposals_train": p.proposals_train},
     })
     flat = [_flatten(r) for r in rows]
     fields = list(dict.fromkeys(k for f in flat for k in f))

@@ -52,6 +52,47 @@ def test_rotated_box_encloses_the_rotated_object():
     assert (x1 - x0) < 26 and (y1 - y0) < 18 and (x1 - x0) > 20
 
 
+def test_positive_window_holds_its_lesion_and_moves_with_it():
+    image = torch.arange(200 * 120, dtype=torch.float32).reshape(1, 200, 120)
+    boxes = torch.tensor([[70.0, 150.0, 90.0, 170.0], [5.0, 5.0, 15.0, 15.0]])
+    labels = torch.tensor([2, 3])
+    g = torch.Generator().manual_seed(0)
+    seen_left = set()
+    for _ in range(40):
+        window, out, kept = data.random_crop(image, boxes, labels, 64, g, positive_fraction=1.0)
+        assert window.shape == (1, 64, 64)
+        top, left = divmod(int(window[0, 0, 0].item()), 120)  # the pixel value says where the window sits
+        assert torch.equal(window, image[:, top:top + 64, left:left + 64])
+        seen_left.add(left)
+        # every kept box is the original shifted into the window, and a lesion window holds a whole lesion
+        assert len(out) >= 1
+        for b, lab in zip(out.tolist(), kept.tolist(), strict=True):
+            original = boxes[labels.tolist().index(lab)].tolist()
+            assert b == pytest.approx([original[0] - left, original[1] - top, original[2] - left, original[3] - top])
+    assert len(seen_left) > 5  # the lesion is not always at the same place in the window
+
+
+def test_negative_window_drops_mostly_cut_boxes_and_small_images_stay_whole():
+    image = torch.rand(1, 100, 100)
+    boxes = torch.tensor([[40.0, 40.0, 60.0, 60.0]])
+    labels = torch.tensor([1])
+    g = torch.Generator().manual_seed(1)
+    outcomes = set()
+    for _ in range(60):
+        window, out, _ = data.random_crop(image, boxes, labels, 50, g, positive_fraction=0.0)
+        top, left = 0, 0
+        for cand_top in range(51):
+            for cand_left in range(51):
+                if torch.equal(window, image[:, cand_top:cand_top + 50, cand_left:cand_left + 50]):
+                    top, left = cand_top, cand_left
+        visible = max(0, min(60, left + 50) - max(40, left)) * max(0, min(60, top + 50) - max(40, top)) / 400
+        assert (len(out) == 1) == (visible >= 0.5), (left, top, visible)
+        outcomes.add(len(out))
+    assert outcomes == {0, 1}
+    small, out, _ = data.random_crop(torch.rand(1, 30, 20), boxes / 4, labels, 64, g)
+    assert small.shape == (1, 30, 20) and out.tolist() == (boxes / 4).tolist()
+
+
 def test_bad_boxes_are_clipped_or_dropped_and_counted():
     dropped: Counter = Counter()
     keep, boxes = data.clean_boxes([[5, 5, 5, 9], [-10, 2, 8, 6], [50, 50, 60, 60], [1, 1, 4, 4]], 20, 30, dropped)
@@ -118,7 +159,7 @@ def test_hash_head_shapes_and_classification_goes_through_the_codes():
     assert logits.shape == (7, 5) and deltas.shape == (7, 20)
     codes = head.codes(x)
     assert codes.shape == (7, 12) and codes.min().item() >= 0.0 and codes.max().item() <= 1.0
-    torch.testing.assert_close(logits, head.cls_score(codes))
+    torch.testing.assert_close(logits, head.cls_score((codes - 0.5) / head.hash.eps))
     logits.sum().backward()
     assert head.hash.projection.weight.grad.abs().sum() > 0  # the class loss trains the decoder
     assert head.bbox_pred.weight.grad is None  # box regression does not depend on the class path
@@ -148,6 +189,28 @@ def test_ours_uses_the_hash_head_at_inference_and_the_ablation_does_not():
     plain, _ = builders.build_detector(_tiny_config("ours_nohash"))
     assert isinstance(plain.roi_heads.box_predictor, heads.PlainBoxPredictor)
     assert builders.parameter_millions(model) > builders.parameter_millions(plain)
+
+
+def test_detectors_take_inputs_at_their_own_size():
+    # torchvision's transform would scale a 32-px training window up to input_size (64): ours must not
+    for name in ("ours", "frcnn_r50"):
+        model, _ = builders.build_detector(_tiny_config(name))
+        images, _ = model.transform([torch.rand(3, 32, 24), torch.rand(3, 64, 40)])
+        assert images.image_sizes == [(32, 24), (64, 40)], name
+
+
+def test_freezing_the_fused_extractor_leaves_fpn_rpn_and_heads_trainable():
+    model, _ = builders.build_detector(_tiny_config("ours"))
+    frozen = builders.freeze_feature_extractor(model)
+    assert frozen > 0 and not any(p.requires_grad for p in model.backbone.body.parameters())
+    trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"backbone.fpn", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor"}
+    before = {k: v.clone() for k, v in model.backbone.body.state_dict().items()}
+    engine.train_detector(model, _items(), epochs=1, lr=0.01, batch_size=2, crop_size=32)
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.body.state_dict().items())
+    r50, _ = builders.build_detector(_tiny_config("frcnn_r50"))
+    with pytest.raises(TypeError, match="fused detectors"):
+        builders.freeze_feature_extractor(r50)
 
 
 def _items(n: int = 3) -> list[data.DetectionImage]:
@@ -241,6 +304,16 @@ def test_froc_on_a_hand_made_case():
     # class-agnostic, by score: .95 FP, .9 finds a, .8 FP, .7 finds b, .6 duplicate of a (not counted)
     assert evaluate.froc(predictions, targets) == {"0.5": 0.5, "1": 1.0, "2": 1.0}
     assert evaluate.froc(predictions, targets, rates=(0.25,)) == {"0.25": 0.0}
+
+
+def test_class_agnostic_ap_counts_a_found_lesion_of_the_wrong_class():
+    predictions, targets = _case()
+    lesion = evaluate.coco_metrics(evaluate.class_agnostic(predictions), evaluate.class_agnostic(targets), ["lesion"])
+    by_class = evaluate.coco_metrics(predictions, targets, CLASSES)
+    # b is found only by a class-1 box (.7): wrong class, right place
+    assert lesion["map50"] > by_class["per_class_ap50"]["MASS_MALIGNANT"]
+    assert lesion["ar100"] == pytest.approx(1.0) and by_class["ar100"] == pytest.approx(0.5)
+    assert predictions[1]["labels"].tolist() == [1, 2]  # inputs untouched
 
 
 def test_metrics_without_detections_or_truth():

@@ -241,6 +241,47 @@ def rotate(image: Tensor, boxes: Tensor, angle_deg: float) -> tuple[Tensor, Tens
     return rotated, rotate_boxes(boxes, angle_deg, h, w)
 
 
+def random_crop(image: Tensor, boxes: Tensor, labels: Tensor, size: int, generator: torch.Generator,
+                positive_fraction: float = 0.75, min_visible: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """A ``size`` x ``size`` window (smaller where the image is) and the boxes that stay mostly inside it.
+
+    Why crops: lesions are small, so most of a full mammogram's pixels teach the detector only
+    "background"; a window placed on a lesion (``positive_fraction`` of the draws, when the image has
+    boxes) spends the training budget where the boxes are, at the input resolution, while the other draws
+    land anywhere and keep the negatives. A box keeps its label when at least ``min_visible`` of its area
+    stays in the window (clipped to it); the rest are dropped, as a cut-off finding is not a finding.
+    The window around a lesion is placed uniformly among positions that hold the whole box (or centred
+    on it when the box is larger than the window), so lesions are not always in the middle.
+    """
+    h, w = image.shape[-2:]
+    ch, cw = min(size, h), min(size, w)
+    draws = torch.rand(3, generator=generator).tolist()
+    if len(boxes) and draws[0] < positive_fraction:
+        x0, y0, x1, y1 = boxes[min(int(draws[1] * len(boxes)), len(boxes) - 1)].tolist()
+        lo_x, hi_x = max(0.0, x1 - cw), min(x0, w - cw)
+        lo_y, hi_y = max(0.0, y1 - ch), min(y0, h - ch)
+        if hi_x < lo_x:
+            lo_x = hi_x = min(max((x0 + x1 - cw) / 2, 0.0), w - cw)
+        if hi_y < lo_y:
+            lo_y = hi_y = min(max((y0 + y1 - ch) / 2, 0.0), h - ch)
+        left = int(round(lo_x + draws[2] * (hi_x - lo_x)))
+        top = int(round(lo_y + torch.rand(1, generator=generator).item() * (hi_y - lo_y)))
+    else:
+        left = int(draws[1] * (w - cw + 1))
+        top = int(draws[2] * (h - ch + 1))
+    window = image[..., top:top + ch, left:left + cw]
+    if not len(boxes):
+        return window, boxes.clone(), labels.clone()
+    shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
+    clipped = shifted.clone()
+    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, cw)
+    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, ch)
+    area = (shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])
+    kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    ok = (kept >= min_visible * area) & ((clipped[:, 2] - clipped[:, 0]) >= 1) & ((clipped[:, 3] - clipped[:, 1]) >= 1)
+    return window, clipped[ok], labels[ok]
+
+
 def augment(image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator,
             max_rotation: float = 10.0) -> tuple[Tensor, Tensor, Tensor]:
     """Random h/v flips and a rotation within +-``max_rotation`` degrees; boxes left under 1 px are dropped."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mammo_core import checkpoint
-from mammo_core.detection.data import DetectionImage, augment
+from mammo_core.detection.data import DetectionImage, augment, random_crop
 
 
 @dataclass
@@ -71,11 +71,17 @@ def train_detector(
     device: torch.device | str = "cpu",
     augment_train: bool = True,
     max_rotation: float = 10.0,
+    crop_size: int | None = None,
+    positive_fraction: float = 0.75,
     scorer: Callable[[nn.Module], float] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; ``stop_after`` ends after that many epochs of this call (tests of resume)."""
+    """Train ``model`` in place; ``stop_after`` ends after that many epochs of this call (tests of resume).
+
+    ``crop_size``: train on windows of that side (see :func:`random_crop`) instead of whole images; an
+    epoch is still one window per training image. Only parameters with ``requires_grad`` are optimised.
+    """
     if not items:
         raise ValueError("no training images for the detector")
     model.to(device)
@@ -111,6 +117,8 @@ def train_detector(
             images, targets = [], []
             for item in batch:
                 image, boxes, labels = item.image, item.boxes, item.labels
+                if crop_size:
+                    image, boxes, labels = random_crop(image, boxes, labels, crop_size, generator, positive_fraction)
                 if augment_train:
                     image, boxes, labels = augment(image, boxes, labels, generator, max_rotation)
                 images.append(as_input(image, device))

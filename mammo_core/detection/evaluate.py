@@ -75,6 +75,15 @@ def coco_metrics(predictions: Sequence[Mapping[str, Tensor]], targets: Sequence[
     return {"map50": stats[1], "map": stats[0], "ar100": stats[8], "per_class_ap50": per_class}
 
 
+def class_agnostic(items: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """Predictions or targets with every label set to 1: "is there a lesion here", whatever its class.
+
+    Why: AP per class mixes two skills, finding a lesion and naming its type and pathology; the lesion
+    AP50 of these relabelled boxes isolates the first (FROC, the mammography convention, is class-agnostic too).
+    """
+    return [dict(item, labels=torch.ones_like(item["labels"])) for item in items]
+
+
 def froc(predictions: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]],
          rates: Sequence[float] = FROC_RATES, iou: float = 0.5) -> dict[str, float]:
     """Sensitivity at each rate of false positives per image, keyed ``"0.5"``, ``"1"``, ``"2"``."""

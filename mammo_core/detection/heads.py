@@ -28,9 +28,19 @@ class HashBoxPredictor(nn.Module):
         """Relaxed codes (N, q) in [0, 1]; binarise at 0.5 for retrieval."""
         return self.hash(x.flatten(start_dim=1))
 
+    def centred_codes(self, x: Tensor) -> Tensor:
+        """Relaxed codes mapped to ``(code - 0.5) / eps``: the band [0.5-eps, 0.5+eps] becomes [-1, 1].
+
+        Why: inside the band (the only place a bit learns) codes span just 2*eps = 0.2, so a linear
+        classifier on raw codes barely moves its logits and Faster R-CNN's class loss settles on
+        "background" before any bit separates lesions; centring and scaling fixes that without adding
+        parameters (binary codes map to -1/eps and +1/eps, the same ranking and Hamming distances).
+        """
+        return (self.hash(x.flatten(start_dim=1)) - 0.5) / self.hash.eps
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.flatten(start_dim=1)
-        return self.cls_score(self.hash(x)), self.bbox_pred(x)
+        return self.cls_score(self.centred_codes(x)), self.bbox_pred(x)
 
 
 class PlainBoxPredictor(nn.Module):
