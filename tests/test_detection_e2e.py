@@ -43,10 +43,12 @@ def test_detect_stage_writes_the_table8_contract(store):
     assert [r["model"] for r in result["rows"]] == MODELS
     for row in result["rows"]:
         assert 0.0 <= row["map50"] <= 1.0 and 0.0 <= row["map"] <= row["map50"] + 1e-9
+        assert 0.0 <= row["lesion_ap50"] <= 1.0
         assert row["latency_ms"] > 0 and row["params_m"] > 1 and row["epochs"] == 1
         assert set(row["froc"]) == {"0.5", "1", "2"}
         assert set(row["per_class_ap50"]) == set(result["classes"])
-    assert result["rows"][0]["weights"] == "train-stage fused DenseNet"
+    assert result["rows"][0]["weights"].startswith("train-stage fused DenseNet, extractor frozen")
+    assert result["training"]["train_crop"] == 96 and result["training"]["train_backbone"] is False
     assert result["rows"][2]["weights"].startswith(("imagenet", "none (random init"))
     assert result["lesion_sizes"]["count"] > 0 and result["lesion_sizes"]["quantiles_px"]["q50"] > 0
     assert "fast_rcnn" in result and isinstance(result["dropped_boxes"], dict)
@@ -64,7 +66,7 @@ def test_detect_metrics_are_run_metrics_and_the_detector_is_registered(store):
     client = client_for(store)
     run = client.get_run(manifest["mlflow_run_id"])
     for model in MODELS:
-        for key in ("map50", "map", "ar100", "latency_ms", "froc_1fp"):
+        for key in ("map50", "map", "ar100", "lesion_ap50", "latency_ms", "froc_1fp"):
             assert math.isfinite(run.data.metrics[f"detect/{model}/{key}"])
     assert run.data.tags["serving.registered_model"] == "mammo-detector"
     versions = client.search_model_versions("name='mammo-detector'")

@@ -140,7 +140,8 @@ def _make_detect(d: Path) -> None:
          "froc": {"0.5": 0.125, "1": 0.25, "2": 0.4375}, "per_class_ap50": {"MASS_BENIGN": 0.4375,
                                                                             "CALC_MALIGNANT": 0.375},
          "weights": "train:tttt", "params_m": 7.0625, "epochs": 3},
-        {"model": "frcnn_r50", "map50": 0.3125, "map": 0.125, "ar100": 0.46875, "latency_ms": 123.5,
+        {"model": "frcnn_r50", "map50": 0.3125, "map": 0.125, "ar100": 0.46875, "lesion_ap50": 0.375,
+         "latency_ms": 123.5,
          "froc": {"0.5": 0.0625, "1": 0.125, "2": 0.25}, "per_class_ap50": {"MASS_BENIGN": 0.25,
                                                                            "CALC_MALIGNANT": 0.375},
          "weights": "none (random init)", "params_m": 41.3, "epochs": 3},
@@ -148,7 +149,8 @@ def _make_detect(d: Path) -> None:
     _write_json(d / "detection.json", {
         "classes": ["MASS_BENIGN", "CALC_MALIGNANT"], "input_size": 384, "rows": rows,
         "fast_rcnn": "superseded by Faster R-CNN; selective search is not available offline",
-        "lesion_sizes": {"median_px": 21.5}, "dropped_boxes": {"degenerate box": 2, "outside image": 1}})
+        "lesion_sizes": {"median_px": 21.5}, "dropped_boxes": {"degenerate box": 2, "outside image": 1},
+        "training": {"epochs": 3, "train_crop": 256, "train_backbone": False}})
     pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows]).to_csv(
         d / "table8_detection.csv", index=False)
     _png(d / "examples_ours.png", 180)
@@ -308,15 +310,16 @@ def test_fused_latency_is_shown_when_a_stage_records_it(tmp_path):
 def test_detection_fills_table_8_with_claims_and_the_reason_fast_rcnn_is_absent(built):
     _, out, md = built
     t8 = sections_of(md)["Table 8"]
-    assert ("| ours | 0.4375 | 0.1875 | 0.5625 | 0.25 | 0.375 | 0.5 | 41.25 | 7.125 | 3 | train:tttt | 75.01 | 105 |"
+    assert ("| ours | 0.4375 | 0.1875 | 0.5625 |  | 0.25 | 0.375 | 0.5 | 41.25 | 7.125 | 3 | train:tttt | 75.01 | 105 |"
             in t8)
-    assert "| ours_nohash | 0.4062 | 0.1562 | 0.5312 | 0.125 | 0.25 | 0.4375 | 39.5 | 7.0625 | 3 | train:tttt |  |  |" \
+    assert "| ours_nohash | 0.4062 | 0.1562 | 0.5312 |  | 0.125 | 0.25 | 0.4375 | 39.5 | 7.0625 | 3 | train:tttt |  |  |" \
         in t8
-    assert "| frcnn_r50 | 0.3125 | 0.125 | 0.4688 |" in t8 and "| 70.03 | 325 |" in t8
+    assert "| frcnn_r50 | 0.3125 | 0.125 | 0.4688 | 0.375 |" in t8 and "| 70.03 | 325 |" in t8
     assert ("Fast R-CNN (paper claim: mAP 60.50 %, 534 ms) has no row of ours; the detect stage records why: "
             "superseded by Faster R-CNN") in t8
     assert "| MASS_BENIGN | 0.5 | 0.4375 | 0.25 |" in t8  # AP50 per class and model
     assert "| degenerate box | 2 |" in t8
+    assert "Training regime of every row (detection.json training): epochs 3, train_backbone False, train_crop 256" in t8
     assert "](figures/detect_examples_ours.png)" in t8 and "](figures/detect_examples_frcnn_r50.png)" in t8
     assert f"Source: detect/detection.json (key {KEYS['detect']}" in t8
     t8_csv = pd.read_csv(out / "tables" / "table8_detection.csv").set_index("model")
