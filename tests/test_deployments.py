@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.test_pipeline_e2e import REPO, runs_of
+from tests.test_tracking_server import stop_process
 
 pytestmark = pytest.mark.slow
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -82,11 +83,7 @@ def server(tmp_path):
             assert proc.poll() is None, (tmp_path / "server.log").read_text()
             yield env
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
 
 
 def prefect(env: dict, *args: str, timeout: float = 300) -> str:
@@ -117,9 +114,7 @@ def test_smoke_deployment_runs_on_a_process_worker_and_records_mlflow_runs(serve
                 lambda: (s := get_json(f"{server['PREFECT_API_URL']}/flow_runs/{flow_run_id}")["state"]["type"])
                 in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and s, 400, "the flow run", poll=2)
         finally:
-            if worker.poll() is None:
-                worker.terminate()
-            worker.wait(timeout=60)
+            stop_process(worker, timeout=60)
     assert state == "COMPLETED", worker_log.read_text()[-5000:]
     runs = runs_of(store)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.test_deployments import free_port, get_json, wait_until
 from tests.test_pipeline_e2e import REPO, SMOKE, stage_rows
+from tests.test_tracking_server import stop_process
 
 pytestmark = pytest.mark.slow
 DB_USER = "mammo"
@@ -97,11 +98,7 @@ def mlflow_server(postgres, tmp_path_factory) -> tuple[str, Path]:
             assert proc.poll() is None, (root / "server.log").read_text()[-5000:]
             yield url, artifacts
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
 
 
 def test_smoke_pipeline_tracks_into_the_postgres_backed_server(postgres, mlflow_server, tmp_path):

@@ -312,14 +312,15 @@ def test_detection_fills_table_8_with_claims_and_the_reason_fast_rcnn_is_absent(
     t8 = sections_of(md)["Table 8"]
     assert ("| ours | 0.4375 | 0.1875 | 0.5625 |  | 0.25 | 0.375 | 0.5 | 41.25 | 7.125 | 3 | train:tttt | 75.01 | 105 |"
             in t8)
-    assert "| ours_nohash | 0.4062 | 0.1562 | 0.5312 |  | 0.125 | 0.25 | 0.4375 | 39.5 | 7.0625 | 3 | train:tttt |  |  |" \
-        in t8
+    assert ("| ours_nohash | 0.4062 | 0.1562 | 0.5312 |  | 0.125 | 0.25 | 0.4375 | 39.5 | 7.0625 | 3 | train:tttt "
+            "|  |  |") in t8
     assert "| frcnn_r50 | 0.3125 | 0.125 | 0.4688 | 0.375 |" in t8 and "| 70.03 | 325 |" in t8
     assert ("Fast R-CNN (paper claim: mAP 60.50 %, 534 ms) has no row of ours; the detect stage records why: "
             "superseded by Faster R-CNN") in t8
     assert "| MASS_BENIGN | 0.5 | 0.4375 | 0.25 |" in t8  # AP50 per class and model
     assert "| degenerate box | 2 |" in t8
-    assert "Training regime of every row (detection.json training): epochs 3, train_backbone False, train_crop 256" in t8
+    assert ("Training regime of every row (detection.json training): epochs 3, train_backbone False, "
+            "train_crop 256") in t8
     assert "](figures/detect_examples_ours.png)" in t8 and "](figures/detect_examples_frcnn_r50.png)" in t8
     assert f"Source: detect/detection.json (key {KEYS['detect']}" in t8
     t8_csv = pd.read_csv(out / "tables" / "table8_detection.csv").set_index("model")

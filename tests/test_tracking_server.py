@@ -40,6 +40,17 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Terminate a server started by a test; kill it when it does not stop within ``timeout`` s."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(extra)
@@ -77,5 +88,4 @@ def test_pipeline_tracks_to_a_remote_mlflow_server(tmp_path):
         assert "manifest.json" in artifacts and "curation_report.json" in artifacts
         assert any((tmp_path / "server-artifacts").rglob("curation_report.json"))  # proxied to the server
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_process(server)
