@@ -98,17 +98,10 @@ class AugmentParams(_Section):
     batch: int = Field(default=256, ge=1)
 
 
-class TrainParams(_Section):
-    """Freeze1..3 transfer learning (mammo_core.model, mammo_core.training). Paper values in paper.yaml."""
+class _Schedule(_Section):
+    """The paper's training schedule (mammo_core.schedule), shared by the branches and the single-network
+    baselines so that both train under the same protocol. Paper values in paper.yaml."""
 
-    weights: str = Field(default="none", description="imagenet | none | path to a DenseNet-121 state dict")
-    freeze_upto: dict[str, str] | None = Field(
-        default=None,
-        description="branch -> last frozen stage or dense layer (Freeze1 freezes the most); "
-        "None = mammo_core.model.DEFAULT_FREEZE_UPTO",
-    )
-    mode: Literal["shared", "separate"] = "shared"
-    cache_trunk: bool = True
     epochs: int = Field(default=100, ge=1, le=10_000)
     batch_size: int = Field(default=32, ge=1, le=4096)
     lr: float = Field(default=0.01, gt=0)
@@ -119,6 +112,19 @@ class TrainParams(_Section):
     warmup_epochs: int = Field(default=5, ge=0)
     warmup_lr: float = Field(default=1e-5, gt=0)
     rollback_every: int = Field(default=5, ge=0, description="0 disables the roll-back to the best checkpoint")
+
+
+class TrainParams(_Schedule):
+    """Freeze1..3 transfer learning (mammo_core.model, mammo_core.training). Paper values in paper.yaml."""
+
+    weights: str = Field(default="none", description="imagenet | none | path to a DenseNet-121 state dict")
+    freeze_upto: dict[str, str] | None = Field(
+        default=None,
+        description="branch -> last frozen stage or dense layer (Freeze1 freezes the most); "
+        "None = mammo_core.model.DEFAULT_FREEZE_UPTO",
+    )
+    mode: Literal["shared", "separate"] = "shared"
+    cache_trunk: bool = True
     num_workers: int = Field(default=0, ge=0, le=64)
     seed: int = 0
 
@@ -231,7 +237,7 @@ class DetectParams(_Section):
 BaselineNetwork = Literal["vgg16", "inception_v3", "resnet50", "densenet121"]
 
 
-class BaselinesParams(_Section):
+class BaselinesParams(_Schedule):
     """Single-network classifiers and classic baselines (mammo_core.baselines); schedule as the train stage's."""
 
     networks: list[BaselineNetwork] = Field(
@@ -249,16 +255,6 @@ class BaselinesParams(_Section):
     keep_weights: bool = Field(default=True, description="store each network's best weights in its unit")
     max_train_rows: int | None = Field(default=None, ge=1, description="CPU budget for smoke runs: train every "
                                        "method on at most this many training rows, classes taking turns; None = all")
-    epochs: int = Field(default=100, ge=1, le=10_000)
-    batch_size: int = Field(default=32, ge=1, le=4096)
-    lr: float = Field(default=0.01, gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=5e-4, ge=0)
-    lr_step: int = Field(default=20, ge=1)
-    lr_gamma: float = Field(default=10.0, ge=1)
-    warmup_epochs: int = Field(default=5, ge=0)
-    warmup_lr: float = Field(default=1e-5, gt=0)
-    rollback_every: int = Field(default=5, ge=0)
     latency_repeats: int = Field(default=10, ge=1)
     n_boot: int = Field(default=1000, ge=0, le=100_000)
     sift_image_size: int = Field(default=128, ge=16, le=1024, description="patches are resized to this for SIFT")
