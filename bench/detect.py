@@ -59,11 +59,7 @@ def main() -> None:
     size = args.size or p.max_size
     models = {}
     for name in builders.MODELS:
-        config = builders.DetectorConfig(
-            model=name, classes=data.class_names(p.classes), input_size=size, anchor_sizes=list(p.anchor_sizes),
-            aspect_ratios=list(p.aspect_ratios), hash_bits=p.hash_bits, representation=p.representation,
-            fpn_channels=p.fpn_channels, fusion_weights=list(p.fusion_weights), proposals_train=p.proposals_train,
-            proposals_test=p.proposals_test, roi_samples=p.roi_samples, seed=p.seed)
+        config = builders.config_from_params(p, name, data.class_names(p.classes), input_size=size)
         models[name] = builders.build_detector(config)[0].eval().to(device)
     image = synthetic_mammogram(size, round(size * 5 / 8)).to(device)
     times = measure_latency(models, image, repeats=args.repeats, warmup=args.warmup)

@@ -126,31 +126,21 @@ def main() -> None:
     test_targets = [i.target() for i in split["test"]]
     rows, models = {}, {}
     for name in args.models.split(","):
-        config = builders.DetectorConfig(
-            model=name, classes=loaded["classes"], input_size=p.max_size, anchor_sizes=list(p.anchor_sizes),
-            aspect_ratios=list(p.aspect_ratios), hash_bits=p.hash_bits, representation=p.representation,
-            fpn_channels=p.fpn_channels, freeze_upto=loaded["freeze_upto"], fusion_weights=list(p.fusion_weights),
-            proposals_train=p.proposals_train, proposals_test=p.proposals_test, roi_samples=p.roi_samples,
-            seed=p.seed)
+        config = builders.config_from_params(p, name, loaded["classes"], freeze_upto=loaded["freeze_upto"])
         model, tag = builders.build_detector(config, copy.deepcopy(loaded["fused"]) if name != "frcnn_r50" else None,
-                                             p.r50_weights)
-        if name != "frcnn_r50" and not p.train_backbone:
-            builders.freeze_feature_extractor(model)
+                                             p.r50_weights, freeze_extractor=not p.train_backbone)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:  # the stage's checkpoint path is exercised too
             result = engine.train_detector(
-                model, split["train"], epochs=epochs, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
-                batch_size=p.batch_size, seed=p.seed, device=device, max_rotation=p.max_rotation,
-                crop_size=p.train_crop, positive_fraction=p.positive_fraction,
+                model, split["train"], **(engine.options_from_params(p) | {"epochs": epochs}), device=device,
                 checkpoint_path=Path(scratch) / f"{name}.pt",
                 on_epoch=lambda r, name=name: print(f"{name} epoch {r.epoch} loss {r.train_loss:.4f} "
                                                     f"{r.seconds:.1f} s", file=sys.stderr, flush=True))
         seconds = time.perf_counter() - started
         preds = engine.predict(result.model, split["test"], device)
         coco = evaluate.coco_metrics(preds, test_targets, loaded["classes"])
-        lesion = evaluate.coco_metrics(evaluate.class_agnostic(preds), evaluate.class_agnostic(test_targets),
-                                       ["lesion"])
-        rows[name] = {"map50": coco["map50"], "map": coco["map"], "lesion_ap50": lesion["map50"],
+        rows[name] = {"map50": coco["map50"], "map": coco["map"],
+                      "lesion_ap50": evaluate.lesion_ap50(preds, test_targets),
                       "froc": evaluate.froc(preds, test_targets), "train_s": round(seconds, 1),
                       "s_per_epoch": round(seconds / epochs, 2),
                       "final_loss": round(result.history[-1].train_loss, 4), "weights": tag}

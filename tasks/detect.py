@@ -70,12 +70,7 @@ def _run(ctx: runtime.StageContext) -> None:
     fused, train_config = load_trained(ctx.upstream["train"].path)
 
     def config_for(name: str) -> builders.DetectorConfig:
-        return builders.DetectorConfig(
-            model=name, classes=dataset.classes, input_size=p.max_size, anchor_sizes=list(p.anchor_sizes),
-            aspect_ratios=list(p.aspect_ratios), hash_bits=p.hash_bits, representation=p.representation,
-            fpn_channels=p.fpn_channels, freeze_upto=dict(train_config["freeze_upto"]),
-            fusion_weights=list(p.fusion_weights), proposals_train=p.proposals_train,
-            proposals_test=p.proposals_test, roi_samples=p.roi_samples, seed=p.seed)
+        return builders.config_from_params(p, name, dataset.classes, freeze_upto=train_config["freeze_upto"])
 
     def val_ap50(model: torch.nn.Module) -> float:
         m = evaluate.coco_metrics(engine.predict(model, val, device), [i.target() for i in val], dataset.classes)
@@ -85,9 +80,7 @@ def _run(ctx: runtime.StageContext) -> None:
     for name in ("ours", *p.baselines):
         cfg = config_for(name)
         model, tag = builders.build_detector(cfg, copy.deepcopy(fused) if name != "frcnn_r50" else None,
-                                             p.r50_weights)
-        if name != "frcnn_r50" and not p.train_backbone:
-            tag += f", extractor frozen ({builders.freeze_feature_extractor(model) / 1e6:.1f}M parameters)"
+                                             p.r50_weights, freeze_extractor=not p.train_backbone)
 
         def on_epoch(record: engine.EpochRecord, name: str = name) -> None:
             ctx.log_metrics({f"detect/{name}/train_loss": record.train_loss}
@@ -97,16 +90,13 @@ def _run(ctx: runtime.StageContext) -> None:
                             record.train_loss, record.val_score, record.seconds)
 
         result = engine.train_detector(
-            model, train, epochs=p.epochs, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
-            batch_size=p.batch_size, seed=p.seed, checkpoint_path=ctx.scratch / f"{name}.pt", device=device,
-            max_rotation=p.max_rotation, crop_size=p.train_crop, positive_fraction=p.positive_fraction,
-            scorer=val_ap50 if val and p.epochs > 1 else None, on_epoch=on_epoch)
+            model, train, **engine.options_from_params(p), checkpoint_path=ctx.scratch / f"{name}.pt",
+            device=device, scorer=val_ap50 if val and p.epochs > 1 else None, on_epoch=on_epoch)
         preds = engine.predict(result.model, test, device)
         targets = [i.target() for i in test]
         coco = evaluate.coco_metrics(preds, targets, dataset.classes)
-        lesion = evaluate.coco_metrics(evaluate.class_agnostic(preds), evaluate.class_agnostic(targets), ["lesion"])
         rows.append({"model": name, "map50": coco["map50"], "map": coco["map"], "ar100": coco["ar100"],
-                     "lesion_ap50": lesion["map50"],
+                     "lesion_ap50": evaluate.lesion_ap50(preds, targets),
                      "latency_ms": float("nan"), "froc": evaluate.froc(preds, targets),
                      "per_class_ap50": coco["per_class_ap50"], "weights": tag,
                      "params_m": round(builders.parameter_millions(result.model), 3), "epochs": p.epochs,

@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
@@ -33,6 +33,9 @@ from mammo_core.detection.backbone import FusedBackbone, FusedFeatureMaps
 from mammo_core.detection.heads import HashBoxPredictor, PlainBoxPredictor
 from mammo_core.model import DEFAULT_FREEZE_UPTO, FusedDenseNet
 from mammo_core.training import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from mammo_core.config import DetectParams
 
 MODELS = ("ours", "ours_nohash", "frcnn_r50")
 R50_COCO_FILE = "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
@@ -80,6 +83,21 @@ class DetectorConfig:
         if unknown:
             raise ValueError(f"detector config has unknown keys {unknown}")
         return cls(**dict(value))
+
+
+def config_from_params(params: DetectParams, model: str, classes: Sequence[str], input_size: int | None = None,
+                       freeze_upto: Mapping[str, str] | None = None) -> DetectorConfig:
+    """The :class:`DetectorConfig` of ``model`` under the ``detect`` params section (stage and benches alike).
+
+    ``input_size`` defaults to ``params.max_size``; ``freeze_upto`` to the train stage's default freeze points.
+    """
+    return DetectorConfig(
+        model=model, classes=list(classes), input_size=input_size or params.max_size,
+        anchor_sizes=list(params.anchor_sizes), aspect_ratios=list(params.aspect_ratios),
+        hash_bits=params.hash_bits, representation=params.representation, fpn_channels=params.fpn_channels,
+        freeze_upto=dict(freeze_upto or DEFAULT_FREEZE_UPTO), fusion_weights=list(params.fusion_weights),
+        proposals_train=params.proposals_train, proposals_test=params.proposals_test,
+        roi_samples=params.roi_samples, seed=params.seed)
 
 
 def _anchors(sizes: Sequence[int], ratios: Sequence[float], levels: int) -> AnchorGenerator:
@@ -204,13 +222,20 @@ def build_frcnn_r50(config: DetectorConfig, weights: str = "none") -> tuple[Fast
     return model, weights if weights in ("coco", "imagenet") else f"file {path.name}"
 
 
-def build_detector(config: DetectorConfig, fused: FusedDenseNet | None = None, r50_weights: str = "none"
-                   ) -> tuple[FasterRCNN, str]:
-    """(detector, weights tag) for ``config.model``."""
+def build_detector(config: DetectorConfig, fused: FusedDenseNet | None = None, r50_weights: str = "none",
+                   freeze_extractor: bool = False) -> tuple[FasterRCNN, str]:
+    """(detector, weights tag) for ``config.model``.
+
+    ``freeze_extractor`` freezes a fused detector's extractor (:func:`freeze_feature_extractor`) and says
+    so in the tag; the ResNet-50 baseline ignores it and keeps its own rule.
+    """
     if config.model == "frcnn_r50":
         return build_frcnn_r50(config, r50_weights)
     tag = "train-stage fused DenseNet" if fused is not None else "none (random init)"
-    return build_ours(config, fused), tag
+    model = build_ours(config, fused)
+    if freeze_extractor:
+        tag += f", extractor frozen ({freeze_feature_extractor(model) / 1e6:.1f}M parameters)"
+    return model, tag
 
 
 def parameter_millions(model: nn.Module) -> float:

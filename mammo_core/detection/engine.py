@@ -17,12 +17,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from mammo_core import checkpoint
 from mammo_core.detection.data import DetectionImage, augment, random_crop
+
+if TYPE_CHECKING:
+    from mammo_core.config import DetectParams
 
 
 @dataclass
@@ -55,6 +59,14 @@ def _lr_lambda(warmup_iters: int, milestone_iter: int) -> Callable[[int], float]
         warm = min(1.0, (it + 1) / max(warmup_iters, 1))
         return warm * (0.1 if it >= milestone_iter else 1.0)
     return factor
+
+
+def options_from_params(params: DetectParams) -> dict[str, Any]:
+    """The keyword arguments of :func:`train_detector` that the ``detect`` params section sets."""
+    return {"epochs": params.epochs, "lr": params.lr, "momentum": params.momentum,
+            "weight_decay": params.weight_decay, "batch_size": params.batch_size, "seed": params.seed,
+            "max_rotation": params.max_rotation, "crop_size": params.train_crop,
+            "positive_fraction": params.positive_fraction}
 
 
 def train_detector(

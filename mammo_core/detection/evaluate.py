@@ -84,6 +84,11 @@ def class_agnostic(items: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tens
     return [dict(item, labels=torch.ones_like(item["labels"])) for item in items]
 
 
+def lesion_ap50(predictions: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]]) -> float:
+    """AP at IoU 0.5 of the :func:`class_agnostic` boxes: how well lesions are found, whatever their class."""
+    return coco_metrics(class_agnostic(predictions), class_agnostic(targets), ["lesion"])["map50"]
+
+
 def froc(predictions: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]],
          rates: Sequence[float] = FROC_RATES, iou: float = 0.5) -> dict[str, float]:
     """Sensitivity at each rate of false positives per image, keyed ``"0.5"``, ``"1"``, ``"2"``."""

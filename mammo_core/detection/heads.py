@@ -36,7 +36,7 @@ class HashBoxPredictor(nn.Module):
         "background" before any bit separates lesions; centring and scaling fixes that without adding
         parameters (binary codes map to -1/eps and +1/eps, the same ranking and Hamming distances).
         """
-        return (self.hash(x.flatten(start_dim=1)) - 0.5) / self.hash.eps
+        return (self.codes(x) - 0.5) / self.hash.eps
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.flatten(start_dim=1)
