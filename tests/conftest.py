@@ -1,4 +1,7 @@
-"""Shared test helpers: fixture paths and an isolated store per test."""
+"""Shared test helpers: the mammography DICOM cases and the session's smoke store.
+
+Fixture files are located by tests/fixture_files.py (in-repo CSVs, optional vendor DICOMs beside the clone).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +9,20 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
-CBIS_CSV_DIR = FIXTURES / "cbis-ddsm"
-DICOM_MG_DIR = FIXTURES / "dicom-mg"
+from tests.dicom_factory import write_cases
+from tests.fixture_files import requires_vendor_dicoms, vendor_dicom_files
 
 
-@pytest.fixture
-def fixtures_dir() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.fail(f"shared fixtures not found at {FIXTURES}")
-    return FIXTURES
+@pytest.fixture(scope="session", params=["generated", pytest.param("vendor", marks=requires_vendor_dicoms)])
+def mg_cases(request, tmp_path_factory) -> dict[str, Path]:
+    """Case name (tests.dicom_factory.CASES) -> a DICOM file of that case.
+
+    ``generated``: written by tests.dicom_factory, always available. ``vendor``: the real OpenREM files in
+    ``../shared/fixtures/dicom-mg``, an extra check that skips (one line) on a clone with nothing beside it.
+    """
+    if request.param == "vendor":
+        return vendor_dicom_files()
+    return write_cases(tmp_path_factory.mktemp("mg_cases"))
 
 
 @pytest.fixture(scope="session")

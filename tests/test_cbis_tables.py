@@ -1,4 +1,5 @@
-"""The CBIS-DDSM case CSV parser against the real published files (facts from fixtures/README.md)."""
+"""The CBIS-DDSM case CSV parser against the real published files (in-repo copies, tests/fixtures/cbis-ddsm;
+facts from the shared fixtures README)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from mammo_core.cbis_tables import (
     load_case_tables,
     read_case_csv,
 )
+from tests.fixture_files import CBIS_CSV_DIR
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-CBIS = FIXTURES / "cbis-ddsm"
+CBIS = CBIS_CSV_DIR
+FIXTURES = CBIS.parent  # find_case_csvs searches below a root
 MASS_TRAIN = CSV_NAMES[("mass", "train")]
 MASS_TEST = CSV_NAMES[("mass", "test")]
 CALC_TRAIN = CSV_NAMES[("calc", "train")]

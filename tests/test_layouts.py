@@ -12,8 +12,9 @@ import pytest
 from mammo_core.cbis_paths import CbisPath, parse_cbis_path
 from mammo_core.errors import BadItem
 from mammo_core.layouts import SeriesIndex, build_inventory, detect_layout, file_fingerprint
+from tests.fixture_files import CBIS_CSV_DIR
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "cbis-ddsm"
+FIXTURES = CBIS_CSV_DIR
 PATH_COLUMNS = {
     "image file path": "full mammogram images",
     "cropped image file path": "cropped images",

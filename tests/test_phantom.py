@@ -15,8 +15,9 @@ import pytest
 from skimage.measure import perimeter
 
 from mammo_core.phantom import CSV_NAMES, DATA_DIR, generate_phantom
+from tests.fixture_files import CBIS_CSV_DIR
 
-REAL_CSV_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "cbis-ddsm"
+REAL_CSV_DIR = CBIS_CSV_DIR
 SHAPE = (512, 320)
 
 

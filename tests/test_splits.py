@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
 from mammo_core.cbis_tables import build_images, find_case_csvs, load_case_tables
 from mammo_core.labels import NORMAL_LABEL, SCHEMES, class_names, label_of
 from mammo_core.splits import assign_splits, attach_split, check_patient_disjoint
+from tests.fixture_files import CBIS_CSV_DIR
 
-CBIS = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "cbis-ddsm"
+CBIS = CBIS_CSV_DIR
 
 
 @pytest.fixture(scope="module")
