@@ -7,16 +7,16 @@ written last. Units are produced and sealed with :class:`mammo_core.store.Artifa
 folder + rename, so a unit folder without manifest never exists.
 
 The unit key hashes the network name, the settings that change its training (schedule, epochs,
-weights, VGG classifier), the keys of the data it was trained on (augment, patches) and the source of
-the code that trains it, but not the list of networks, the classic baselines or the latency settings:
-those change the stage, not what one network learns.
+weights, VGG classifier), the keys of the data it was trained on (augment, patches), the code that
+trains it with its libraries' versions and the weights file it starts from, but not the list of
+networks, the classic baselines or the latency settings: those change the stage, not what one network
+learns.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +26,19 @@ import h5py
 import numpy as np
 import torch
 
-from mammo_core import checkpoint, h5io, schedule, training
+from mammo_core import checkpoint, code_closure, h5io, schedule, training
 from mammo_core.baselines import networks
 from mammo_core.baselines import train as baseline_train
 from mammo_core.baselines.agnet import FeatureSplits
 from mammo_core.baselines.train import EpochRecord
-from mammo_core.store import ArtifactStore, source_digest, stage_key, write_json_atomic
+from mammo_core.library_versions import library_versions
+from mammo_core.store import ArtifactStore, stage_key, write_json_atomic
+from mammo_core.weight_sources import resolved_source
 
 UNIT_STAGE = "baselines"
 UNIT_FILE = "unit.json"
 OUTPUTS_FILE = "outputs.h5"
 WEIGHTS_FILE = "weights.pt"
-UNIT_CODE = (networks, baseline_train, training, schedule, checkpoint)
 
 
 class UnitStore(ArtifactStore):
@@ -68,9 +69,16 @@ class NetworkOutcome:
 
 
 def unit_key(network: str, settings: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
-    """Content key of one network's unit (see the module docstring for what enters it)."""
-    code = source_digest((sys.modules[__name__], *UNIT_CODE))
-    return stage_key(f"{UNIT_STAGE}/{network}", code, {"network": network, **settings}, upstream)
+    """Content key of one network's unit (see the module docstring for what enters it).
+
+    The code is this module's import closure (:mod:`mammo_core.code_closure`) with its libraries'
+    versions, and the ImageNet file the network would start from (its sha256, or ``random`` when the
+    builder would fall back to random initialisation).
+    """
+    code = code_closure.closure(__name__, code_closure.project_root_of(__name__, __file__))
+    weights_file = networks.imagenet_file(network) if settings.get("weights") == "imagenet" else None
+    inputs = {"libraries": library_versions(code.third_party), "weights_source": resolved_source(weights_file)}
+    return stage_key(f"{UNIT_STAGE}/{network}", code.digest(), {"network": network, **settings}, upstream, inputs)
 
 
 def _write(folder: Path, outcome: NetworkOutcome, weights_state: Mapping[str, torch.Tensor] | None) -> None:
