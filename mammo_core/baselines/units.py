@@ -16,6 +16,7 @@ learns.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,8 +33,11 @@ from mammo_core.baselines import train as baseline_train
 from mammo_core.baselines.agnet import FeatureSplits
 from mammo_core.baselines.train import EpochRecord
 from mammo_core.library_versions import library_versions
-from mammo_core.store import ArtifactStore, stage_key, write_json_atomic
+from mammo_core.store import ArtifactStore, IntegrityError, stage_key, write_json_atomic
+from mammo_core.verified_files import VerifiedFiles
 from mammo_core.weight_sources import resolved_source
+
+log = logging.getLogger(__name__)
 
 UNIT_STAGE = "baselines"
 UNIT_FILE = "unit.json"
@@ -121,18 +125,29 @@ def read_unit(folder: Path) -> NetworkOutcome:
 def obtain_unit(store_root: str | Path, network: str, key: str,
                 produce: Callable[[], tuple[NetworkOutcome, Mapping[str, torch.Tensor] | None]],
                 *, params: Mapping[str, Any], upstream: Mapping[str, str]) -> NetworkOutcome:
-    """The sealed unit for ``key`` if there is one, else ``produce()`` it, seal it and return it."""
+    """The sealed unit for ``key`` if there is one and it matches its manifest, else ``produce()`` it, seal
+    it and return it. A damaged unit is produced again and replaces the old folder: it is a cache inside
+    the baselines stage, which ``--force baselines`` would not otherwise repair."""
     store = UnitStore(store_root)
     found = store.find(UNIT_STAGE, key)
+    damaged = False
     if found is not None:
-        return read_unit(found.path)
+        verified = VerifiedFiles(store_root)
+        try:
+            store.verify(found, sha256_of=verified.sha256)
+            return read_unit(found.path)
+        except IntegrityError as exc:
+            log.warning("baseline unit %s/%s is damaged, training it again: %s", network, key, exc)
+            damaged = True
+        finally:
+            verified.save()
     outcome, weights_state = produce()
     tmp = store.begin(UNIT_STAGE, key)
     try:
         _write(tmp, outcome, weights_state)
         folder = store.seal(UNIT_STAGE, key, tmp, params={"network": network, **params}, upstream=upstream,
                             metrics={"best_val_acc": outcome.best_val_acc, "best_epoch": outcome.best_epoch},
-                            mlflow_run_id=None)
+                            mlflow_run_id=None, replace=damaged)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
