@@ -98,15 +98,19 @@ def closure(module_name: str, root: Path) -> CodeClosure:
     """Every project module ``module_name`` reaches through imports, itself and the packages on the way."""
     root = Path(root)
     found: dict[str, Path] = {}
+    looked_up: set[str] = set()
     top_level: set[str] = set()
     todo = [module_name]
     while todo:
         name = todo.pop()
         parts = name.split(".")
+        if parts[0] not in PROJECT_PACKAGES:
+            continue
         for i in range(1, len(parts) + 1):  # the packages above a module run before it
             prefix = ".".join(parts[:i])
-            if prefix in found or prefix in DISPATCH_MODULES:
+            if prefix in looked_up or prefix in DISPATCH_MODULES:
                 continue
+            looked_up.add(prefix)
             path = module_path(root, prefix)
             if path is None:
                 continue
