@@ -111,11 +111,21 @@ def run(
         set_ = set_ or earlier["overrides"]
         stages = earlier["stages"]
     params = params or Path("params/default.yaml")
-    environment.load_params_or_exit(params, set_)
+    typed_params = environment.load_params_or_exit(params, set_)
     if from_ or until or only or not resume:
         stages = select_stages(from_, until, only)
     for name in force:
         select_stages(None, None, [name])
+    from rich.markup import escape
+
+    from flows.reuse_check import verify_reusable
+    from mammo_core.store import IntegrityError
+
+    try:
+        verify_reusable(typed_params, root, stages, list(force))
+    except IntegrityError as exc:
+        console.print(f"[bold red]cannot reuse a stored stage:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
     from flows.pipeline import PipelineFailed, pipeline
 
     started = time.perf_counter()

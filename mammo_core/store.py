@@ -20,7 +20,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -53,11 +53,14 @@ def source_digest(modules: Iterable[ModuleType]) -> str:
     return h.hexdigest()
 
 
-def stage_key(stage: str, code_digest: str, params: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
-    """Key of a stage = sha256(stage name, code, its params section, the keys of its upstream stages)."""
-    payload = canonical_json(
-        {"stage": stage, "code": code_digest, "params": params, "upstream": dict(sorted(upstream.items()))}
-    )
+def stage_key(stage: str, code_digest: str, params: Mapping[str, Any], upstream: Mapping[str, str],
+              inputs: Mapping[str, Any] | None = None) -> str:
+    """Key of a stage = sha256(stage name, code, its params section, the keys of its upstream stages, and
+    ``inputs``: what else decides its output, such as library versions, data and weight fingerprints)."""
+    fields = {"stage": stage, "code": code_digest, "params": params, "upstream": dict(sorted(upstream.items()))}
+    if inputs is not None:
+        fields["inputs"] = dict(inputs)
+    payload = canonical_json(fields)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -236,11 +239,20 @@ class ArtifactStore:
         assert found is not None
         return found
 
-    def verify(self, folder: StageFolder) -> None:
-        """Check every file listed in the manifest: present, same size, same sha256."""
+    def verify(self, folder: StageFolder, sha256_of: Callable[[Path], str] = file_sha256) -> None:
+        """Check every file listed in the manifest: present, same size, same sha256.
+
+        ``sha256_of`` may remember hashes of unchanged files (:class:`mammo_core.verified_files.VerifiedFiles`).
+        The error names the file and the command that replaces the folder.
+        """
+        fix = f"re-run the stage with `mammo run --force {folder.stage}`"
         for entry in folder.manifest.get("files", []):
             f = folder.path / entry["path"]
             if not f.is_file():
-                raise IntegrityError(f"{folder.path}: missing {entry['path']}")
-            if f.stat().st_size != entry["size"] or file_sha256(f) != entry["sha256"]:
-                raise IntegrityError(f"{folder.path}: {entry['path']} does not match its manifest")
+                raise IntegrityError(f"{folder.path}: missing {entry['path']}; {fix}")
+            if f.stat().st_size != entry["size"]:
+                raise IntegrityError(f"{folder.path}: {entry['path']} does not match its manifest "
+                                     f"({f.stat().st_size} bytes, sealed with {entry['size']}); {fix}")
+            if sha256_of(f) != entry["sha256"]:
+                raise IntegrityError(f"{folder.path}: {entry['path']} does not match its manifest "
+                                     f"(sha256 differs: changed since it was sealed); {fix}")

@@ -120,6 +120,26 @@ class DownloadSummary:
     def ok(self) -> bool:
         return not self.failed
 
+    def raise_if_incomplete(self, out: Path, shown: int = 5) -> None:
+        """IncompleteDownload naming the failed series, if any.
+
+        Why: a dataset with holes must never be sealed as the acquired data (the stage would be reused
+        forever, holes included); failing instead makes the next run retry exactly the failed series.
+        """
+        if not self.failed:
+            return
+        listed = "; ".join(f"{uid} ({reason})" for uid, reason in self.failed[:shown])
+        more = f"; and {len(self.failed) - shown} more" if len(self.failed) > shown else ""
+        total = len(self.failed) + len(self.downloaded) + len(self.skipped)
+        raise IncompleteDownload(
+            f"{len(self.failed)} of {total} series failed to download into {out}: {listed}{more}. "
+            f"Run again: finished series are kept and only the failed ones are retried."
+        )
+
+
+class IncompleteDownload(RuntimeError):
+    """Some selected series could not be downloaded and verified."""
+
 
 class _Retryable(Exception):
     """A transient failure (network, truncation, checksum): try the series again."""

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from mammo_core import layouts, phantom, tcia
+from mammo_core.config import DataParams, Params
+from mammo_core.data_fingerprint import data_fingerprint
 from mammo_core.store import write_json_atomic
 from tasks import runtime
 
@@ -27,6 +30,18 @@ def raw_root(result: runtime.StageResult) -> tuple[Path, str]:
     return root, source["layout"]
 
 
+def download(data: DataParams, root: Path, **options: Any) -> tcia.DownloadSummary:
+    """Download (or finish downloading) the selected series into ``root``; raises
+    :class:`mammo_core.tcia.IncompleteDownload` naming the series that failed, so that acquire is never
+    sealed over a dataset with holes and the next run retries them. ``options``: timeouts, retries."""
+    summary = tcia.download_collection(
+        root, collection=data.collection, base_url=data.base_url, limit=data.limit,
+        workers=data.download_workers, **options,
+    )
+    summary.raise_if_incomplete(root)
+    return summary
+
+
 def _run(ctx: runtime.StageContext) -> None:
     data = ctx.params.data
     if data.source == "phantom":
@@ -39,25 +54,13 @@ def _run(ctx: runtime.StageContext) -> None:
     elif data.source == "cbis-tcia":
         root = Path(data.root) if data.root else ctx.store_root / "data" / "CBIS-DDSM"
         root = root.resolve()
-        summary = tcia.download_collection(
-            root,
-            collection=data.collection,
-            base_url=data.base_url,
-            limit=data.limit,
-            workers=data.download_workers,
-        )
+        summary = download(data, root)
         ctx.log_metrics(
             {
                 "acquire/series_downloaded": len(summary.downloaded),
                 "acquire/series_skipped": len(summary.skipped),
-                "acquire/series_failed": len(summary.failed),
             }
         )
-        if summary.failed:
-            write_json_atomic(
-                ctx.workdir / "download_failures.json",
-                [{"series_uid": uid, "reason": reason} for uid, reason in summary.failed],
-            )
         recorded_root = str(root)
     else:
         root = Path(data.root).expanduser().resolve()
@@ -74,10 +77,22 @@ def _run(ctx: runtime.StageContext) -> None:
     ctx.set_tags({"data.source": data.source, "data.layout": layout})
 
 
+def key_inputs(params: Params) -> dict[str, Any]:
+    """The user's data folder enters the key (``cbis-local``/``cbis-jpeg``): a changed file re-runs acquire.
+
+    ``phantom`` is fully determined by params and code; ``cbis-tcia`` is only sealed once every selected
+    series is downloaded and verified, so its folder's state at key time decides nothing.
+    """
+    data = params.data
+    if data.source in ("cbis-local", "cbis-jpeg") and data.root:
+        return {"data": data_fingerprint(data.root)}
+    return {}
+
+
 SPEC = runtime.StageSpec(
     name="acquire",
     upstream=(),
     sections=("data",),
-    code=(phantom, tcia, layouts),
     run=_run,
+    key_inputs=key_inputs,
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mammo_core import augment, h5io
+from mammo_core import augment
 from tasks import runtime
 from tasks.patches import FILE as PATCHES_FILE
 
@@ -27,6 +27,5 @@ SPEC = runtime.StageSpec(
     name="augment",
     upstream=("patches",),
     sections=("augment",),
-    code=(augment, h5io),
     run=_run,
 )

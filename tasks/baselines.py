@@ -18,9 +18,9 @@ import pandas as pd
 
 from mammo_core import figures, h5io, metrics, model, schedule, training
 from mammo_core.baselines import agnet, latency, networks, sift_bovw, units
-from mammo_core.baselines import train as baseline_train
-from mammo_core.config import BaselinesParams
+from mammo_core.config import BaselinesParams, Params
 from mammo_core.store import write_json_atomic
+from mammo_core.weight_sources import resolved_source
 from tasks import runtime
 from tasks.augment import FILE as AUGMENTED_FILE
 from tasks.patches import FILE as PATCHES_FILE
@@ -152,10 +152,18 @@ def _run(ctx: runtime.StageContext) -> None:
         ctx.log_artifact(ctx.workdir / name, "tables")
 
 
+def key_inputs(params: Params) -> dict[str, Any]:
+    """The ImageNet files the networks start from as found on disk (a missing one means random init)."""
+    p = params.baselines
+    if p.weights != "imagenet":
+        return {}
+    return {"weights": {n: resolved_source(networks.imagenet_file(n)) for n in p.networks}}
+
+
 SPEC = runtime.StageSpec(
     name="baselines",
     upstream=("augment", "patches"),
     sections=("baselines",),
-    code=(networks, baseline_train, units, latency, sift_bovw, agnet, training, schedule, model, metrics, figures),
     run=_run,
+    key_inputs=key_inputs,
 )

@@ -111,6 +111,5 @@ SPEC = runtime.StageSpec(
     name="classify",
     upstream=("hashing", "train"),
     sections=("classify",),
-    code=(classifiers, metrics, model_io, retrieval, figures, serving),
     run=_run,
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mammo_core import cbis_paths, cbis_tables, curation, dicom_io, labels, layouts, masks, splits
+from mammo_core import curation
 from mammo_core.store import write_json_atomic
 from tasks import acquire, runtime
 
@@ -54,6 +54,5 @@ SPEC = runtime.StageSpec(
     name="curate",
     upstream=("acquire",),
     sections=("task", "curate"),
-    code=(curation, cbis_tables, cbis_paths, dicom_io, labels, layouts, masks, splits),
     run=_run,
 )

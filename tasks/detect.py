@@ -17,13 +17,16 @@ import copy
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from mammo_core import checkpoint, hashing
-from mammo_core.detection import backbone, builders, data, engine, evaluate, heads, latency, plots
+from mammo_core import checkpoint
+from mammo_core.config import Params
+from mammo_core.detection import builders, data, engine, evaluate, latency, plots
 from mammo_core.store import write_json_atomic
+from mammo_core.weight_sources import resolved_source
 from tasks import runtime
 from tasks.train import load_trained
 
@@ -155,10 +158,18 @@ def _run(ctx: runtime.StageContext) -> None:
     detector_serving.log_and_register(ctx)
 
 
+def key_inputs(params: Params) -> dict[str, Any]:
+    """The ResNet-50 baseline's starting weights as found on disk (it falls back to random init)."""
+    p = params.detect
+    if "frcnn_r50" not in p.baselines:
+        return {}
+    return {"r50_weights": resolved_source(builders.r50_weights_file(p.r50_weights))}
+
+
 SPEC = runtime.StageSpec(
     name="detect",
     upstream=("curate", "train"),
     sections=("detect",),
-    code=(data, backbone, heads, builders, engine, evaluate, latency, plots, hashing, checkpoint),
     run=_run,
+    key_inputs=key_inputs,
 )

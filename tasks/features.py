@@ -69,6 +69,5 @@ SPEC = runtime.StageSpec(
     name="features",
     upstream=("train", "patches"),
     sections=("features",),
-    code=(features, fusion, h5io),
     run=_run,
 )

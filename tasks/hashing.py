@@ -102,6 +102,5 @@ SPEC = runtime.StageSpec(
     name="hashing",
     upstream=("features", "patches"),
     sections=("hashing",),
-    code=(hashing, retrieval, features, checkpoint, figures),
     run=_run,
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mammo_core import h5io, patches
+from mammo_core import patches
 from mammo_core.store import write_json_atomic
 from tasks import runtime
 
@@ -39,6 +39,5 @@ SPEC = runtime.StageSpec(
     name="patches",
     upstream=("curate",),
     sections=("patches",),
-    code=(patches, h5io),
     run=_run,
 )

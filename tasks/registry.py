@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mammo_core.config import Params
 from tasks import acquire, augment, baselines, classify, curate, detect, features, hashing, patches, report, train
 from tasks.runtime import StageSpec
@@ -13,11 +15,15 @@ ORDER: tuple[StageSpec, ...] = (
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in ORDER}
 
 
-def stage_keys(params: Params) -> dict[str, str]:
-    """The key of every stage for these params, in DAG order (no I/O beyond reading the code to hash)."""
+def stage_keys(params: Params, code_root: Path | None = None) -> dict[str, str]:
+    """The key of every stage for these params, in DAG order.
+
+    I/O: the code to hash, library metadata, and for local data sources a ``stat`` of every file under
+    ``data.root``. ``code_root`` hashes the code of another copy of the project (tests).
+    """
     keys: dict[str, str] = {}
     for spec in ORDER:
-        keys[spec.name] = spec.key(params, {u: keys[u] for u in spec.upstream})
+        keys[spec.name] = spec.key(params, {u: keys[u] for u in spec.upstream}, code_root)
     return keys
 
 

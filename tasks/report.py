@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mammo_core import paper_claims, report, report_render
+from mammo_core import report
 from tasks import runtime, tracking
 
 UPSTREAM = ("curate", "patches", "train", "features", "hashing", "classify", "detect", "baselines")
@@ -58,7 +58,6 @@ SPEC = runtime.StageSpec(
     name="report",
     upstream=UPSTREAM,
     sections=(),
-    code=(report, report_render, paper_claims),
     run=_run,
 )
 

@@ -1,7 +1,7 @@
 """The stage machinery shared by every stage module in ``tasks/``.
 
-A stage is a :class:`StageSpec`: a name, its upstream stages, the params sections and the code modules
-that enter its key, and a ``run`` function that writes its outputs into a temporary folder. This module
+A stage is a :class:`StageSpec`: a name, its upstream stages, the params sections that enter its key,
+and a ``run`` function that writes its outputs into a temporary folder. This module
 turns a spec into (1) a content-derived key, (2) a Prefect task whose cache key is that stage key, (3) an
 MLflow child run, and (4) an atomically sealed folder in the artifact store.
 
@@ -19,7 +19,6 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -27,9 +26,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from mammo_core import faults
+from mammo_core import code_closure, faults
 from mammo_core.config import Params
-from mammo_core.store import ArtifactStore, source_digest, stage_key
+from mammo_core.library_versions import library_versions
+from mammo_core.store import ArtifactStore, stage_key
+from mammo_core.verified_files import VerifiedFiles
 from tasks import tracking
 
 
@@ -116,34 +117,43 @@ class StageContext:
 
 @dataclass(frozen=True)
 class StageSpec:
+    """A stage. Its key covers its params sections, its upstream keys, the code its module reaches through
+    imports (:mod:`mammo_core.code_closure`), the versions of the libraries that code imports, and
+    ``key_inputs(params)``: what else on disk decides its output (data under ``data.root``, weight files)."""
+
     name: str
     upstream: tuple[str, ...]
     sections: tuple[str, ...]
-    code: tuple[ModuleType, ...]
     run: Callable[[StageContext], None]
     manifest_extra: Callable[[StageContext], dict[str, Any]] | None = None
+    key_inputs: Callable[[Params], dict[str, Any]] | None = None
 
     def params_of(self, params: Params) -> dict[str, Any]:
         return {s: params.section(s) for s in self.sections}
 
-    def key(self, params: Params, upstream_keys: Mapping[str, str]) -> str:
+    def key(self, params: Params, upstream_keys: Mapping[str, str], code_root: Path | None = None) -> str:
+        """The stage key; ``code_root`` hashes the project's code under another folder (a copy, in tests)."""
         missing = set(self.upstream) - set(upstream_keys)
         if missing:
             raise ValueError(f"stage {self.name}: upstream keys missing for {sorted(missing)}")
-        stage_module = sys.modules[self.run.__module__]
-        return stage_key(
-            self.name,
-            source_digest((stage_module, *self.code)),
-            self.params_of(params),
-            {u: upstream_keys[u] for u in self.upstream},
-        )
+        module = self.run.__module__
+        root = code_root or code_closure.project_root_of(module, sys.modules[module].__file__ or "")
+        code = code_closure.closure(module, root)
+        inputs = {"libraries": library_versions(code.third_party),
+                  **(self.key_inputs(params) if self.key_inputs else {})}
+        return stage_key(self.name, code.digest(), self.params_of(params),
+                         {u: upstream_keys[u] for u in self.upstream}, inputs)
 
 
 def _result_from_store(spec: StageSpec, store: ArtifactStore, key: str) -> StageResult | None:
     folder = store.find(spec.name, key)
     if folder is None:
         return None
-    store.check_sizes(folder)  # a sealed folder changed since: a clear error, never silent reuse
+    verified = VerifiedFiles(store.root)
+    try:  # a sealed folder changed since: a clear error, never silent reuse
+        store.verify(folder, sha256_of=verified.sha256)
+    finally:
+        verified.save()
     return StageResult(
         stage=spec.name,
         key=key,

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -20,9 +21,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
-from mammo_core import checkpoint, densenet_parts, devices, figures, h5io, model, schedule, training
+from mammo_core import checkpoint, devices, figures, h5io, model, schedule, training
 from mammo_core.config import Params
 from mammo_core.store import write_json_atomic
+from mammo_core.weight_sources import resolved_source
 from tasks import runtime
 from tasks.augment import FILE as AUGMENTED_FILE
 from tasks.patches import FILE as PATCHES_FILE
@@ -190,10 +192,22 @@ def branch_task(ctx: runtime.RunContext, key: str, upstream: dict[str, runtime.S
         return pretrain_branch(ctx.typed_params(), upstream, scratch, branch, device)
 
 
+def backbone_weights_file(source: str) -> Path | None:
+    """The file ``model.load_backbone_weights(source)`` reads; None for ``none``."""
+    if source == "none":
+        return None
+    return model.imagenet_weights_path() if source == "imagenet" else Path(source)
+
+
+def key_inputs(params: Params) -> dict[str, Any]:
+    """The DenseNet weights the branches start from: the file's sha256, or ``random``."""
+    return {"weights": resolved_source(backbone_weights_file(params.train.weights))}
+
+
 SPEC = runtime.StageSpec(
     name="train",
     upstream=("patches", "augment"),
     sections=("train",),
-    code=(model, densenet_parts, training, schedule, checkpoint, figures),
     run=_run,
+    key_inputs=key_inputs,
 )

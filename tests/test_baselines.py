@@ -222,6 +222,28 @@ def test_a_unit_is_produced_once_then_reused_from_the_store(tmp_path):
     assert calls == ["densenet121", "resnet50"]
 
 
+def test_a_damaged_unit_is_trained_again_and_replaced(tmp_path):
+    calls = []
+
+    def produce(value: float):
+        def run():
+            calls.append(value)
+            return _outcome("densenet121", value), None
+        return run
+
+    key = units.unit_key("densenet121", {"epochs": 1}, {})
+    units.obtain_unit(tmp_path, "densenet121", key, produce(2.0), params={"epochs": 1}, upstream={})
+    outputs = tmp_path / "units" / "baselines" / key / units.OUTPUTS_FILE
+    data = bytearray(outputs.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    outputs.write_bytes(data)
+    again = units.obtain_unit(tmp_path, "densenet121", key, produce(5.0), params={"epochs": 1}, upstream={})
+    assert calls == [2.0, 5.0] and not again.reused
+    reread = units.obtain_unit(tmp_path, "densenet121", key, produce(9.0), params={"epochs": 1}, upstream={})
+    assert calls == [2.0, 5.0] and reread.reused
+    assert np.array_equal(reread.features.train, np.full((4, 2), 5.0))
+
+
 def test_adding_a_network_leaves_the_other_unit_keys_alone():
     from tasks.baselines import _unit_settings
 

@@ -7,16 +7,17 @@ written last. Units are produced and sealed with :class:`mammo_core.store.Artifa
 folder + rename, so a unit folder without manifest never exists.
 
 The unit key hashes the network name, the settings that change its training (schedule, epochs,
-weights, VGG classifier), the keys of the data it was trained on (augment, patches) and the source of
-the code that trains it, but not the list of networks, the classic baselines or the latency settings:
-those change the stage, not what one network learns.
+weights, VGG classifier), the keys of the data it was trained on (augment, patches), the code that
+trains it with its libraries' versions and the weights file it starts from, but not the list of
+networks, the classic baselines or the latency settings: those change the stage, not what one network
+learns.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +27,22 @@ import h5py
 import numpy as np
 import torch
 
-from mammo_core import checkpoint, h5io, schedule, training
+from mammo_core import checkpoint, code_closure, h5io, schedule, training
 from mammo_core.baselines import networks
 from mammo_core.baselines import train as baseline_train
 from mammo_core.baselines.agnet import FeatureSplits
 from mammo_core.baselines.train import EpochRecord
-from mammo_core.store import ArtifactStore, source_digest, stage_key, write_json_atomic
+from mammo_core.library_versions import library_versions
+from mammo_core.store import ArtifactStore, IntegrityError, stage_key, write_json_atomic
+from mammo_core.verified_files import VerifiedFiles
+from mammo_core.weight_sources import resolved_source
+
+log = logging.getLogger(__name__)
 
 UNIT_STAGE = "baselines"
 UNIT_FILE = "unit.json"
 OUTPUTS_FILE = "outputs.h5"
 WEIGHTS_FILE = "weights.pt"
-UNIT_CODE = (networks, baseline_train, training, schedule, checkpoint)
 
 
 class UnitStore(ArtifactStore):
@@ -68,9 +73,16 @@ class NetworkOutcome:
 
 
 def unit_key(network: str, settings: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
-    """Content key of one network's unit (see the module docstring for what enters it)."""
-    code = source_digest((sys.modules[__name__], *UNIT_CODE))
-    return stage_key(f"{UNIT_STAGE}/{network}", code, {"network": network, **settings}, upstream)
+    """Content key of one network's unit (see the module docstring for what enters it).
+
+    The code is this module's import closure (:mod:`mammo_core.code_closure`) with its libraries'
+    versions, and the ImageNet file the network would start from (its sha256, or ``random`` when the
+    builder would fall back to random initialisation).
+    """
+    code = code_closure.closure(__name__, code_closure.project_root_of(__name__, __file__))
+    weights_file = networks.imagenet_file(network) if settings.get("weights") == "imagenet" else None
+    inputs = {"libraries": library_versions(code.third_party), "weights_source": resolved_source(weights_file)}
+    return stage_key(f"{UNIT_STAGE}/{network}", code.digest(), {"network": network, **settings}, upstream, inputs)
 
 
 def _write(folder: Path, outcome: NetworkOutcome, weights_state: Mapping[str, torch.Tensor] | None) -> None:
@@ -113,18 +125,29 @@ def read_unit(folder: Path) -> NetworkOutcome:
 def obtain_unit(store_root: str | Path, network: str, key: str,
                 produce: Callable[[], tuple[NetworkOutcome, Mapping[str, torch.Tensor] | None]],
                 *, params: Mapping[str, Any], upstream: Mapping[str, str]) -> NetworkOutcome:
-    """The sealed unit for ``key`` if there is one, else ``produce()`` it, seal it and return it."""
+    """The sealed unit for ``key`` if there is one and it matches its manifest, else ``produce()`` it, seal
+    it and return it. A damaged unit is produced again and replaces the old folder: it is a cache inside
+    the baselines stage, which ``--force baselines`` would not otherwise repair."""
     store = UnitStore(store_root)
     found = store.find(UNIT_STAGE, key)
+    damaged = False
     if found is not None:
-        return read_unit(found.path)
+        verified = VerifiedFiles(store_root)
+        try:
+            store.verify(found, sha256_of=verified.sha256)
+            return read_unit(found.path)
+        except IntegrityError as exc:
+            log.warning("baseline unit %s/%s is damaged, training it again: %s", network, key, exc)
+            damaged = True
+        finally:
+            verified.save()
     outcome, weights_state = produce()
     tmp = store.begin(UNIT_STAGE, key)
     try:
         _write(tmp, outcome, weights_state)
         folder = store.seal(UNIT_STAGE, key, tmp, params={"network": network, **params}, upstream=upstream,
                             metrics={"best_val_acc": outcome.best_val_acc, "best_epoch": outcome.best_epoch},
-                            mlflow_run_id=None)
+                            mlflow_run_id=None, replace=damaged)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

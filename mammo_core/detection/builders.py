@@ -191,6 +191,14 @@ def _hub_file(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
+def r50_weights_file(weights: str) -> Path | None:
+    """The file :func:`build_frcnn_r50` reads for ``weights`` (None for ``none``); it may be absent."""
+    if weights == "none":
+        return None
+    return _hub_file(R50_COCO_FILE if weights == "coco" else R50_IMAGENET_FILE) if weights in ("coco", "imagenet") \
+        else Path(weights)
+
+
 def build_frcnn_r50(config: DetectorConfig, weights: str = "none") -> tuple[FasterRCNN, str]:
     """torchvision's ``fasterrcnn_resnet50_fpn`` architecture, and a tag saying which weights it starts from.
 
@@ -206,10 +214,9 @@ def build_frcnn_r50(config: DetectorConfig, weights: str = "none") -> tuple[Fast
                            rpn_anchor_generator=_anchors(config.anchor_sizes, config.aspect_ratios, 5),
                            **_common(config))
         _input_sized(model)
-    if weights == "none":
+    path = r50_weights_file(weights)
+    if path is None:
         return model, "none (random init)"
-    path = _hub_file(R50_COCO_FILE if weights == "coco" else R50_IMAGENET_FILE) if weights in ("coco", "imagenet") \
-        else Path(weights)
     if not path.is_file():
         return model, f"none (random init; {weights} weights not in the local cache: {path.name})"
     state = torch.load(path, map_location="cpu", weights_only=True)
