@@ -94,6 +94,8 @@ def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bo
             continue
         forced = spec.name in ctx.force
         sealed_before[spec.name] = not forced and runtime.lookup(spec, ctx, key) is not None
+        if forced:
+            runtime.discard_scratch(ctx, spec.name, key)
         upstream = {u: results[u] for u in spec.upstream}
         wait_for = _submit_branch_trainings(ctx, params, key, upstream) if _split_training(
             params, ctx, spec.name, key) else []

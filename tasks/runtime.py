@@ -90,7 +90,7 @@ class StageContext:
         Unlike ``workdir`` (a fresh temporary per attempt), its path depends only on (stage, key), so a
         rerun after a kill finds the previous attempt's checkpoints there.
         """
-        path = self.store_root / "scratch" / self.stage / self.key
+        path = scratch_dir(self.store_root, self.stage, self.key)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -167,6 +167,20 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def scratch_dir(store: str | Path, stage: str, key: str) -> Path:
+    """The stage's crash-surviving folder (checkpoints) under the store; see :attr:`StageContext.scratch`."""
+    return Path(store) / "scratch" / stage / key
+
+
+def discard_scratch(ctx: RunContext, stage: str, key: str) -> None:
+    """Forget what an earlier attempt left in the scratch folder: ``--force`` starts from nothing.
+
+    Why: ``--force train`` is how a user asks for a fresh training; resuming a checkpoint of an earlier
+    attempt would hand back that attempt's weights.
+    """
+    shutil.rmtree(scratch_dir(ctx.store, stage, key), ignore_errors=True)
+
+
 def still_sealed(result: StageResult) -> bool:
     """True when the folder a (possibly Prefect-cached) result points to still carries its manifest."""
     return (Path(result.path) / "manifest.json").is_file()
@@ -230,8 +244,9 @@ def execute(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, Stag
             extra=extra,
             replace=forced,
         )
+        faults.at(f"stage:{spec.name}:sealed")
         client.log_artifact(run_id, str(folder.path / "manifest.json"))
-        shutil.rmtree(Path(ctx.store) / "scratch" / spec.name / key, ignore_errors=True)
+        shutil.rmtree(scratch_dir(ctx.store, spec.name, key), ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(workdir, ignore_errors=True)
         try:

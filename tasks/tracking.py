@@ -11,10 +11,10 @@ import fcntl
 import hashlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Run, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
@@ -96,11 +96,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
-    """Mark KILLED the runs still RUNNING whose process (on this host) is gone; returns their ids.
+def close_orphaned_runs(client: MlflowClient, experiment_id: str,
+                        sealed_manifest: Callable[[Run], Path | None] | None = None) -> list[str]:
+    """End the runs still RUNNING whose process (on this host) is gone; returns their ids.
 
     Why: a SIGKILLed ``mammo run`` cannot end its MLflow runs, which would show as running forever in the
-    UI. Runs of live processes (a concurrent ``mammo run``) and of other hosts are left alone.
+    UI. Runs of live processes (a concurrent ``mammo run``) and of other hosts are left alone. A stage run
+    whose folder was sealed before the kill (``sealed_manifest`` returns its manifest) had logged all its
+    metrics: it gets its manifest artifact and FINISHED, like an uninterrupted one; the others are KILLED.
     """
     host = socket.gethostname().replace("'", "")
     runs = client.search_runs(
@@ -111,8 +114,16 @@ def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     for run in runs:
         pid = run.data.tags.get(PID_TAG, "")
         if pid.isdigit() and not _alive(int(pid)):
-            client.set_tag(run.info.run_id, "ended_by", "its process is gone (killed); marked by a later mammo run")
-            client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+            manifest = sealed_manifest(run) if sealed_manifest is not None else None
+            if manifest is not None:
+                client.log_artifact(run.info.run_id, str(manifest))
+                client.set_tag(run.info.run_id, "ended_by", "sealed before its process was killed; finished by a "
+                                                            "later mammo run")
+                finish_run(client, run.info.run_id, ok=True)
+            else:
+                client.set_tag(run.info.run_id, "ended_by", "its process is gone (killed); marked by a later "
+                                                            "mammo run")
+                client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
             closed.append(run.info.run_id)
     return closed
 
