@@ -2,8 +2,8 @@
 
 A stage is a :class:`StageSpec`: a name, its upstream stages, the params sections and the code modules
 that enter its key, and a ``run`` function that writes its outputs into a temporary folder. This module
-turns a spec into (1) a content-derived key, (2) a Prefect task whose cache key is that stage key, (3) an
-MLflow child run, and (4) an atomically sealed folder in the artifact store.
+turns a spec into (1) a content-derived key, (2) a Prefect task (not cached by Prefect, see
+:func:`stage_task`), (3) an MLflow child run, and (4) an atomically sealed folder in the artifact store.
 
 The store is the source of truth: the task body first looks for a sealed folder with the key, so a
 deleted Prefect database costs nothing but a few milliseconds per stage.
@@ -315,14 +315,13 @@ def record_cache_hit(spec: StageSpec, ctx: RunContext, result: StageResult) -> s
     return run_id
 
 
-def _task_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect's cache key is the stage key, never anything about the flow run."""
-    return f"{parameters['stage']}-{parameters['key']}"
-
-
-@task(cache_key_fn=_task_cache_key, persist_result=True, retries=0, log_prints=False)
+@task(cache_policy=NO_CACHE, persist_result=False, retries=0, log_prints=False)
 def stage_task(stage: str, ctx: RunContext, key: str, upstream: dict[str, StageResult]) -> StageResult:
     """The Prefect task behind every stage (renamed per stage with ``with_options``).
+
+    No Prefect cache and no persisted result: the store is the cache (``execute`` looks there first), and
+    Prefect's result storage would pickle the result into the store and unpickle it on a hit, running
+    whatever the pickle says.
 
     ``log_prints=False``: stages log through their logger; what libraries print (pycocotools' summary
     tables, for one) stays out of the run log, where the flow's ``log_prints`` would otherwise put it.
