@@ -27,7 +27,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from mammo_core import faults
+from mammo_core import faults, stage_lock
 from mammo_core.config import Params
 from mammo_core.store import ArtifactStore, source_digest, stage_key
 from tasks import tracking
@@ -178,7 +178,8 @@ def discard_scratch(ctx: RunContext, stage: str, key: str) -> None:
     Why: ``--force train`` is how a user asks for a fresh training; resuming a checkpoint of an earlier
     attempt would hand back that attempt's weights.
     """
-    shutil.rmtree(scratch_dir(ctx.store, stage, key), ignore_errors=True)
+    with stage_lock.hold(ctx.store, stage, key, notify=logging.getLogger(f"mammo.{stage}").warning):
+        shutil.rmtree(scratch_dir(ctx.store, stage, key), ignore_errors=True)
 
 
 def still_sealed(result: StageResult) -> bool:
@@ -198,6 +199,21 @@ def execute(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, Stag
         logger: logging.Logger | logging.LoggerAdapter = get_run_logger()
     except Exception:  # called outside a Prefect run (unit tests of a stage)
         logger = logging.getLogger(f"mammo.{spec.name}")
+    store.check_final_path(spec.name, key)  # before any work: a folder we must not overwrite is in the way
+    # One producer per (stage, key) at a time; a concurrent run of the same key waits here, then reuses.
+    with stage_lock.hold(ctx.store, spec.name, key, notify=logger.warning):
+        if not forced:
+            found = _result_from_store(spec, store, key)
+            if found is not None:  # sealed by a concurrent run while this one waited
+                logger.info("%s: reusing the folder a concurrent run sealed (MLflow run %s)", spec.name,
+                            found.mlflow_run_id)
+                return found
+        return _produce(spec, ctx, key, upstream, store, forced, logger)
+
+
+def _produce(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, StageResult], store: ArtifactStore,
+             forced: bool, logger: logging.Logger | logging.LoggerAdapter) -> StageResult:
+    """Run the stage into a temporary folder and seal it (the caller holds the stage's lock)."""
     params = ctx.typed_params()
     client = MlflowClient(ctx.tracking_uri)
     run_id = tracking.start_run(
