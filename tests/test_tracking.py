@@ -29,8 +29,15 @@ def test_runs_of_killed_processes_are_marked_killed_and_live_ones_kept(tmp_path)
     assert client.get_run(elsewhere).info.status == "RUNNING"
 
 
-def test_sealed_run_of_a_killed_process_is_finished_not_killed(tmp_path):
-    client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+@pytest.fixture(scope="module")
+def shared_db(tmp_path_factory):
+    """One migrated SQLite tracking database for the tests below (creating one costs seconds)."""
+    root = tmp_path_factory.mktemp("tracking")
+    return tracking.open_client(f"sqlite:///{root / 'mlflow.db'}", root)
+
+
+def test_sealed_run_of_a_killed_process_is_finished_not_killed(shared_db, tmp_path):
+    client = shared_db
     experiment = tracking.ensure_experiment(client, "sealed", tmp_path / "artifacts")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -47,9 +54,9 @@ def test_sealed_run_of_a_killed_process_is_finished_not_killed(tmp_path):
     assert client.get_run(unsealed).info.status == "KILLED"
 
 
-def test_a_transient_database_lock_while_logging_a_metric_is_retried(tmp_path, monkeypatch):
+def test_a_transient_database_lock_while_logging_a_metric_is_retried(shared_db, tmp_path, monkeypatch):
     """SQLite's "database is locked" raised inside MLflow's real SQL write (once): the metric still lands."""
-    client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    client = shared_db
     experiment = tracking.ensure_experiment(client, "locked", tmp_path / "artifacts")
     run_id = tracking.start_run(client, experiment, "r", tags={})
     marker = tmp_path / "fired"
@@ -63,8 +70,8 @@ def test_a_transient_database_lock_while_logging_a_metric_is_retried(tmp_path, m
     assert [(m.value, m.step) for m in history] == [(0.25, 3)]
 
 
-def test_errors_other_than_a_lock_are_not_retried(tmp_path, monkeypatch):
-    client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+def test_errors_other_than_a_lock_are_not_retried(shared_db, monkeypatch):
+    client = shared_db
     calls = []
 
     def broken(*_args, **_kwargs):
