@@ -126,13 +126,27 @@ def run(
     except IntegrityError as exc:
         console.print(f"[bold red]cannot reuse a stored stage:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
+    from flows import failures
     from flows.pipeline import PipelineFailed, pipeline
+    from tasks.registry import stage_keys
+    from tasks.tracking import default_tracking_uri
 
+    try:  # before anything is written: the store stays as it was
+        failures.preflight(root, default_tracking_uri(root), stage_keys(typed_params), stages or _stage_names())
+    except failures.EnvironmentFailure as exc:
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
     started = time.perf_counter()
     try:
         outcomes = pipeline(params_file=str(params), overrides=list(set_), stages=stages, force=list(force),
                             store=str(root), resume=resume)
     except PipelineFailed as exc:
+        hint = (f"run again: `mammo run --resume {exc.parent_run_id}" + (f" --store {store}`" if store else "`")
+                if exc.parent_run_id else "run again")
+        line = failures.explain(exc, root, hint)
+        if line is not None:
+            console.print(f"[bold red]error:[/] {line}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
         console.print(_table(exc.outcomes))
         console.print(f"[bold red]stage {exc.stage} failed:[/] {exc.message}")
         console.print("Fix the cause, then resume (finished stages are reused, the same MLflow run continues):")
@@ -143,6 +157,12 @@ def run(
             again += (["--store", str(store)] if store else []) + ["--from", exc.stage]
         console.print(f"  {shlex.join(again)}", soft_wrap=True)
         raise typer.Exit(1) from None
+    except Exception as exc:  # before or around the stages (opening the tracking run, Prefect itself)
+        line = failures.explain(exc, root, "run again")
+        if line is None:
+            raise
+        console.print(f"[bold red]error:[/] {line}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
     console.print(_table(outcomes))
     console.print(f"done in {time.perf_counter() - started:.1f} s; store {root}")
 

@@ -26,6 +26,8 @@ def configure(store: Path) -> None:
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_LOCAL_STORAGE_PATH": str(prefect_home / "storage"),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        # Anything Prefect persists into the store is JSON: its default (pickle) would run code when loaded.
+        "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
         "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true",
         # A first start on a fresh machine migrates the database: the 20 s default is too short there.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",

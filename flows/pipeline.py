@@ -76,7 +76,6 @@ def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bo
     to_run, to_lookup = plan(stages)
     keys = registry.stage_keys(params)
     results: dict[str, Any] = {}  # stage -> StageResult (looked up) or a Prefect future
-    sealed_before: dict[str, bool] = {}
     previous: Any = None
     for spec in registry.ORDER:
         key = keys[spec.name]
@@ -92,19 +91,14 @@ def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bo
             continue
         if spec.name not in to_run:
             continue
-        forced = spec.name in ctx.force
-        sealed_before[spec.name] = not forced and runtime.lookup(spec, ctx, key) is not None
+        if spec.name in ctx.force:
+            runtime.discard_scratch(ctx, spec.name, key)
         upstream = {u: results[u] for u in spec.upstream}
         wait_for = _submit_branch_trainings(ctx, params, key, upstream) if _split_training(
             params, ctx, spec.name, key) else []
         if sequential and previous is not None:
             wait_for.append(previous)
-        task = runtime.stage_task.with_options(
-            name=spec.name, task_run_name=spec.name,
-            # The store decides: a stage the store lacks is never taken from Prefect's result cache, whose
-            # record may point at a folder that was deleted since.
-            refresh_cache=not sealed_before[spec.name],
-        )
+        task = runtime.stage_task.with_options(name=spec.name, task_run_name=spec.name)
         results[spec.name] = previous = task.submit(spec.name, ctx, key, upstream, wait_for=wait_for or None)
 
     outcomes: list[dict] = []
@@ -122,7 +116,8 @@ def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bo
             runtime.cache_hit_task.with_options(task_run_name=f"{spec.name}-cache-hit")(spec.name, ctx, result)
             if spec.name == "report":  # the parent run carries the report even when it is reused
                 report_task(ctx, result)
-        status = "cached" if sealed_before[spec.name] else "ran"
+        # not ran: sealed before this run, or by a concurrent run while this one waited for the stage's lock
+        status = "ran" if result.ran else "cached"
         outcomes.append({"stage": spec.name, "status": status, "seconds": result.seconds, "key": key,
                          "path": result.path})
     return outcomes
@@ -140,13 +135,14 @@ def _root_message(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-@flow(name="mammo-stage-graph", log_prints=True)
+# result_serializer="json": a flow's persisted result (the outcome table) is plain JSON, never a pickle.
+@flow(name="mammo-stage-graph", log_prints=True, result_serializer="json")
 def stage_graph(ctx: runtime.RunContext, stages: list[str] | None) -> list[dict]:
     """The stage graph as a sub-flow, so that it can carry a task runner chosen from the params."""
     return run_stages(ctx, stages, sequential=False)
 
 
-@flow(name="mammo-pipeline", log_prints=True, validate_parameters=True)
+@flow(name="mammo-pipeline", log_prints=True, validate_parameters=True, result_serializer="json")
 def pipeline(
     params_file: str | None = None,
     overrides: list[str] | None = None,

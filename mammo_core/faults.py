@@ -6,17 +6,23 @@ The code calls :func:`at` at those places; nothing happens unless the environmen
 ``MAMMO_FAULT`` is set, which only the tests do.
 
 ``MAMMO_FAULT`` holds comma-separated ``ACTION:POINT`` items. ACTION is ``kill`` (SIGKILL this process, no
-clean-up runs) or ``fail`` (raise :class:`InjectedFault`). POINT is a name passed to :func:`at`, such as
-``stage:train:start``, ``stage:train:end``, ``h5:write``, ``checkpoint:write``, ``mlflow:log``; a trailing
-``*`` matches any suffix (``stage:*``). ``MAMMO_FAULT_SKIP=N`` lets the first N matching calls pass, so a
-test can hit the third checkpoint write rather than the first. When ``MAMMO_FAULT_ONCE`` names a file,
-the fault fires only if that file does not exist yet, and creates it: the rerun then goes through.
+clean-up runs), ``fail`` (raise :class:`InjectedFault`), ``full`` (raise the ``OSError`` ENOSPC of a full
+disk) or ``locked`` (raise SQLite's ``OperationalError: database is locked``). POINT is a name passed to
+:func:`at`, such as ``stage:train:start``, ``stage:train:end``, ``stage:train:sealed`` (sealed, its MLflow
+run not yet ended), ``h5:write``, ``checkpoint:write``, ``mlflow:log``, ``mlflow:db-write`` (inside an SQL
+write to the MLflow database, before its commit), ``store:seal:<stage>``, ``store:swap`` (inside a
+``--force`` replacement); a trailing ``*`` matches any suffix (``stage:*``). ``MAMMO_FAULT_SKIP=N`` lets the
+first N matching calls pass, so a test can hit the third checkpoint write rather than the first. When
+``MAMMO_FAULT_ONCE`` names a file, the fault fires only if that file does not exist yet, and creates it:
+the rerun then goes through.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import sqlite3
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -62,5 +68,9 @@ def at(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "fail":
         raise InjectedFault(f"injected fault at {point} ({ENV}={spec})")
+    elif action == "full":
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {point})")
+    elif action == "locked":
+        raise sqlite3.OperationalError("database is locked")
     else:
-        raise ValueError(f"{ENV}: unknown action {action!r} in {spec!r}; use kill or fail")
+        raise ValueError(f"{ENV}: unknown action {action!r} in {spec!r}; use kill, fail, full or locked")

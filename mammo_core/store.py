@@ -6,9 +6,16 @@ Layout (DESIGN.md §3)::
     <store>/stages/<stage>/.tmp-<key>-*    work in progress, renamed into place when sealed
 
 A folder at the final path always holds a manifest, because the rename is the last step; a crash leaves
-only a ``.tmp-`` sibling that the next attempt ignores and :func:`sweep_temporaries` removes. When two
-processes produce the same key at once, the first rename wins and the loser discards its copy: same key
-means same inputs, so the two outputs are interchangeable.
+only a ``.tmp-`` sibling that the next attempt ignores and :meth:`ArtifactStore.sweep_abandoned` removes.
+When two processes produce the same key at once, the first rename wins and the loser discards its copy:
+same key means same inputs, so the two outputs are interchangeable.
+
+Durability: every file and folder of a new seal is fsynced before the rename and the stage folder after
+it (:mod:`mammo_core.durable`), so a power loss cannot leave a manifest that names unwritten data. A
+``--force`` replacement swaps the new sealed folder with the old one in one ``renameat2(RENAME_EXCHANGE)``
+and removes the old one afterwards; where the filesystem cannot exchange, the old folder is renamed aside
+first and, should the process die before the new one is in place, the next look-up renames it back.
+Either way a kill at any point leaves the old or the new sealed folder at the final path.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from mammo_core import durable, faults
 
 MANIFEST = "manifest.json"
 _HASH_CHUNK = 1 << 20
@@ -128,6 +137,10 @@ class IntegrityError(RuntimeError):
     """A sealed stage folder does not match its manifest."""
 
 
+class UnsealedFolder(RuntimeError):
+    """A folder sits at a stage's final path without a manifest: not made by a seal, never overwritten."""
+
+
 class ArtifactStore:
     """The ``stages/`` tree under a store root."""
 
@@ -141,13 +154,50 @@ class ArtifactStore:
         return self.stage_dir(stage) / key
 
     def find(self, stage: str, key: str) -> StageFolder | None:
-        """The finished folder for (stage, key), or None. A folder without manifest is never returned."""
+        """The finished folder for (stage, key), or None. A folder without manifest is never returned.
+
+        A sealed folder that a killed ``--force`` left aside (see :meth:`seal`) is first put back.
+        """
         path = self.final_path(stage, key)
         manifest_path = path / MANIFEST
+        if not manifest_path.is_file() and not path.exists():
+            self._restore_aside(stage, key)
         if not manifest_path.is_file():
             return None
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         return StageFolder(stage=stage, key=key, path=path, manifest=manifest)
+
+    def _restore_aside(self, stage: str, key: str) -> bool:
+        """Rename a sealed ``.old-<key>-*`` folder back to the empty final path; True if one was restored.
+
+        Why: without ``RENAME_EXCHANGE`` a forced replacement renames the old folder aside before renaming
+        the new one in; a kill between the two would otherwise leave no folder at the final path.
+        """
+        final = self.final_path(stage, key)
+        parent = self.stage_dir(stage)
+        if not parent.is_dir():
+            return False
+        for aside in sorted(parent.glob(f".old-{key}-*")):
+            if (aside / MANIFEST).is_file():
+                try:
+                    os.rename(aside, final)
+                except OSError:  # a concurrent replacement put a folder there meanwhile
+                    return False
+                durable.fsync_dir(parent)
+                return True
+        return False
+
+    def check_final_path(self, stage: str, key: str) -> None:
+        """:class:`UnsealedFolder` when something without a manifest occupies the final path of (stage, key).
+
+        Why: such a folder (a hand copy, a restore from a backup that lost files) can neither be reused nor
+        replaced without deleting data mammo did not write; the user decides, with a message saying how.
+        """
+        path = self.final_path(stage, key)
+        if path.exists() and not (path / MANIFEST).is_file():
+            raise UnsealedFolder(
+                f"{path} has no {MANIFEST}, so it was not sealed by mammo (a partial copy or restore?): "
+                f"move it out of {path.parent} or delete it, then run again")
 
     def begin(self, stage: str, key: str) -> Path:
         """A fresh temporary folder for producing (stage, key)."""
@@ -169,12 +219,26 @@ class ArtifactStore:
             return 0
         removed = 0
         for child in parent.iterdir():
+            if child.name.startswith(".old-"):
+                final = self.final_path(stage, child.name[len(".old-"):].rsplit("-", 1)[0])
+                if (final / MANIFEST).is_file() or not (child / MANIFEST).is_file():
+                    shutil.rmtree(child, ignore_errors=True)  # replaced, or never sealed
+                    removed += 1
+                elif not final.exists():
+                    self._restore_aside(stage, final.name)
+                continue
             owner = _tmp_owner(child.name)
-            if child.name.startswith(".old-") or (owner is not None and owner[0] == _HOST
-                                                  and not _process_alive(owner[1])):
+            if owner is not None and owner[0] == _HOST and not _process_alive(owner[1]):
                 shutil.rmtree(child, ignore_errors=True)
                 removed += 1
         return removed
+
+    def sweep_all(self) -> int:
+        """:meth:`sweep_abandoned` for every stage folder (a run start: stages it reuses are swept too)."""
+        root = self.root / "stages"
+        if not root.is_dir():
+            return 0
+        return sum(self.sweep_abandoned(p.name) for p in sorted(root.iterdir()) if p.is_dir())
 
     def check_sizes(self, folder: StageFolder) -> None:
         """Every file of the manifest is present with its recorded size (cheap; :meth:`verify` hashes too).
@@ -202,12 +266,13 @@ class ArtifactStore:
         extra: Mapping[str, Any] | None = None,
         replace: bool = False,
     ) -> StageFolder:
-        """Write the manifest last, then rename ``tmp`` into place.
+        """Write the manifest last, fsync everything, then rename ``tmp`` into place.
 
-        ``replace`` (``--force``) moves an existing folder aside first; otherwise an existing folder
-        wins and ``tmp`` is discarded.
+        ``replace`` (``--force``) swaps ``tmp`` with an existing folder atomically and removes the old one
+        after (:meth:`_publish_replacing`); otherwise an existing folder wins and ``tmp`` is discarded.
         """
         tmp = Path(tmp)
+        self.check_final_path(stage, key)
         files = []
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             rel = f.relative_to(tmp).as_posix()
@@ -223,21 +288,44 @@ class ArtifactStore:
             "files": files,
             **(dict(extra) if extra else {}),
         }
+        faults.at(f"store:seal:{stage}")
+        durable.fsync_tree(tmp)  # data before the manifest can name it ...
         write_json_atomic(tmp / MANIFEST, manifest)
+        durable.fsync_dir(tmp)  # ... and the manifest before the rename publishes it
         final = self.final_path(stage, key)
         if replace and final.exists():
-            aside = final.with_name(f".old-{key}-{uuid.uuid4().hex[:8]}")
-            os.rename(final, aside)
-            shutil.rmtree(aside, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / MANIFEST).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another producer won; same key, same content
+            self._publish_replacing(tmp, final)
+        else:
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / MANIFEST).is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another producer won; same key, same content
+        durable.fsync_dir(final.parent)
         found = self.find(stage, key)
         assert found is not None
         return found
+
+    def _publish_replacing(self, tmp: Path, final: Path) -> None:
+        """Put the sealed ``tmp`` at ``final`` in place of the sealed folder there; remove the old one after.
+
+        One atomic exchange where the filesystem has it: before it the old folder is at ``final``, after it
+        the new one is and the old one sits under ``tmp``'s name, which the sweep removes if this process
+        dies before it does. Otherwise two renames; :meth:`find` and the sweep put the old folder back if
+        a kill lands between them.
+        """
+        if durable.exchange(tmp, final):
+            durable.fsync_dir(final.parent)
+            faults.at("store:swap")
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp's name now holds the old folder
+            return
+        aside = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, aside)
+        faults.at("store:swap")
+        os.rename(tmp, final)
+        durable.fsync_dir(final.parent)
+        shutil.rmtree(aside, ignore_errors=True)
 
     def verify(self, folder: StageFolder, sha256_of: Callable[[Path], str] = file_sha256) -> None:
         """Check every file listed in the manifest: present, same size, same sha256.

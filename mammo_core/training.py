@@ -50,10 +50,11 @@ from mammo_core.checkpoint import (
     FORMAT_VERSION,
     capture_rng,
     check_same_architecture,
-    load_safely,
+    load_with_fallback,
     restore_rng,
     save_atomic,
 )
+from mammo_core.checkpoint import exists as checkpoint_exists
 from mammo_core.model import FusedDenseNet, SingleBranchDenseNet, _pool
 from mammo_core.schedule import Schedule, make_optimizer, make_scheduler
 
@@ -507,7 +508,7 @@ def _fit(
     history: list[EpochReport] = []
     path = checkpoint_dir / CHECKPOINT_NAME
     start = 0
-    if path.exists():
+    if checkpoint_exists(path):
         start = _resume(path, model, net, schedule, optimizers, schedulers, best, history, generator, device)
 
     cache: _FrozenCache | None = None
@@ -640,6 +641,7 @@ def _save(path: Path, mode: Mode, model: BranchModel, net: _Net, schedule: Sched
             "history": [r.to_dict() for r in history],
         },
         path,
+        keep_previous=True,
     )
 
 
@@ -647,8 +649,9 @@ def _resume(path: Path, model: BranchModel, net: _Net, schedule: Schedule,
             optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any],
             best: dict[str, _Best], history: list[EpochReport], generator: torch.Generator,
             device: torch.device) -> int:
-    """Restore everything from the checkpoint at ``path``; returns the number of completed epochs."""
-    saved = load_safely(path, device)
+    """Restore everything from the checkpoint at ``path`` (or the previous one, if ``path`` is unreadable);
+    returns the number of completed epochs."""
+    saved, path = load_with_fallback(path, device)
     check_same_architecture(path, saved["model"], model.state_dict())
     if list(saved["branches"]) != net.branches:
         raise ValueError(f"{path}: checkpoint has branches {list(saved['branches'])}, the model {net.branches}")

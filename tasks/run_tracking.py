@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import yaml
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mammo_core.config import load_params
+from mammo_core.store import MANIFEST, ArtifactStore
 from tasks import registry, tracking
 from tasks.runtime import RunContext, _log_params
 
@@ -50,6 +53,17 @@ def _flow_run_id() -> str:
 RESUMABLE_TAGS = ("params_file", "overrides_json", "stages_json")
 
 
+def _sealed_manifest(store: ArtifactStore, run: Run) -> Path | None:
+    """The manifest of the sealed stage folder that names ``run`` as its MLflow run, else None."""
+    stage, key = run.data.tags.get("stage"), run.data.tags.get("stage_key")
+    if not stage or not key or run.data.tags.get("cache_hit") == "true":
+        return None
+    folder = store.find(stage, key)
+    if folder is None or folder.mlflow_run_id != run.info.run_id:
+        return None
+    return folder.path / MANIFEST
+
+
 @task(cache_policy=NO_CACHE, persist_result=False)
 def open_run(
     params_file: str | None,
@@ -69,7 +83,8 @@ def open_run(
     commit = git_commit()
     flow_run_id = _flow_run_id()
     dump = params.model_dump(mode="json")
-    tracking.close_orphaned_runs(client, experiment_id)
+    tracking.close_orphaned_runs(client, experiment_id, partial(_sealed_manifest, ArtifactStore(store_root)))
+    ArtifactStore(store_root).sweep_all()  # what killed runs left, in stages this run may only reuse
     if resume:
         parent = tracking.reopen_run(client, resume, flow_run_id)
         experiment_id = client.get_run(parent).info.experiment_id

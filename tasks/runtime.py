@@ -1,9 +1,9 @@
 """The stage machinery shared by every stage module in ``tasks/``.
 
-A stage is a :class:`StageSpec`: a name, its upstream stages, the params sections that enter its key,
-and a ``run`` function that writes its outputs into a temporary folder. This module
-turns a spec into (1) a content-derived key, (2) a Prefect task whose cache key is that stage key, (3) an
-MLflow child run, and (4) an atomically sealed folder in the artifact store.
+A stage is a :class:`StageSpec`: a name, its upstream stages, the params sections that enter its key
+(its code is the import closure of its module), and a ``run`` function that writes its outputs into a
+temporary folder. This module turns a spec into (1) a content-derived key, (2) a Prefect task (not
+cached by Prefect, see :func:`stage_task`), (3) an MLflow child run, and (4) an atomically sealed folder in the artifact store.
 
 The store is the source of truth: the task body first looks for a sealed folder with the key, so a
 deleted Prefect database costs nothing but a few milliseconds per stage.
@@ -26,7 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from mammo_core import code_closure, faults
+from mammo_core import code_closure, faults, stage_lock
 from mammo_core.config import Params
 from mammo_core.library_versions import library_versions
 from mammo_core.store import ArtifactStore, stage_key
@@ -91,7 +91,7 @@ class StageContext:
         Unlike ``workdir`` (a fresh temporary per attempt), its path depends only on (stage, key), so a
         rerun after a kill finds the previous attempt's checkpoints there.
         """
-        path = self.store_root / "scratch" / self.stage / self.key
+        path = scratch_dir(self.store_root, self.stage, self.key)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -177,6 +177,21 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def scratch_dir(store: str | Path, stage: str, key: str) -> Path:
+    """The stage's crash-surviving folder (checkpoints) under the store; see :attr:`StageContext.scratch`."""
+    return Path(store) / "scratch" / stage / key
+
+
+def discard_scratch(ctx: RunContext, stage: str, key: str) -> None:
+    """Forget what an earlier attempt left in the scratch folder: ``--force`` starts from nothing.
+
+    Why: ``--force train`` is how a user asks for a fresh training; resuming a checkpoint of an earlier
+    attempt would hand back that attempt's weights.
+    """
+    with stage_lock.hold(ctx.store, stage, key, notify=logging.getLogger(f"mammo.{stage}").warning):
+        shutil.rmtree(scratch_dir(ctx.store, stage, key), ignore_errors=True)
+
+
 def still_sealed(result: StageResult) -> bool:
     """True when the folder a (possibly Prefect-cached) result points to still carries its manifest."""
     return (Path(result.path) / "manifest.json").is_file()
@@ -194,6 +209,21 @@ def execute(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, Stag
         logger: logging.Logger | logging.LoggerAdapter = get_run_logger()
     except Exception:  # called outside a Prefect run (unit tests of a stage)
         logger = logging.getLogger(f"mammo.{spec.name}")
+    store.check_final_path(spec.name, key)  # before any work: a folder we must not overwrite is in the way
+    # One producer per (stage, key) at a time; a concurrent run of the same key waits here, then reuses.
+    with stage_lock.hold(ctx.store, spec.name, key, notify=logger.warning):
+        if not forced:
+            found = _result_from_store(spec, store, key)
+            if found is not None:  # sealed by a concurrent run while this one waited
+                logger.info("%s: reusing the folder a concurrent run sealed (MLflow run %s)", spec.name,
+                            found.mlflow_run_id)
+                return found
+        return _produce(spec, ctx, key, upstream, store, forced, logger)
+
+
+def _produce(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, StageResult], store: ArtifactStore,
+             forced: bool, logger: logging.Logger | logging.LoggerAdapter) -> StageResult:
+    """Run the stage into a temporary folder and seal it (the caller holds the stage's lock)."""
     params = ctx.typed_params()
     client = MlflowClient(ctx.tracking_uri)
     run_id = tracking.start_run(
@@ -240,8 +270,9 @@ def execute(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, Stag
             extra=extra,
             replace=forced,
         )
+        faults.at(f"stage:{spec.name}:sealed")
         client.log_artifact(run_id, str(folder.path / "manifest.json"))
-        shutil.rmtree(Path(ctx.store) / "scratch" / spec.name / key, ignore_errors=True)
+        shutil.rmtree(scratch_dir(ctx.store, spec.name, key), ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(workdir, ignore_errors=True)
         try:
@@ -310,14 +341,13 @@ def record_cache_hit(spec: StageSpec, ctx: RunContext, result: StageResult) -> s
     return run_id
 
 
-def _task_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect's cache key is the stage key, never anything about the flow run."""
-    return f"{parameters['stage']}-{parameters['key']}"
-
-
-@task(cache_key_fn=_task_cache_key, persist_result=True, retries=0, log_prints=False)
+@task(cache_policy=NO_CACHE, persist_result=False, retries=0, log_prints=False)
 def stage_task(stage: str, ctx: RunContext, key: str, upstream: dict[str, StageResult]) -> StageResult:
     """The Prefect task behind every stage (renamed per stage with ``with_options``).
+
+    No Prefect cache and no persisted result: the store is the cache (``execute`` looks there first), and
+    Prefect's result storage would pickle the result into the store and unpickle it on a hit, running
+    whatever the pickle says.
 
     ``log_prints=False``: stages log through their logger; what libraries print (pycocotools' summary
     tables, for one) stays out of the run log, where the flow's ``log_prints`` would otherwise put it.

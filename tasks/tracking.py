@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Run, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
@@ -39,6 +41,7 @@ def open_client(uri: str, store: Path) -> MlflowClient:
     on a fresh store at once both try, and the loser fails with "table ... already exists". The lock makes
     the first one create it and the second find it.
     """
+    install_db_write_fault_point()
     if not uri.startswith("sqlite:"):
         return MlflowClient(uri)
     Path(store).mkdir(parents=True, exist_ok=True)
@@ -96,11 +99,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
-    """Mark KILLED the runs still RUNNING whose process (on this host) is gone; returns their ids.
+def close_orphaned_runs(client: MlflowClient, experiment_id: str,
+                        sealed_manifest: Callable[[Run], Path | None] | None = None) -> list[str]:
+    """End the runs still RUNNING whose process (on this host) is gone; returns their ids.
 
     Why: a SIGKILLed ``mammo run`` cannot end its MLflow runs, which would show as running forever in the
-    UI. Runs of live processes (a concurrent ``mammo run``) and of other hosts are left alone.
+    UI. Runs of live processes (a concurrent ``mammo run``) and of other hosts are left alone. A stage run
+    whose folder was sealed before the kill (``sealed_manifest`` returns its manifest) had logged all its
+    metrics: it gets its manifest artifact and FINISHED, like an uninterrupted one; the others are KILLED.
     """
     host = socket.gethostname().replace("'", "")
     runs = client.search_runs(
@@ -111,19 +117,80 @@ def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     for run in runs:
         pid = run.data.tags.get(PID_TAG, "")
         if pid.isdigit() and not _alive(int(pid)):
-            client.set_tag(run.info.run_id, "ended_by", "its process is gone (killed); marked by a later mammo run")
-            client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+            manifest = sealed_manifest(run) if sealed_manifest is not None else None
+            if manifest is not None:
+                client.log_artifact(run.info.run_id, str(manifest))
+                client.set_tag(run.info.run_id, "ended_by", "sealed before its process was killed; finished by a "
+                                                            "later mammo run")
+                finish_run(client, run.info.run_id, ok=True)
+            else:
+                client.set_tag(run.info.run_id, "ended_by", "its process is gone (killed); marked by a later "
+                                                            "mammo run")
+                client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
             closed.append(run.info.run_id)
     return closed
 
 
+LOCKED_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def is_database_locked(exc: BaseException) -> bool:
+    """True for SQLite's "database is locked", however MLflow and SQLAlchemy wrapped it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if "database is locked" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _retry_when_locked(call: Callable[[], object], what: str) -> None:
+    """Run ``call``; on "database is locked" retry with growing pauses before giving up.
+
+    Why: SQLite allows one writer; a concurrent ``mammo run`` (or the MLflow UI) holding a long write can
+    outlast MLflow's own 20 s busy timeout. Losing a metric for that must not abort an hour of training.
+    """
+    for delay in (*LOCKED_RETRY_DELAYS_S, None):
+        try:
+            call()
+            return
+        except Exception as exc:
+            if delay is None or not is_database_locked(exc):
+                raise
+            logging.getLogger("mammo.tracking").warning("%s: the tracking database is locked; retrying in "
+                                                        "%.1f s", what, delay)
+            time.sleep(delay)
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """Log many metrics in batches (one round trip per batch, not per metric)."""
+    """Log many metrics in batches (one round trip per batch, not per metric); retried while locked."""
     now = get_current_time_millis()
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     faults.at("mlflow:log")
     for i in range(0, len(items), _MAX_BATCH):
-        client.log_batch(run_id, metrics=items[i : i + _MAX_BATCH])
+        batch = items[i : i + _MAX_BATCH]
+        _retry_when_locked(lambda batch=batch: client.log_batch(run_id, metrics=batch), f"metrics of run {run_id}")
+
+
+def install_db_write_fault_point() -> None:
+    """Call :func:`mammo_core.faults.at` ("mlflow:db-write") inside every SQL write to an MLflow SQLite file.
+
+    Only when ``MAMMO_FAULT`` names that point (the tests): the point sits after the statement ran and
+    before its transaction commits, so a kill there dies inside a database write.
+    """
+    if "mlflow:db-write" not in os.environ.get(faults.ENV, ""):
+        return
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not event.contains(Engine, "after_cursor_execute", _after_sql_execute):
+        event.listen(Engine, "after_cursor_execute", _after_sql_execute)
+
+
+def _after_sql_execute(conn, _cursor, statement: str, _parameters, _context, _executemany) -> None:
+    if str(conn.engine.url.database or "").endswith("mlflow.db") and statement.lstrip()[:6].upper() in (
+            "INSERT", "UPDATE", "DELETE"):
+        faults.at("mlflow:db-write")
 
 
 def log_file_dataset(client: MlflowClient, run_id: str, path: Path, name: str, context: str) -> None:

@@ -10,6 +10,9 @@ Why this shape (it must stay cheap, the whole suite has a 20-minute budget on 2 
 - ONE store that is killed repeatedly: run 1 dies at point A, its rerun dies at point B, ... each rerun
   resumes from whatever the previous kill left, which is the situation a user is in after a crash;
   finally a clean rerun completes.
+- Kill points of the store itself: after a seal but before its MLflow run is finished, inside an MLflow
+  database write, inside a ``--force`` swap (mammo_core/store.py); each ends with the old or the new sealed
+  folder in place and, after the rerun, every sealed stage's MLflow run FINISHED.
 - The kill comes from the process itself (``MAMMO_FAULT=kill:<point>``, :mod:`mammo_core.faults`), so it
   lands at an exact place (inside a stage, inside an HDF5 chunk write, between a checkpoint's temporary
   file and its rename, inside MLflow logging, after a stage's work but before its seal). The marker file
@@ -54,23 +57,43 @@ pytestmark = pytest.mark.slow
 
 @dataclass(frozen=True)
 class KillPoint:
-    """Where one run of the chain dies: ``fault`` for MAMMO_FAULT, the first matches skipped, the stage hit."""
+    """Where one run of the chain dies: ``fault`` for MAMMO_FAULT, the first matches skipped, the stage hit.
+
+    ``sealed``: the kill lands after ``stage`` is sealed (so it counts as sealed); ``args``: extra CLI
+    arguments of that run (``--force``).
+    """
 
     label: str
     fault: str
     skip: int
     stage: str
+    sealed: bool = False
+    args: tuple[str, ...] = ()
+
+    @property
+    def sealed_after(self) -> list[str]:
+        """The stages sealed once this kill has happened."""
+        return list(STAGES[: STAGES.index(self.stage) + (1 if self.sealed else 0)])
 
 
 # In chain order: each run resumes from what the previous kill left. The first MLflow log call of a fresh
 # store is acquire's own metrics (later runs log cache-hit child runs first), the first HDF5 chunk write
 # after curate is the patches file, and the smoke schedule writes one checkpoint per epoch (2 epochs):
 # skipping one lands the kill after epoch 2's checkpoint is on disk but before it is renamed into place.
+# Then features is sealed but killed before its MLflow run ends (the next run finishes that run instead of
+# marking it KILLED); that next run dies inside its first MLflow database write (closing the orphaned runs,
+# between the SQL statement and its commit); then `--force features` dies inside the swap of the new sealed
+# folder with the old one (after the exchange, before the old one is removed).
 KILL_PLAN = (
     KillPoint("mlflow logging inside acquire", "kill:mlflow:log", 0, "acquire"),
     KillPoint("curate stage start", "kill:stage:curate:start", 0, "curate"),
     KillPoint("HDF5 chunk write in patches", "kill:h5:write", 0, "patches"),
     KillPoint("checkpoint write mid-training (epoch 2)", "kill:checkpoint:write", 1, "train"),
+    KillPoint("features sealed, its MLflow run not yet finished", "kill:stage:features:sealed", 0, "features",
+              sealed=True),
+    KillPoint("inside an MLflow database write (before commit)", "kill:mlflow:db-write", 0, "hashing"),
+    KillPoint("inside the --force swap of features", "kill:store:swap", 0, "features", sealed=True,
+              args=("--force", "features")),
     KillPoint("hashing stage end, before its seal", "kill:stage:hashing:end", 0, "hashing"),
 )
 
@@ -86,7 +109,7 @@ class KillRecord:
     @property
     def survived(self) -> bool:
         return (self.returncode == -signal.SIGKILL and self.fired_at == self.point.fault.split(":", 1)[1]
-                and not self.problems and self.sealed_after == list(STAGES[: STAGES.index(self.point.stage)]))
+                and not self.problems and self.sealed_after == self.point.sealed_after)
 
 
 @dataclass
@@ -117,14 +140,14 @@ def env_for(store: Path, fault: KillPoint | None = None, marker: Path | None = N
     return env
 
 
-def run_cli(env: dict[str, str], log: Path) -> tuple[int, str]:
+def run_cli(env: dict[str, str], log: Path, extra_args: tuple[str, ...] = ()) -> tuple[int, str]:
     """Run ``mammo run`` in its own session; after it ends, kill what it may have orphaned.
 
     Output goes to a file, not a pipe: a process killed with SIGKILL leaves its children (the temporary
     Prefect server, pool workers) holding a pipe open, and reading it to EOF would wait for them.
     """
     with open(log, "w", encoding="utf-8") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *ARGS], cwd=REPO, env=env, text=True,
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *ARGS, *extra_args], cwd=REPO, env=env, text=True,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=RUN_TIMEOUT_S)
@@ -229,7 +252,7 @@ def run_kill_anywhere(base: Path, reference: Path | None = None) -> KillAnywhere
         assert code == 0, f"reference run failed ({code}):\n{out[-4000:]}"
     for i, point in enumerate(KILL_PLAN):
         marker = base / f"fault-{i}.fired"
-        code, _ = run_cli(env_for(outcome.killed, point, marker), base / f"kill-{i}.log")
+        code, _ = run_cli(env_for(outcome.killed, point, marker), base / f"kill-{i}.log", point.args)
         outcome.kills.append(KillRecord(
             point=point,
             returncode=code,
@@ -262,8 +285,9 @@ def test_each_kill_fires_where_planned_and_leaves_a_consistent_store(kill_anywhe
     expected = point.fault.split(":", 1)[1]
     assert record.fired_at == expected, f"{point.label}: fired at {record.fired_at!r}"
     assert record.problems == []
-    # the kill landed inside the planned stage: everything before it is sealed, it and what follows are not
-    assert record.sealed_after == list(STAGES[: STAGES.index(point.stage)]), record.sealed_after
+    # the kill landed inside the planned stage: everything before it is sealed, it (unless the kill came after
+    # its seal) and what follows are not
+    assert record.sealed_after == point.sealed_after, record.sealed_after
 
 
 def test_rerun_after_the_kills_completes_and_equals_the_uninterrupted_run(kill_anywhere):

@@ -1,6 +1,8 @@
 """Reliability summary: kill points survived, bad inputs tried, items lost, computed from the real checks.
 
-Nothing here is a number written by hand: the counts come from the session's kill-anywhere chain
+Nothing here is a number written by hand: the counts come from the session's kill-anywhere chain (whose
+plan includes the store's own kill points: after a seal before its MLflow run ends, inside an MLflow
+database write, inside a ``--force`` swap)
 (``kill_anywhere`` fixture, tests/test_kill_anywhere.py) and the generated bad-input corpus
 (``bad_input_outcome`` fixture, tests/test_bad_inputs.py), which other modules assert item by item. The
 summary prints one JSON line (visible in ``make test`` output) and writes it to ``reliability.json``
@@ -14,6 +16,7 @@ import json
 import pytest
 
 from tests.test_bad_inputs import verdicts
+from tests.test_clear_failures import FAILURE_CASES
 from tests.test_kill_anywhere import KILL_PLAN
 
 pytestmark = pytest.mark.slow
@@ -30,6 +33,8 @@ def test_reliability_summary(kill_anywhere, bad_input_outcome, tmp_path_factory,
         "bad_inputs_as_specified": sum(v is None for v in judged.values()),
         "items_lost": bad_input_outcome.lost,
         "abandoned_temporary_folders": len(kills["abandoned_temporary_folders"]),
+        # asserted one by one (exit code 2, one line, store unchanged) in tests/test_clear_failures.py
+        "failure_cases_exit_2": list(FAILURE_CASES.values()),
     }
     path = tmp_path_factory.getbasetemp() / "reliability.json"
     path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")

@@ -84,3 +84,23 @@ def test_force_reruns_the_stage_and_its_descendants_even_when_cached(failed_then
                                                      "augment": "ran"}
     after = json.loads(manifest.read_text())["mlflow_run_id"]
     assert after != before, "the forced stage was produced again and re-sealed in place"
+
+
+def test_force_train_ignores_checkpoints_left_in_scratch(smoke_store_copy):
+    """A checkpoint an earlier attempt left (here: junk that resuming would refuse) is discarded by --force."""
+    import torch
+
+    store = smoke_store_copy
+    (old,) = (store / "stages" / "train").iterdir()
+    scratch = store / "scratch" / "train" / old.name
+    scratch.mkdir(parents=True)
+    (scratch / "checkpoint.pt").write_bytes(b"left by an earlier attempt" * 100)
+    before = torch.load(old / "weights.pt", weights_only=True)
+    proc = mammo(store, "run", "-p", str(SMOKE), "--only", "train", "--force", "train")
+    assert stage_rows(proc.stdout + proc.stderr) == {"train": "ran"}
+    assert [p.name for p in (store / "stages" / "train").iterdir()] == [old.name], "swapped in place, no leftover"
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert manifest["metrics"]["train/resumed_from_epoch"] == 0
+    after = torch.load(old / "weights.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before), "trained afresh, to the same weights"
+    assert not scratch.exists()

@@ -124,3 +124,87 @@ def test_reuse_check_names_a_file_changed_after_sealing(tmp_path):
 
 def test_canonical_json_stable():
     assert canonical_json({"b": 1, "a": [1, {"d": 2, "c": 3}]}) == '{"a":[1,{"c":3,"d":2}],"b":1}'
+
+
+# --------------------------------------------------------------------------------------------------
+# Durable seals and a --force replacement that survives a kill anywhere
+
+_SEAL_SCRIPT = """
+import sys
+from mammo_core import durable
+from mammo_core.store import ArtifactStore
+root, content, replace, exchange = sys.argv[1:5]
+if exchange == "no":  # a filesystem without renameat2(RENAME_EXCHANGE)
+    durable.exchange = lambda a, b: False
+art = ArtifactStore(root)
+tmp = art.begin("s", "k")
+(tmp / "out.txt").write_text(content)
+(tmp / "sub").mkdir()
+(tmp / "sub" / "more.bin").write_bytes(content.encode() * 50_000)
+art.seal("s", "k", tmp, params={}, upstream={}, metrics={}, mlflow_run_id=content, replace=replace == "yes")
+"""
+
+
+def _seal_in_process(root, content: str, replace: bool, exchange: bool, fault: str | None = None) -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAMMO_FAULT")}
+    if fault:
+        env["MAMMO_FAULT"] = fault
+    proc = subprocess.run([sys.executable, "-c", _SEAL_SCRIPT, str(root), content, "yes" if replace else "no",
+                           "yes" if exchange else "no"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, -9), proc.stderr
+    return proc.returncode
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+@pytest.mark.parametrize("point", ["store:seal:s", "store:swap"])
+def test_sigkill_inside_a_forced_replacement_keeps_the_old_or_the_new_folder(tmp_path, exchange, point):
+    assert _seal_in_process(tmp_path, "v1", replace=False, exchange=exchange) == 0
+    assert _seal_in_process(tmp_path, "v2", replace=True, exchange=exchange, fault=f"kill:{point}") == -9
+    art = ArtifactStore(tmp_path)
+    found = art.find("s", "k")
+    assert found is not None, f"killed at {point}: no sealed folder at the final path"
+    art.verify(found)
+    # before the swap the old folder is in place; after the exchange the new one; between two renames the
+    # old one, put back by the look-up
+    expected = "v2" if (point == "store:swap" and exchange) else "v1"
+    assert found.mlflow_run_id == expected and (found.path / "out.txt").read_text() == expected
+    assert art.sweep_all() >= 1, "the killed process's leftover is reclaimed"
+    assert sorted(p.name for p in art.stage_dir("s").iterdir()) == ["k"]
+    assert _seal_in_process(tmp_path, "v3", replace=True, exchange=exchange) == 0
+    assert (art.final_path("s", "k") / "out.txt").read_text() == "v3"
+    assert sorted(p.name for p in art.stage_dir("s").iterdir()) == ["k"]
+
+
+def test_seal_fsyncs_every_file_and_folder_before_its_rename(tmp_path, monkeypatch):
+    from mammo_core import durable
+
+    events: list[tuple[str, str]] = []
+    for name in ("fsync_file", "fsync_dir"):
+        real = getattr(durable, name)
+        monkeypatch.setattr(durable, name, lambda p, real=real, name=name: (events.append((name, str(p))), real(p)))
+    real_rename = os.rename
+    monkeypatch.setattr(store_mod.os, "rename", lambda a, b: (events.append(("rename", str(a))), real_rename(a, b)))
+    art = ArtifactStore(tmp_path)
+    tmp = art.begin("s", "k")
+    (tmp / "sub").mkdir()
+    (tmp / "sub" / "a.bin").write_bytes(b"x" * 100)
+    (tmp / "b.txt").write_text("b")
+    art.seal("s", "k", tmp, params={}, upstream={}, metrics={}, mlflow_run_id=None)
+    renamed_at = events.index(("rename", str(tmp)))
+    synced = {p for kind, p in events[:renamed_at] if kind.startswith("fsync")}
+    assert {str(tmp / "sub" / "a.bin"), str(tmp / "b.txt"), str(tmp / "sub"), str(tmp)} <= synced
+    assert ("fsync_dir", str(art.stage_dir("s"))) in events[renamed_at:], "the rename itself is made durable"
+    manifest_synced = [i for i, (kind, p) in enumerate(events) if kind == "fsync_dir" and p == str(tmp)]
+    assert manifest_synced[-1] < renamed_at
+
+
+def test_a_folder_without_manifest_at_the_final_path_is_never_overwritten(tmp_path):
+    art = ArtifactStore(tmp_path)
+    final = art.final_path("s", "k")
+    final.mkdir(parents=True)
+    (final / "mine.txt").write_text("user data")
+    tmp = art.begin("s", "k")
+    (tmp / "out.txt").write_text("new")
+    with pytest.raises(store_mod.UnsealedFolder, match=r"s/k has no manifest.json.*move it out"):
+        art.seal("s", "k", tmp, params={}, upstream={}, metrics={}, mlflow_run_id=None, replace=True)
+    assert sorted(p.name for p in final.iterdir()) == ["mine.txt"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tasks import tracking
 
 
@@ -25,3 +27,58 @@ def test_runs_of_killed_processes_are_marked_killed_and_live_ones_kept(tmp_path)
     assert "killed" in client.get_run(orphan).data.tags["ended_by"]
     assert client.get_run(live).info.status == "RUNNING"
     assert client.get_run(elsewhere).info.status == "RUNNING"
+
+
+@pytest.fixture(scope="module")
+def shared_db(tmp_path_factory):
+    """One migrated SQLite tracking database for the tests below (creating one costs seconds)."""
+    root = tmp_path_factory.mktemp("tracking")
+    return tracking.open_client(f"sqlite:///{root / 'mlflow.db'}", root)
+
+
+def test_sealed_run_of_a_killed_process_is_finished_not_killed(shared_db, tmp_path):
+    client = shared_db
+    experiment = tracking.ensure_experiment(client, "sealed", tmp_path / "artifacts")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    sealed, unsealed = (tracking.start_run(client, experiment, name, tags={}) for name in ("sealed", "unsealed"))
+    for run_id in (sealed, unsealed):
+        client.set_tag(run_id, tracking.PID_TAG, str(dead.pid))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    closed = tracking.close_orphaned_runs(client, experiment,
+                                          lambda run: manifest if run.info.run_id == sealed else None)
+    assert sorted(closed) == sorted([sealed, unsealed])
+    assert client.get_run(sealed).info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(sealed)] == ["manifest.json"]
+    assert client.get_run(unsealed).info.status == "KILLED"
+
+
+def test_a_transient_database_lock_while_logging_a_metric_is_retried(shared_db, tmp_path, monkeypatch):
+    """SQLite's "database is locked" raised inside MLflow's real SQL write (once): the metric still lands."""
+    client = shared_db
+    experiment = tracking.ensure_experiment(client, "locked", tmp_path / "artifacts")
+    run_id = tracking.start_run(client, experiment, "r", tags={})
+    marker = tmp_path / "fired"
+    monkeypatch.setenv("MAMMO_FAULT", "locked:mlflow:db-write")
+    monkeypatch.setenv("MAMMO_FAULT_ONCE", str(marker))
+    monkeypatch.setattr(tracking, "LOCKED_RETRY_DELAYS_S", (0.05, 0.1))
+    tracking.install_db_write_fault_point()
+    tracking.log_metrics(client, run_id, {"train/loss": 0.25}, step=3)
+    assert marker.read_text() == "mlflow:db-write", "the lock was hit inside the write"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [(m.value, m.step) for m in history] == [(0.25, 3)]
+
+
+def test_errors_other_than_a_lock_are_not_retried(shared_db, monkeypatch):
+    client = shared_db
+    calls = []
+
+    def broken(*_args, **_kwargs):
+        calls.append(1)
+        raise ValueError("disk I/O error")
+
+    monkeypatch.setattr(client, "log_batch", broken)
+    with pytest.raises(ValueError, match="disk I/O"):
+        tracking.log_metrics(client, "0" * 32, {"m": 1.0})
+    assert calls == [1]

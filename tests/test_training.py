@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from mammo_core.checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, load_safely, save_atomic
+from mammo_core.checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, load_safely, previous_path, save_atomic
 from mammo_core.model import FusedDenseNet, branch_state_dict, build_single
 from mammo_core.schedule import Schedule
 from mammo_core.training import (
@@ -170,7 +170,9 @@ def test_shared_run_learns_checkpoints_and_keeps_frozen_parts(base, reference, t
     saved = load_safely(result.checkpoint)
     assert saved["epoch"] == 3 and len(saved["history"]) == 3
     assert set(saved["rng"]) >= {"torch", "shuffle", "numpy", "python"}
-    assert [p.name for p in result.checkpoint.parent.iterdir()] == [CHECKPOINT_NAME]  # no temp files left
+    # no temp files left; the epoch before stays as the fallback
+    assert sorted(p.name for p in result.checkpoint.parent.iterdir()) == sorted([CHECKPOINT_NAME, "checkpoint.prev.pt"])
+    assert load_safely(previous_path(result.checkpoint))["epoch"] == 2
 
 
 def test_cached_mode_gives_identical_weights(base, reference, tmp_path):
@@ -263,6 +265,22 @@ def test_resume_after_kill_ends_with_the_same_weights(base, reference, tmp_path,
     last = load_safely(tmp_path / CHECKPOINT_NAME)
     ref_last = load_safely(reference[0].checkpoint)
     assert all(torch.equal(last["model"][k], ref_last["model"][k]) for k in ref_last["model"])
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one_with_a_warning(base, reference, tmp_path):
+    with pytest.raises(_Killed):
+        train_branches(copy.deepcopy(base), TRAIN, VAL, SCHEDULE, class_names=CLASSES, checkpoint_dir=tmp_path,
+                       on_epoch=_kill_after_epoch(2))
+    latest = tmp_path / CHECKPOINT_NAME
+    assert load_safely(previous_path(latest))["epoch"] == 1
+    damaged = bytearray(latest.read_bytes())  # a damaged sector: same size, bytes in the middle garbled
+    damaged[len(damaged) // 3: len(damaged) // 3 + 4096] = b"\xff" * 4096
+    latest.write_bytes(bytes(damaged))
+    model = copy.deepcopy(base)
+    with pytest.warns(RuntimeWarning, match=r"checkpoint\.pt: cannot be read .* previous checkpoint"):
+        result = train_branches(model, TRAIN, VAL, SCHEDULE, class_names=CLASSES, checkpoint_dir=tmp_path)
+    assert result.resumed_from_epoch == 1, "epoch 2 is trained again from the previous checkpoint"
+    _assert_same_weights(model, reference[0].model)
 
 
 # ----------------------------------------------------------------------------------------------
