@@ -6,7 +6,8 @@ The code calls :func:`at` at those places; nothing happens unless the environmen
 ``MAMMO_FAULT`` is set, which only the tests do.
 
 ``MAMMO_FAULT`` holds comma-separated ``ACTION:POINT`` items. ACTION is ``kill`` (SIGKILL this process, no
-clean-up runs) or ``fail`` (raise :class:`InjectedFault`). POINT is a name passed to :func:`at`, such as
+clean-up runs), ``fail`` (raise :class:`InjectedFault`) or ``hang`` (sleep forever, as a stuck decoder).
+POINT is a name passed to :func:`at`, such as
 ``stage:train:start``, ``stage:train:end``, ``h5:write``, ``checkpoint:write``, ``mlflow:log``; a trailing
 ``*`` matches any suffix (``stage:*``). ``MAMMO_FAULT_SKIP=N`` lets the first N matching calls pass, so a
 test can hit the third checkpoint write rather than the first. When ``MAMMO_FAULT_ONCE`` names a file,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -62,5 +64,8 @@ def at(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "fail":
         raise InjectedFault(f"injected fault at {point} ({ENV}={spec})")
+    elif action == "hang":
+        while True:
+            time.sleep(60)
     else:
-        raise ValueError(f"{ENV}: unknown action {action!r} in {spec!r}; use kill or fail")
+        raise ValueError(f"{ENV}: unknown action {action!r} in {spec!r}; use kill, fail or hang")
