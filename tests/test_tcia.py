@@ -41,7 +41,8 @@ SORTED_UIDS = [f"{ROOT_UID}.100", f"{ROOT_UID}.101", f"{ROOT_UID}.200", f"{ROOT_
 
 def _download(server: FakeNbiaServer, out: Path, **kw) -> DownloadSummary:
     kw.setdefault("retries", 2)
-    return download_collection(out, base_url=server.base_url, timeout=10, backoff=0, **kw)
+    kw.setdefault("timeout", 10)
+    return download_collection(out, base_url=server.base_url, backoff=0, allow_http_loopback=True, **kw)
 
 
 def _assert_series_on_disk(out: Path, series: FakeSeries) -> None:
