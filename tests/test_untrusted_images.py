@@ -105,7 +105,7 @@ def test_default_limit_is_far_above_a_real_mammogram():
     dicom_io.check_declared_size("m.dcm", "5000x4000", mammogram, dicom_io.DEFAULT_MAX_IMAGE_BYTES)
 
 
-def _png_declaring(width: int, height: int, mode: str = "L") -> bytes:
+def png_declaring(width: int, height: int, mode: str = "L") -> bytes:
     """A real 8x8 PNG whose IHDR (with a correct CRC) then declares ``width`` x ``height``."""
     buffer = io.BytesIO()
     Image.new(mode, (8, 8), 100).save(buffer, format="PNG")
@@ -116,7 +116,7 @@ def _png_declaring(width: int, height: int, mode: str = "L") -> bytes:
     return bytes(data)
 
 
-def _jpeg_declaring(width: int, height: int) -> bytes:
+def jpeg_declaring(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (8, 8), 100).save(buffer, format="JPEG")
     data = bytearray(buffer.getvalue())
@@ -128,7 +128,7 @@ def _jpeg_declaring(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("kind", ["png", "jpeg"])
 def test_a_png_or_jpeg_announcing_a_huge_image_is_refused_by_pillows_limit(tmp_path, kind):
     path = tmp_path / f"huge.{kind}"
-    path.write_bytes(_png_declaring(100_000, 100_000) if kind == "png" else _jpeg_declaring(65_000, 65_000))
+    path.write_bytes(png_declaring(100_000, 100_000) if kind == "png" else jpeg_declaring(65_000, 65_000))
     for read in (dicom_io.read_image_file, dicom_io.read_mask_file):
         with pytest.raises(BadItem) as err:
             read(path)
@@ -140,7 +140,7 @@ def test_a_png_or_jpeg_announcing_a_huge_image_is_refused_by_pillows_limit(tmp_p
 def test_our_own_check_counts_bytes_per_pixel_where_pillows_pixel_count_passes(tmp_path):
     """30000 x 30000 16-bit: below Pillow's pixel limit for 1 GiB, but 1.7 GiB decoded."""
     path = tmp_path / "wide16.png"
-    path.write_bytes(_png_declaring(30_000, 30_000, mode="I;16"))
+    path.write_bytes(png_declaring(30_000, 30_000, mode="I;16"))
     with pytest.raises(BadItem) as err:
         dicom_io.read_image_file(path, max_bytes=2**30)
     assert err.value.reason == (
