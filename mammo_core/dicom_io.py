@@ -36,6 +36,7 @@ FULL_SCALE = 65535  # the output range of every reader: 0..FULL_SCALE, uint16
 # Decoded pixel bytes an image may announce before anything is decoded (curate.max_image_mb overrides it).
 # Why: a compressed codestream of a few KB can announce gigabytes; a 5000 x 4000 16-bit mammogram is 38 MiB.
 DEFAULT_MAX_IMAGE_BYTES = 512 * 2**20
+_HEADER_ALLOWANCE = 2**20  # a DICOM file may exceed its pixel bytes by its header
 
 # Non-identifying DICOM keywords that may leave this module. Everything else is dropped.
 # Deliberately absent: PatientName/ID/BirthDate/Sex/Age, every *Date and *Time, AccessionNumber,
@@ -324,10 +325,23 @@ def _decode_pixels(ds: Dataset, item: str, max_bytes: int) -> np.ndarray:
     return arr
 
 
+def _read_for_pixels(path: Path, max_bytes: int) -> Dataset:
+    """The whole dataset, unless the file alone is larger than the decoded limit (pydicom would read all
+    of it into memory before the declared size could be checked)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0  # _read_dataset names the problem
+    if size - _HEADER_ALLOWANCE > max_bytes:
+        raise BadItem(str(path), f"file too large: {size / 2**20:.0f} MiB on disk, more than the "
+                                 f"{max_bytes / 2**20:.0f} MiB an image may decode to (curate.max_image_mb)")
+    return _read_dataset(path, stop_before_pixels=False)
+
+
 def read_mask_dicom(path: Path, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
     """The raw stored pixels of a DICOM (no rescale, VOI or inversion): masks and crops as written."""
     path = Path(path)
-    ds = _read_dataset(path, stop_before_pixels=False)
+    ds = _read_for_pixels(path, max_bytes)
     return _decode_pixels(ds, str(path), max_bytes)
 
 
@@ -359,7 +373,7 @@ def read_dicom_image(
     """
     path = Path(path)
     item = str(path)
-    ds = _read_dataset(path, stop_before_pixels=False)
+    ds = _read_for_pixels(path, max_bytes)
     arr = _decode_pixels(ds, item, max_bytes)
     inverted = str(ds.PhotometricInterpretation).strip() == "MONOCHROME1"
     voi_kind = _voi_kind(ds) if apply_voi else "none"

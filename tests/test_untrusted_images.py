@@ -181,3 +181,15 @@ def test_one_item_that_kills_or_hangs_its_worker_costs_only_itself():
     assert results[5] == ItemFailed("ValueError: bad item five")
     assert seen == [(i, 8) for i in range(1, 9)]
     assert 2.0 <= elapsed < 20  # the hang cost its limit twice (first try, retry alone), not forever
+
+
+def test_a_dicom_file_larger_than_the_limit_is_refused_before_it_is_read(tmp_path):
+    """A (sparse) 2 GiB file would be read whole into memory by pydicom before any header check."""
+    path = tmp_path / "big.dcm"
+    mg_dataset(rows=8, cols=8).save_as(path, enforce_file_format=True)
+    with open(path, "r+b") as fh:
+        fh.truncate(2 << 30)  # sparse: no disk used
+    with pytest.raises(BadItem) as err:
+        dicom_io.read_image_file(path)
+    assert err.value.reason == ("file too large: 2048 MiB on disk, more than the 512 MiB an image may decode to "
+                                "(curate.max_image_mb)")
