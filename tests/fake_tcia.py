@@ -13,7 +13,8 @@ real DICOM files, and can inject one failure per series:
 - ``trickle``: the right Content-Length, then one byte every ``trickle_s`` seconds
 - ``truncated_zip``: a complete HTTP response whose body is the first half of the zip
 
-``delay_s`` delays every image response (to make two downloads overlap).
+``delay_s`` delays every image response (to make two downloads overlap); ``series_list_failure``
+(``endless`` or ``trickle``) breaks getSeries the same way.
 
 ``Failure(kind, times)`` injects the failure on the first ``times`` requests of that series (None:
 always), so a test can show both "retried, then fine" and "retries spent, reported as failed".
@@ -109,8 +110,10 @@ class FakeNbiaServer:
     ENDLESS_CAP = 1 << 30  # the endless body stops here anyway, so a broken client cannot hang the suite
 
     def __init__(self, series: list[FakeSeries], failures: dict[str, Failure] | None = None,
-                 md5_endpoint: bool = True, delay_s: float = 0.0, trickle_s: float = 0.1):
+                 md5_endpoint: bool = True, delay_s: float = 0.0, trickle_s: float = 0.1,
+                 series_list_failure: str | None = None):
         self.series = {s.series_uid: s for s in series}
+        self.series_list_failure = series_list_failure
         self.delay_s = delay_s
         self.trickle_s = trickle_s
         self.endless_bytes_sent = 0
@@ -213,7 +216,13 @@ class FakeNbiaServer:
                 if endpoint == "getSeries":
                     server._count(endpoint, query.get("Collection", ""))
                     rows = [s.api_row() for s in server.series.values()]
-                    self._send(200, json.dumps(rows).encode(), "application/json")
+                    self.close_connection = True
+                    if server.series_list_failure == "endless":
+                        self._endless()
+                    elif server.series_list_failure == "trickle":
+                        self._trickle(json.dumps(rows).encode())
+                    else:
+                        self._send(200, json.dumps(rows).encode(), "application/json")
                     return
                 if endpoint not in ("getImage", "getImageWithMD5Hash"):
                     self._send(404, b"unknown endpoint", "text/plain")

@@ -379,6 +379,22 @@ def test_a_wrong_md5_is_retried_then_reported(tmp_path: Path) -> None:
     assert requests == 2
 
 
+def test_an_endless_series_list_is_cut_at_its_bound(tmp_path: Path) -> None:
+    with FakeNbiaServer(_series(), series_list_failure="endless") as server:
+        with pytest.raises(ValueError, match=r"getSeries: body larger than the 67108864 bytes allowed"):
+            _download(server, tmp_path)
+        assert sum(server.image_requests(s.series_uid) for s in _series()) == 0
+
+
+def test_a_trickling_series_list_is_cut_at_the_deadline(tmp_path: Path) -> None:
+    start = time.monotonic()
+    late = r"getSeries failed after 1 attempts: deadline passed: \d+ bytes"
+    with FakeNbiaServer(_series(), series_list_failure="trickle", trickle_s=0.05) as server, \
+            pytest.raises(ConnectionError, match=late):
+        _download(server, tmp_path, retries=0, timeout=0.5, deadline=0.5)
+    assert time.monotonic() - start < 5
+
+
 def test_plain_http_is_refused_unless_loopback_is_allowed_explicitly(tmp_path: Path) -> None:
     with FakeNbiaServer(_series()) as server:
         with pytest.raises(ValueError, match=r"refusing http URL http://127\.0\.0\.1:\d+: TCIA downloads need "
