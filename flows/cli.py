@@ -237,15 +237,27 @@ def download(
     workers: int = typer.Option(4, "--workers"),
     base_url: str = typer.Option("https://services.cancerimagingarchive.net/nbia-api/services/v1", "--base-url"),
     collection: str = typer.Option("CBIS-DDSM", "--collection"),
+    allow_http_loopback: bool = typer.Option(
+        False, "--allow-http-loopback", help="accept a plain-http --base-url on 127.0.0.1/localhost (test servers)"
+    ),
 ) -> None:
-    """Download CBIS-DDSM from TCIA's public NBIA API (resumable, checksummed)."""
-    from mammo_core.tcia import download_collection
+    """Download CBIS-DDSM from TCIA's public NBIA API (resumable, checksummed, https only)."""
+    from mammo_core.tcia import DownloadFolderBusy, check_url, download_collection
 
+    try:
+        check_url(base_url, allow_http_loopback=allow_http_loopback)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--base-url") from None
     with _bar("downloading series") as (bar, task):
-        summary = download_collection(
-            out, collection=collection, base_url=base_url, limit=limit, workers=workers,
-            progress=lambda uid, status, done, total: bar.update(task, completed=done, total=total),
-        )
+        try:
+            summary = download_collection(
+                out, collection=collection, base_url=base_url, limit=limit, workers=workers,
+                allow_http_loopback=allow_http_loopback,
+                progress=lambda uid, status, done, total: bar.update(task, completed=done, total=total),
+            )
+        except DownloadFolderBusy as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
     console.print(summary)
     if summary.failed:
         raise typer.Exit(1)

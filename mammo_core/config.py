@@ -76,6 +76,10 @@ class CurateParams(_Section):
     workers: int = Field(default=2, ge=1, le=64)
     min_box_area: int = Field(default=4, ge=1)
     mask_aspect_tolerance: float = Field(default=0.01, gt=0.0, lt=0.2)
+    max_image_mb: int = Field(default=512, ge=1, le=65536, description="decoded size an image header may "
+                              "declare, MiB (a 5000x4000 16-bit mammogram is 38); larger is quarantined undecoded")
+    image_time_limit_s: float = Field(default=300.0, gt=0, le=86400, description="per image; a worker past it "
+                                      "is killed, the image retried once alone, then quarantined")
 
 
 class PatchesParams(_Section):

@@ -15,7 +15,6 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +23,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from mammo_core import cbis_tables, dicom_io, labels, layouts, masks, splits
+from mammo_core import cbis_tables, dicom_io, faults, labels, layouts, masks, splits
 from mammo_core.cbis_paths import parse_cbis_path
 from mammo_core.errors import BadItem
+from mammo_core.isolation import ItemFailed, run_isolated
 
 QUARANTINE_COLUMNS = ["item", "kind", "reason"]
 
@@ -40,6 +40,8 @@ class CurationSettings:
     workers: int = 2
     min_box_area: int = 4
     mask_aspect_tolerance: float = 0.01
+    max_image_bytes: int = dicom_io.DEFAULT_MAX_IMAGE_BYTES
+    image_time_limit_s: float = 300.0
 
 
 @dataclass
@@ -57,6 +59,7 @@ class ImageJob:
     max_side: int
     min_box_area: int
     aspect_tol: float
+    max_bytes: int = dicom_io.DEFAULT_MAX_IMAGE_BYTES
 
 
 @dataclass
@@ -115,9 +118,10 @@ def _save_png_atomic(array: np.ndarray, path: Path) -> None:
 
 def process_image(job: ImageJob) -> ImageOutcome:
     """Decode one mammogram and its masks; every failure becomes a reason, never an exception."""
+    faults.at(f"curate:image:{job.image_id}")
     outcome = ImageOutcome(image_id=job.image_id)
     try:
-        image, meta = dicom_io.read_image_file(Path(job.full_file))
+        image, meta = dicom_io.read_image_file(Path(job.full_file), max_bytes=job.max_bytes)
     except BadItem as exc:
         outcome.reason = exc.reason
         return outcome
@@ -138,7 +142,7 @@ def process_image(job: ImageJob) -> ImageOutcome:
             candidates = []
             for path in lesion.candidates:
                 try:
-                    candidates.append((Path(path).name, dicom_io.read_mask_file(Path(path))))
+                    candidates.append((Path(path).name, dicom_io.read_mask_file(Path(path), max_bytes=job.max_bytes)))
                 except BadItem:
                     continue  # a broken crop must not hide a good mask; choose_mask names what is left
             if not candidates:
@@ -212,21 +216,19 @@ def _single_threaded_worker() -> None:
 
 
 def _run_jobs(
-    jobs: list[ImageJob], workers: int, progress: Callable[[int, int], None] | None
+    jobs: list[ImageJob], settings: CurationSettings, progress: Callable[[int, int], None] | None
 ) -> list[ImageOutcome]:
-    results: list[ImageOutcome] = []
-    if workers <= 1 or len(jobs) <= 1:
-        for i, job in enumerate(jobs):
-            results.append(process_image(job))
-            if progress:
-                progress(i + 1, len(jobs))
-        return results
-    with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded_worker) as pool:
-        for i, outcome in enumerate(pool.map(process_image, jobs, chunksize=1)):
-            results.append(outcome)
-            if progress:
-                progress(i + 1, len(jobs))
-    return results
+    """Every job in isolated worker processes (mammo_core.isolation), even with one worker: a decoder
+    that crashes, eats the memory or never returns costs its own image (quarantined), not the stage."""
+    results = run_isolated(
+        process_image, jobs, workers=settings.workers, time_limit_s=settings.image_time_limit_s,
+        initializer=_single_threaded_worker, progress=progress,
+    )
+    return [
+        ImageOutcome(image_id=job.image_id, reason=f"could not process image: {result.reason}")
+        if isinstance(result, ItemFailed) else result
+        for job, result in zip(jobs, results, strict=True)
+    ]
 
 
 def curate(
@@ -264,9 +266,9 @@ def curate(
             except ValueError as exc:
                 quarantine.append({"item": lrow.lesion_id, "kind": "lesion", "reason": str(exc)})
         jobs.append(ImageJob(row.image_id, str(full_file), lesion_jobs, str(cache_dir), settings.max_side,
-                             settings.min_box_area, settings.mask_aspect_tolerance))
+                             settings.min_box_area, settings.mask_aspect_tolerance, settings.max_image_bytes))
 
-    outcomes = _run_jobs(jobs, settings.workers, progress)
+    outcomes = _run_jobs(jobs, settings, progress)
     return _assemble(images, lesions, outcomes, quarantine, split_stats, settings, n_csv_rows=len(table.rows))
 
 

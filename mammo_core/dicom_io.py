@@ -33,6 +33,10 @@ from pydicom.valuerep import PersonName
 from mammo_core.errors import BadItem
 
 FULL_SCALE = 65535  # the output range of every reader: 0..FULL_SCALE, uint16
+# Decoded pixel bytes an image may announce before anything is decoded (curate.max_image_mb overrides it).
+# Why: a compressed codestream of a few KB can announce gigabytes; a 5000 x 4000 16-bit mammogram is 38 MiB.
+DEFAULT_MAX_IMAGE_BYTES = 512 * 2**20
+_HEADER_ALLOWANCE = 2**20  # a DICOM file may exceed its pixel bytes by its header
 
 # Non-identifying DICOM keywords that may leave this module. Everything else is dropped.
 # Deliberately absent: PatientName/ID/BirthDate/Sex/Age, every *Date and *Time, AccessionNumber,
@@ -239,11 +243,37 @@ def _pixel_keyword(ds: Dataset) -> str | None:
     return next((k for k in _PIXEL_KEYWORDS if k in ds), None)
 
 
-def _check_decodable(ds: Dataset, item: str) -> None:
-    """Reject what cannot become a 2-D grey image, with the reason a person can act on."""
+def check_declared_size(item: str, shape: str, n_bytes: int, max_bytes: int) -> None:
+    """Refuse an image whose header announces more decoded bytes than ``max_bytes``, before decoding it."""
+    if n_bytes > max_bytes:
+        raise BadItem(
+            item,
+            f"image too large: header declares {shape} = {n_bytes / 2**20:.0f} MiB decoded, "
+            f"limit {max_bytes / 2**20:.0f} MiB (curate.max_image_mb)",
+        )
+
+
+def _check_declared_dicom_size(ds: Dataset, item: str, max_bytes: int) -> None:
+    try:
+        dims = [int(ds.get(k) or 1) for k in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")]
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        raise BadItem(item, "non-numeric Rows, Columns, SamplesPerPixel, BitsAllocated or NumberOfFrames") from None
+    rows, cols, samples, bits = dims
+    shape = f"{rows}x{cols}x{samples} samples x{bits} bits x{frames} frames"
+    check_declared_size(item, shape, math.ceil(rows * cols * samples * bits * frames / 8), max_bytes)
+
+
+def _check_decodable(ds: Dataset, item: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> None:
+    """Reject what cannot become a 2-D grey image, with the reason a person can act on.
+
+    The declared size is checked first: nothing is decoded (compressed or not) for an image whose
+    header announces more than ``max_bytes``.
+    """
     keyword = _pixel_keyword(ds)
     if keyword is None:
         raise BadItem(item, "no pixel data")
+    _check_declared_dicom_size(ds, item, max_bytes)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in _MONOCHROME:
         raise BadItem(item, f"unsupported photometric interpretation {photometric or '(missing)'}")
@@ -281,8 +311,8 @@ def _check_decodable(ds: Dataset, item: str) -> None:
         )
 
 
-def _decode_pixels(ds: Dataset, item: str) -> np.ndarray:
-    _check_decodable(ds, item)
+def _decode_pixels(ds: Dataset, item: str, max_bytes: int) -> np.ndarray:
+    _check_decodable(ds, item, max_bytes)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # decoder errors: corrupt codestream, inconsistent header
@@ -295,14 +325,29 @@ def _decode_pixels(ds: Dataset, item: str) -> np.ndarray:
     return arr
 
 
-def read_mask_dicom(path: Path) -> np.ndarray:
+def _read_for_pixels(path: Path, max_bytes: int) -> Dataset:
+    """The whole dataset, unless the file alone is larger than the decoded limit (pydicom would read all
+    of it into memory before the declared size could be checked)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0  # _read_dataset names the problem
+    if size - _HEADER_ALLOWANCE > max_bytes:
+        raise BadItem(str(path), f"file too large: {size / 2**20:.0f} MiB on disk, more than the "
+                                 f"{max_bytes / 2**20:.0f} MiB an image may decode to (curate.max_image_mb)")
+    return _read_dataset(path, stop_before_pixels=False)
+
+
+def read_mask_dicom(path: Path, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
     """The raw stored pixels of a DICOM (no rescale, VOI or inversion): masks and crops as written."""
     path = Path(path)
-    ds = _read_dataset(path, stop_before_pixels=False)
-    return _decode_pixels(ds, str(path))
+    ds = _read_for_pixels(path, max_bytes)
+    return _decode_pixels(ds, str(path), max_bytes)
 
 
-def read_dicom_image(path: Path, *, apply_voi: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+def read_dicom_image(
+    path: Path, *, apply_voi: bool = True, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> tuple[np.ndarray, dict[str, Any]]:
     """The image as ``uint16`` in display orientation (brighter = denser), and its safe metadata.
 
     The exact mapping from a stored value ``s`` to the output:
@@ -328,8 +373,8 @@ def read_dicom_image(path: Path, *, apply_voi: bool = True) -> tuple[np.ndarray,
     """
     path = Path(path)
     item = str(path)
-    ds = _read_dataset(path, stop_before_pixels=False)
-    arr = _decode_pixels(ds, item)
+    ds = _read_for_pixels(path, max_bytes)
+    arr = _decode_pixels(ds, item, max_bytes)
     inverted = str(ds.PhotometricInterpretation).strip() == "MONOCHROME1"
     voi_kind = _voi_kind(ds) if apply_voi else "none"
 
@@ -457,35 +502,54 @@ def _sniff(path: Path) -> str:
     raise BadItem(str(path), "unsupported image format (not DICOM, JPEG or PNG)")
 
 
-def _read_pil(path: Path) -> tuple[np.ndarray, str, str]:
+_PIL_BITS_PER_PIXEL = {"1": 1, "L": 8, "P": 8, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
+
+
+def _read_pil(path: Path, max_bytes: int) -> tuple[np.ndarray, str, str]:
+    """Decode a PNG/JPEG after checking the size its header declares.
+
+    Two guards: Pillow's own MAX_IMAGE_PIXELS (set here from ``max_bytes``: one byte per pixel at least,
+    so Pillow refuses at twice that in ``Image.open``), then the exact decoded bytes of the header's
+    size and mode against ``max_bytes``, both before ``load()`` decodes anything.
+    """
     from PIL import Image
 
+    Image.MAX_IMAGE_PIXELS = max_bytes
     try:
         with Image.open(path) as im:
+            width, height = im.size
+            bits = _PIL_BITS_PER_PIXEL.get(im.mode, 32)
+            shape = f"{height}x{width} {im.mode} ({bits} bits per pixel)"
+            check_declared_size(str(path), shape, math.ceil(width * height * bits / 8), max_bytes)
             im.load()
             fmt, mode = str(im.format), im.mode
             if mode not in ("L", "I;16", "I;16B", "I;16L", "I"):
                 im = im.convert("L")  # RGB/palette/1-bit saves of grey images
             arr = np.asarray(im)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise BadItem(str(path), f"image too large: {exc} (curate.max_image_mb)") from None
+    except (OSError, ValueError) as exc:
         raise BadItem(str(path), f"cannot decode image: {exc}") from None
     return arr, fmt, mode
 
 
-def read_image_file(path: Path, *, apply_voi: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+def read_image_file(
+    path: Path, *, apply_voi: bool = True, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Any supported mammogram file -> (uint16 image, safe metadata), dispatched on content.
 
     DICOM goes through :func:`read_dicom_image`. JPEG/PNG (the CBIS JPEG re-packaging) are already
     display images: 8-bit values are scaled by 257 (0 -> 0, 255 -> 65535), 16-bit PNGs are kept.
     A ``.dcm`` file that is not DICOM is rejected as "not a DICOM file", whatever it contains.
+    An image whose header declares more than ``max_bytes`` of decoded pixels is refused undecoded.
     """
     path = Path(path)
     kind = _sniff(path)
     if kind == "dicom":
-        return read_dicom_image(path, apply_voi=apply_voi)
+        return read_dicom_image(path, apply_voi=apply_voi, max_bytes=max_bytes)
     if path.suffix.lower() in _DICOM_SUFFIXES:
         raise BadItem(str(path), "not a DICOM file")
-    arr, fmt, mode = _read_pil(path)
+    arr, fmt, mode = _read_pil(path, max_bytes)
     if arr.ndim != 2:
         raise BadItem(str(path), f"image has shape {arr.shape}, expected 2-D")
     if arr.dtype == np.uint8:
@@ -518,7 +582,7 @@ def _snap_lossy_mask(arr: np.ndarray) -> np.ndarray:
     return np.where(arr >= 128, np.uint8(255), np.uint8(0))
 
 
-def read_mask_file(path: Path) -> np.ndarray:
+def read_mask_file(path: Path, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
     """Raw pixels of a mask or crop file of any supported format (DICOM, PNG, JPEG), unscaled.
 
     JPEG is lossy, so the masks of the CBIS JPEG re-packaging are not exactly binary: a JPEG whose
@@ -528,10 +592,10 @@ def read_mask_file(path: Path) -> np.ndarray:
     path = Path(path)
     kind = _sniff(path)
     if kind == "dicom":
-        return read_mask_dicom(path)
+        return read_mask_dicom(path, max_bytes=max_bytes)
     if path.suffix.lower() in _DICOM_SUFFIXES:
         raise BadItem(str(path), "not a DICOM file")
-    arr, _, _ = _read_pil(path)
+    arr, _, _ = _read_pil(path, max_bytes)
     if arr.ndim != 2:
         raise BadItem(str(path), f"image has shape {arr.shape}, expected 2-D")
     return _snap_lossy_mask(arr) if kind == "jpeg" else arr

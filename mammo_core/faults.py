@@ -7,7 +7,8 @@ The code calls :func:`at` at those places; nothing happens unless the environmen
 
 ``MAMMO_FAULT`` holds comma-separated ``ACTION:POINT`` items. ACTION is ``kill`` (SIGKILL this process, no
 clean-up runs), ``fail`` (raise :class:`InjectedFault`), ``full`` (raise the ``OSError`` ENOSPC of a full
-disk) or ``locked`` (raise SQLite's ``OperationalError: database is locked``). POINT is a name passed to
+disk), ``locked`` (raise SQLite's ``OperationalError: database is locked``) or ``hang`` (sleep forever, as a
+stuck decoder). POINT is a name passed to
 :func:`at`, such as ``stage:train:start``, ``stage:train:end``, ``stage:train:sealed`` (sealed, its MLflow
 run not yet ended), ``h5:write``, ``checkpoint:write``, ``mlflow:log``, ``mlflow:db-write`` (inside an SQL
 write to the MLflow database, before its commit), ``store:seal:<stage>``, ``store:swap`` (inside a
@@ -23,6 +24,7 @@ import errno
 import os
 import signal
 import sqlite3
+import time
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -72,5 +74,8 @@ def at(point: str) -> None:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {point})")
     elif action == "locked":
         raise sqlite3.OperationalError("database is locked")
+    elif action == "hang":
+        while True:
+            time.sleep(60)
     else:
-        raise ValueError(f"{ENV}: unknown action {action!r} in {spec!r}; use kill, fail, full or locked")
+        raise ValueError(f"{ENV}: unknown action {action!r} in {spec!r}; use kill, fail, full, locked or hang")

@@ -13,7 +13,11 @@ The full collection is ~160 GB and 6775 series, so the download is built to be i
   a finished series;
 - verified: transfer length against Content-Length, every file against the publisher's md5 list (or the
   series size); a mismatch is retried, then reported as failed with its reason;
-- isolated: one series failing (network, checksum, unsafe zip entry) never stops the others.
+- isolated: one series failing (network, checksum, unsafe zip entry) never stops the others;
+- bounded: a body may not exceed the size the series list announced (plus a margin), every request has
+  a whole-request deadline besides the per-read timeout (a server trickling a byte a minute is cut off),
+  only https is spoken (plain http only to a loopback test server, when asked for explicitly), and the
+  output folder is locked, so two downloads never share ``.partial`` files.
 
 Files land in the classic layout ``<out>/CBIS-DDSM/<PatientID>/<StudyUID>/<SeriesUID>/<file>.dcm``
 (in CBIS-DDSM the PatientID is the series folder name, e.g. ``Mass-Training_P_00001_LEFT_CC``).
@@ -31,6 +35,7 @@ import re
 import shutil
 import threading
 import time
+import urllib.parse
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -39,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
 
 from mammo_core.errors import BadItem
 from mammo_core.safe_zip import extract_zip_safely
@@ -65,6 +73,15 @@ PUBLIC_SERIES_FIELDS = (
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _CHUNK = 1 << 20
+LOCK_NAME = ".download.lock"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# A series' zip holds its DICOM files (FileSize in the list), md5hashes.csv and zip headers: it may
+# exceed FileSize by this much. Deflate only shrinks DICOM, so the margin is generous.
+BODY_MARGIN_BYTES = 1 << 20
+BODY_MARGIN_FRACTION = 0.10
+UNKNOWN_SIZE_LIMIT = 4 << 30  # a series listed without FileSize (never seen in CBIS-DDSM: max ~0.1 GB)
+SERIES_LIST_LIMIT = 64 << 20  # getSeries of all 6775 CBIS-DDSM series is ~3 MB of JSON
+DEFAULT_DEADLINE_S = 900.0
 
 Progress = Callable[[str, str, int, int], None]  # (series_uid, status, done, total)
 
@@ -153,6 +170,53 @@ class _NoMd5Endpoint(Exception):
     """The server has no getImageWithMD5Hash: fall back to getImage."""
 
 
+class DownloadFolderBusy(RuntimeError):
+    """Another download holds the lock of the output folder."""
+
+
+def check_url(url: str, *, allow_http_loopback: bool = False) -> None:
+    """Refuse anything but https, except plain http to this machine when the caller allows it (tests).
+
+    Why: the downloaded files become training data; over plain http anyone on the path can replace
+    them (the md5 list travels in the same response, so it cannot help).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return
+    if parts.scheme == "http" and allow_http_loopback and parts.hostname in LOOPBACK_HOSTS:
+        return
+    hint = " (plain http only to a loopback test server, with allow_http_loopback)" if parts.scheme == "http" else ""
+    raise ValueError(f"refusing {parts.scheme or 'scheme-less'} URL {parts.scheme}://{parts.netloc}: "
+                     f"TCIA downloads need https{hint}")
+
+
+def body_limit(info: SeriesInfo) -> int:
+    """The most bytes the zip of ``info`` may have: the announced FileSize plus a margin."""
+    if info.file_size is None:
+        return UNKNOWN_SIZE_LIMIT
+    return info.file_size + max(BODY_MARGIN_BYTES, int(info.file_size * BODY_MARGIN_FRACTION))
+
+
+def _bounded_body(response: requests.Response, max_bytes: int, deadline: float):
+    """The (decoded) body in pieces; _Permanent past ``max_bytes``, _Retryable past ``deadline``.
+
+    ``read1`` returns after one socket read, so the deadline is checked at least once per read
+    timeout even when the server sends one byte at a time (``iter_content`` would wait for a full
+    chunk). Decoded bytes are counted, so a gzip-encoded body cannot expand past the bound either.
+    """
+    received = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise _Retryable(f"deadline passed: {received} bytes received in the time allowed per request")
+        piece = response.raw.read1(_CHUNK, decode_content=True)
+        if not piece:
+            return
+        received += len(piece)
+        if received > max_bytes:
+            raise _Permanent(f"body larger than the {max_bytes} bytes allowed (announced size plus margin)")
+        yield piece
+
+
 def series_dir(out: Path, info: SeriesInfo) -> Path:
     """Where a series lands: the classic layout under ``<out>/CBIS-DDSM``."""
     return Path(out) / DATA_FOLDER / info.patient_id / info.study_uid / info.series_uid
@@ -193,18 +257,26 @@ def is_finished(out: Path, series_uid: str) -> bool:
 
 
 def _get_with_retries(
-    session: requests.Session, url: str, params: dict[str, str], retries: int, timeout: float, backoff: float
-) -> requests.Response:
+    session: requests.Session, url: str, params: dict[str, str], retries: int, timeout: float, backoff: float,
+    deadline_s: float = DEFAULT_DEADLINE_S, allow_http_loopback: bool = False,
+) -> bytes:
+    """The body of a small GET (the series list), at most SERIES_LIST_LIMIT bytes within ``deadline_s``."""
     last = ""
     for attempt in range(retries + 1):
+        start = time.monotonic()
         try:
-            response = session.get(url, params=params, timeout=timeout)
-            if response.status_code < 500 and response.status_code != 429:
-                response.raise_for_status()
-                return response
-            last = f"HTTP {response.status_code}"
-        except (requests.ConnectionError, requests.Timeout) as exc:
+            with session.get(url, params=params, timeout=timeout, stream=True) as response:
+                check_url(response.url, allow_http_loopback=allow_http_loopback)  # after redirects
+                if response.status_code < 500 and response.status_code != 429:
+                    response.raise_for_status()
+                    return b"".join(_bounded_body(response, SERIES_LIST_LIMIT, start + deadline_s))
+                last = f"HTTP {response.status_code}"
+        except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as exc:
             last = f"{type(exc).__name__}: {exc}"
+        except _Retryable as exc:
+            last = str(exc)
+        except _Permanent as exc:
+            raise ValueError(f"GET {url}: {exc}") from None
         if attempt < retries:
             time.sleep(backoff * 2**attempt)
     raise ConnectionError(f"GET {url} failed after {retries + 1} attempts: {last}")
@@ -218,15 +290,19 @@ def list_series(
     retries: int = 3,
     timeout: float = 60,
     backoff: float = 1.0,
+    deadline: float = DEFAULT_DEADLINE_S,
+    allow_http_loopback: bool = False,
 ) -> list[SeriesInfo]:
     """All series of ``collection``, in a stable order (PatientID, StudyUID, SeriesUID).
 
     Raises ConnectionError when the list cannot be fetched: without it there is nothing to download.
     """
+    check_url(base_url, allow_http_loopback=allow_http_loopback)
     session = session or requests.Session()
     url = f"{base_url.rstrip('/')}/getSeries"
-    response = _get_with_retries(session, url, {"Collection": collection}, retries, timeout, backoff)
-    rows = response.json() if response.content.strip() else []
+    body = _get_with_retries(session, url, {"Collection": collection}, retries, timeout, backoff,
+                             deadline, allow_http_loopback)
+    rows = json.loads(body) if body.strip() else []
     if not isinstance(rows, list):
         raise ValueError(f"getSeries returned {type(rows).__name__}, expected a JSON list")
     infos = {}
@@ -238,11 +314,15 @@ def list_series(
 
 
 def _stream_to_file(
-    session: requests.Session, url: str, params: dict[str, str], part: Path, timeout: float
+    session: requests.Session, url: str, params: dict[str, str], part: Path, timeout: float,
+    *, max_bytes: int, deadline_s: float, allow_http_loopback: bool,
 ) -> None:
-    """Stream one response body into ``part``; _Retryable when the transfer is incomplete."""
+    """Stream one response body into ``part``; _Retryable when the transfer is incomplete or too slow,
+    _Permanent when it is larger than ``max_bytes`` (announced or received)."""
+    start = time.monotonic()
     try:
         with session.get(url, params=params, stream=True, timeout=timeout) as response:
+            check_url(response.url, allow_http_loopback=allow_http_loopback)  # after redirects
             code = response.status_code
             if code == 404 and url.endswith("getImageWithMD5Hash"):
                 raise _NoMd5Endpoint()
@@ -251,15 +331,21 @@ def _stream_to_file(
             if code != 200:
                 raise _Permanent(f"HTTP {code} from {url.rsplit('/', 1)[-1]}")
             expected = response.headers.get("Content-Length")
+            if expected is not None and expected.isdigit() and int(expected) > max_bytes:
+                raise _Permanent(f"server announces {expected} bytes, more than the {max_bytes} allowed "
+                                 "(announced size plus margin)")
             encoded = response.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
             received = 0
             with open(part, "wb") as fh:
-                for chunk in response.iter_content(_CHUNK):
+                for chunk in _bounded_body(response, max_bytes, start + deadline_s):
                     fh.write(chunk)
                     received += len(chunk)
                 fh.flush()
                 os.fsync(fh.fileno())
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+    except ValueError as exc:  # check_url: redirected to plain http or elsewhere
+        raise _Permanent(str(exc)) from None
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.HTTPError) as exc:
         raise _Retryable(f"transfer interrupted ({type(exc).__name__})") from exc
     if expected is not None and not encoded and received != int(expected):
         raise _Retryable(f"truncated transfer: {received} of {expected} bytes")
@@ -321,8 +407,11 @@ def _verify(staging: Path, info: SeriesInfo) -> tuple[list[dict[str, Any]], str]
 class _Downloader:
     """Shared settings plus one requests.Session per worker thread (Session is not thread-safe)."""
 
-    def __init__(self, out: Path, base_url: str, retries: int, timeout: float, backoff: float):
+    def __init__(self, out: Path, base_url: str, retries: int, timeout: float, backoff: float,
+                 deadline: float, allow_http_loopback: bool):
         self.out = out
+        self.deadline = deadline
+        self.allow_http_loopback = allow_http_loopback
         self.base_url = base_url.rstrip("/")
         self.retries = retries
         self.timeout = timeout
@@ -393,16 +482,18 @@ class _Downloader:
         """The zip of one series into ``part``. File names are kept as served (the md5 list refers to
         them); only the plain getImage is asked for the retriever's ``1-1.dcm`` names."""
         params = {"SeriesInstanceUID": info.series_uid}
+        limits = {"max_bytes": body_limit(info), "deadline_s": self.deadline,
+                  "allow_http_loopback": self.allow_http_loopback}
         if self.use_md5_endpoint:
             try:
                 url = f"{self.base_url}/getImageWithMD5Hash"
-                _stream_to_file(self.session, url, params, part, self.timeout)
+                _stream_to_file(self.session, url, params, part, self.timeout, **limits)
                 return
             except _NoMd5Endpoint:
                 log.info("no getImageWithMD5Hash on %s: verifying by size instead", self.base_url)
                 self.use_md5_endpoint = False
         params["NewFileNames"] = "Yes"
-        _stream_to_file(self.session, f"{self.base_url}/getImage", params, part, self.timeout)
+        _stream_to_file(self.session, f"{self.base_url}/getImage", params, part, self.timeout, **limits)
 
 
 def _outcome(future: Future) -> tuple[str, str]:
@@ -430,6 +521,9 @@ def download_collection(
     timeout: float = 60,
     progress: Progress | None = None,
     backoff: float = 1.0,
+    deadline: float = DEFAULT_DEADLINE_S,
+    allow_http_loopback: bool = False,
+    lock_timeout: float = 0.0,
 ) -> DownloadSummary:
     """Download (or finish downloading) ``collection`` into ``out``; returns what happened per series.
 
@@ -438,10 +532,36 @@ def download_collection(
     first (waiting ``backoff * 2**k`` seconds). ``progress(series_uid, status, done, total)`` is called
     in this thread once per series with status "downloaded", "skipped" or "failed". The selected series
     are written to ``out/series.json`` (non-identifying fields only).
+
+    ``timeout`` bounds each socket read, ``deadline`` each whole request (seconds). ``base_url`` must be
+    https; ``allow_http_loopback`` admits plain http to 127.0.0.1/localhost (the tests' fake server).
+    ``out`` is locked for the whole call: a second download into it waits ``lock_timeout`` seconds,
+    then raises :class:`DownloadFolderBusy` (ValueError for a refused URL, before anything is written).
     """
+    check_url(base_url, allow_http_loopback=allow_http_loopback)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    series = list_series(collection, base_url=base_url, retries=retries, timeout=timeout, backoff=backoff)
+    lock_path = out / LOCK_NAME
+    try:
+        with FileLock(lock_path, timeout=lock_timeout):
+            return _download_locked(
+                out, collection, base_url, limit, series_filter, workers, retries, timeout, progress, backoff,
+                deadline, allow_http_loopback,
+            )
+    except LockTimeout:
+        raise DownloadFolderBusy(
+            f"another download is writing into {out} (it holds {lock_path}); wait for it to finish "
+            "or download into another folder"
+        ) from None
+
+
+def _download_locked(
+    out: Path, collection: str, base_url: str, limit: int | None,
+    series_filter: Callable[[SeriesInfo], bool] | None, workers: int, retries: int, timeout: float,
+    progress: Progress | None, backoff: float, deadline: float, allow_http_loopback: bool,
+) -> DownloadSummary:
+    series = list_series(collection, base_url=base_url, retries=retries, timeout=timeout, backoff=backoff,
+                         deadline=deadline, allow_http_loopback=allow_http_loopback)
     if series_filter is not None:
         series = [s for s in series if series_filter(s)]
     if limit is not None:
@@ -461,7 +581,7 @@ def download_collection(
         else:
             todo.append(info)
 
-    downloader = _Downloader(out, base_url, retries, timeout, backoff)
+    downloader = _Downloader(out, base_url, retries, timeout, backoff, deadline, allow_http_loopback)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {pool.submit(downloader.download, info): info for info in todo}
         try:

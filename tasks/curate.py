@@ -18,6 +18,8 @@ def _run(ctx: runtime.StageContext) -> None:
         workers=p.curate.workers,
         min_box_area=p.curate.min_box_area,
         mask_aspect_tolerance=p.curate.mask_aspect_tolerance,
+        max_image_bytes=p.curate.max_image_mb * 2**20,
+        image_time_limit_s=p.curate.image_time_limit_s,
     )
     last = {"pct": -1}
 

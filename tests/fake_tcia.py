@@ -8,6 +8,13 @@ real DICOM files, and can inject one failure per series:
 - ``bad_md5``: md5hashes.csv carries a wrong hash
 - ``zip_slip``: the zip holds an entry ``../evil.dcm``
 - ``error_500``: HTTP 500 instead of the zip
+- ``endless``: 200 with no Content-Length and a body that never ends (zeros until the client hangs up)
+- ``huge_length``: Content-Length announces 10 GiB (then the real zip)
+- ``trickle``: the right Content-Length, then one byte every ``trickle_s`` seconds
+- ``truncated_zip``: a complete HTTP response whose body is the first half of the zip
+
+``delay_s`` delays every image response (to make two downloads overlap); ``series_list_failure``
+(``endless`` or ``trickle``) breaks getSeries the same way.
 
 ``Failure(kind, times)`` injects the failure on the first ``times`` requests of that series (None:
 always), so a test can show both "retried, then fine" and "retries spent, reported as failed".
@@ -19,6 +26,7 @@ import hashlib
 import io
 import json
 import threading
+import time
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -92,16 +100,23 @@ class FakeSeries:
 
 @dataclass
 class Failure:
-    kind: str  # drop | truncate | bad_md5 | zip_slip | error_500
+    kind: str  # drop | truncate | bad_md5 | zip_slip | error_500 | endless | huge_length | trickle | truncated_zip
     times: int | None = None  # None: every request
 
 
 class FakeNbiaServer:
     """Context manager: ``with FakeNbiaServer(series, failures) as server: server.base_url``."""
 
+    ENDLESS_CAP = 1 << 30  # the endless body stops here anyway, so a broken client cannot hang the suite
+
     def __init__(self, series: list[FakeSeries], failures: dict[str, Failure] | None = None,
-                 md5_endpoint: bool = True):
+                 md5_endpoint: bool = True, delay_s: float = 0.0, trickle_s: float = 0.1,
+                 series_list_failure: str | None = None):
         self.series = {s.series_uid: s for s in series}
+        self.series_list_failure = series_list_failure
+        self.delay_s = delay_s
+        self.trickle_s = trickle_s
+        self.endless_bytes_sent = 0
         self.failures = dict(failures or {})
         self.md5_endpoint = md5_endpoint
         self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, series uid) -> count
@@ -169,6 +184,31 @@ class FakeNbiaServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _endless(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/zip")
+                self.end_headers()  # no Content-Length: the body ends when the connection does
+                block = bytes(1 << 16)
+                try:
+                    while server.endless_bytes_sent < server.ENDLESS_CAP:
+                        self.wfile.write(block)
+                        server.endless_bytes_sent += len(block)
+                except OSError:  # the client hung up: what the test wants
+                    pass
+
+            def _trickle(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/zip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(server.trickle_s)
+                except OSError:
+                    pass
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 url = urlparse(self.path)
                 endpoint = url.path.rsplit("/", 1)[-1]
@@ -176,7 +216,13 @@ class FakeNbiaServer:
                 if endpoint == "getSeries":
                     server._count(endpoint, query.get("Collection", ""))
                     rows = [s.api_row() for s in server.series.values()]
-                    self._send(200, json.dumps(rows).encode(), "application/json")
+                    self.close_connection = True
+                    if server.series_list_failure == "endless":
+                        self._endless()
+                    elif server.series_list_failure == "trickle":
+                        self._trickle(json.dumps(rows).encode())
+                    else:
+                        self._send(200, json.dumps(rows).encode(), "application/json")
                     return
                 if endpoint not in ("getImage", "getImageWithMD5Hash"):
                     self._send(404, b"unknown endpoint", "text/plain")
@@ -198,7 +244,16 @@ class FakeNbiaServer:
                     series, with_md5=endpoint == "getImageWithMD5Hash", failure=failure
                 )
                 self.close_connection = True
-                if failure == "drop":
+                time.sleep(server.delay_s)
+                if failure == "endless":
+                    self._endless()
+                elif failure == "trickle":
+                    self._trickle(body)
+                elif failure == "huge_length":
+                    self._send(200, body, "application/zip", length=10 << 30)
+                elif failure == "truncated_zip":
+                    self._send(200, body[: len(body) // 2], "application/zip")
+                elif failure == "drop":
                     self._send(200, body[: len(body) // 2], "application/zip", length=len(body))
                 elif failure == "truncate":
                     self._send(200, body, "application/zip", length=len(body) + 100)

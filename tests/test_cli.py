@@ -34,7 +34,8 @@ def test_download_command_reports_failures_and_exit_code(tmp_path):
         FakeSeries.make(f"{ROOT_UID}.2", f"{ROOT_UID}.20", "Mass-Training_P_00002_LEFT_CC"),
     ]
     with FakeNbiaServer(series, failures={f"{ROOT_UID}.2": Failure("bad_md5", times=99)}) as server:
-        result = runner.invoke(app, ["download", str(tmp_path), "--base-url", server.base_url, "--workers", "2"])
+        result = runner.invoke(app, ["download", str(tmp_path), "--base-url", server.base_url,
+                                     "--allow-http-loopback", "--workers", "2"])
     assert result.exit_code == 1  # one series failed: the command says so with its exit code
     assert (tmp_path / "CBIS-DDSM" / "Mass-Training_P_00001_LEFT_CC" / f"{ROOT_UID}.10" / f"{ROOT_UID}.1").is_dir()
     assert not (tmp_path / "CBIS-DDSM" / "Mass-Training_P_00002_LEFT_CC").exists()
@@ -44,9 +45,21 @@ def test_download_limit(tmp_path):
     series = [FakeSeries.make(f"{ROOT_UID}.{i}", f"{ROOT_UID}.9{i}", f"Mass-Training_P_0000{i}_LEFT_CC")
               for i in range(1, 4)]
     with FakeNbiaServer(series) as server:
-        result = runner.invoke(app, ["download", str(tmp_path), "--base-url", server.base_url, "--limit", "2"])
+        result = runner.invoke(app, ["download", str(tmp_path), "--base-url", server.base_url,
+                                     "--allow-http-loopback", "--limit", "2"])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "CBIS-DDSM").iterdir())) == 2
+
+
+def test_download_refuses_plain_http_without_the_loopback_flag(tmp_path):
+    series = [FakeSeries.make(f"{ROOT_UID}.1", f"{ROOT_UID}.91", "Mass-Training_P_00001_LEFT_CC")]
+    with FakeNbiaServer(series) as server:
+        result = runner.invoke(app, ["download", str(tmp_path / "out"), "--base-url", server.base_url])
+        assert server.requests == {}  # refused before any request
+    assert result.exit_code == 2
+    text = " ".join(result.output.replace("│", " ").split())  # rich wraps the error panel
+    assert "TCIA downloads need https (plain http only to a loopback test server" in text
+    assert not (tmp_path / "out").exists()
 
 
 def test_stage_selection():

@@ -383,3 +383,66 @@ def test_when_every_image_is_bad_curation_fails_saying_so(tree, tmp_path):
     with pytest.raises(RuntimeError, match="no usable image") as err:
         run_curate(tree, tmp_path)
     assert "not a DICOM file" in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# images that try to exhaust memory or time (issue 16 §2): quarantined with the reason, the run goes on
+
+
+def _single_series_image(classic) -> pd.Series:
+    return classic.images[classic.images["full_series_uids"].str.len() == 1].iloc[0]
+
+
+def _others_unchanged(result, classic, image_id: str) -> None:
+    assert set(result.images["image_id"]) == set(classic.images["image_id"]) - {image_id}
+    kept = classic.lesions[classic.lesions["image_id"] != image_id]
+    assert boxes_of(result) == {lid: b for lid, b in boxes_of(classic).items() if lid in set(kept["lesion_id"])}
+
+
+def test_a_full_image_announcing_a_huge_size_is_quarantined_undecoded(tree, classic, tmp_path):
+    from pydicom.uid import JPEG2000Lossless
+
+    from tests.test_untrusted_images import compressed_file
+
+    image = _single_series_image(classic)
+    (full,) = lb.series_dir_of(tree, image.image_path).glob("*.dcm")
+    compressed_file(full, JPEG2000Lossless, rows=60000, cols=60000)
+    result = run_curate(tree, tmp_path, workers=2, max_image_bytes=256 * 2**20)
+    assert _quarantined(result, "image") == {
+        image.image_id: "image too large: header declares 60000x60000x1 samples x16 bits x1 frames = 6866 MiB "
+                        "decoded, limit 256 MiB (curate.max_image_mb)"
+    }
+    _others_unchanged(result, classic, image.image_id)
+
+
+def test_an_image_that_kills_its_worker_is_retried_alone_then_quarantined(tree, classic, tmp_path, monkeypatch):
+    image = _single_series_image(classic)
+    monkeypatch.setenv("MAMMO_FAULT", f"kill:curate:image:{image.image_id}")
+    result = run_curate(tree, tmp_path, workers=2)
+    died = "its worker process died (SIGKILL, often the out-of-memory killer)"
+    assert _quarantined(result, "image") == {
+        image.image_id: f"could not process image: {died}; first attempt: {died}; given up after a retry alone"
+    }
+    _others_unchanged(result, classic, image.image_id)
+
+
+def test_an_image_whose_worker_died_once_succeeds_on_its_retry_alone(tree, classic, tmp_path, monkeypatch):
+    image = _single_series_image(classic)
+    once = tmp_path / "fired"
+    monkeypatch.setenv("MAMMO_FAULT", f"kill:curate:image:{image.image_id}")
+    monkeypatch.setenv("MAMMO_FAULT_ONCE", str(once))
+    result = run_curate(tree, tmp_path, workers=2)
+    assert once.read_text() == f"curate:image:{image.image_id}"  # the worker really was killed once
+    assert result.report["quarantined"] == 0
+    assert boxes_of(result) == boxes_of(classic)
+
+
+def test_an_image_that_hangs_is_stopped_at_the_time_limit(tree, classic, tmp_path, monkeypatch):
+    image = _single_series_image(classic)
+    monkeypatch.setenv("MAMMO_FAULT", f"hang:curate:image:{image.image_id}")
+    result = run_curate(tree, tmp_path, workers=2, image_time_limit_s=1.5)
+    late = "it ran longer than the time limit of 1.5 s per item"
+    assert _quarantined(result, "image") == {
+        image.image_id: f"could not process image: {late}; first attempt: {late}; given up after a retry alone"
+    }
+    _others_unchanged(result, classic, image.image_id)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -16,7 +19,15 @@ from mammo_core.cbis_paths import CbisPath
 from mammo_core.errors import BadItem
 from mammo_core.layouts import SeriesIndex, detect_layout
 from mammo_core.safe_zip import extract_zip_safely
-from mammo_core.tcia import DownloadSummary, download_collection, is_finished, marker_path
+from mammo_core.tcia import (
+    DEFAULT_BASE_URL,
+    DownloadFolderBusy,
+    DownloadSummary,
+    check_url,
+    download_collection,
+    is_finished,
+    marker_path,
+)
 from tests.fake_tcia import Failure, FakeNbiaServer, FakeSeries
 
 ROOT_UID = "1.3.6.1.4.1.9590.100.1.2"
@@ -41,7 +52,8 @@ SORTED_UIDS = [f"{ROOT_UID}.100", f"{ROOT_UID}.101", f"{ROOT_UID}.200", f"{ROOT_
 
 def _download(server: FakeNbiaServer, out: Path, **kw) -> DownloadSummary:
     kw.setdefault("retries", 2)
-    return download_collection(out, base_url=server.base_url, timeout=10, backoff=0, **kw)
+    kw.setdefault("timeout", 10)
+    return download_collection(out, base_url=server.base_url, backoff=0, allow_http_loopback=True, **kw)
 
 
 def _assert_series_on_disk(out: Path, series: FakeSeries) -> None:
@@ -306,3 +318,114 @@ def test_downloaded_tree_resolves_through_the_classic_layout(tmp_path: Path) -> 
     roi = series[2]
     files = index.files_for(CbisPath(roi.patient_id, roi.study_uid, roi.series_uid, "000000.dcm"))
     assert [f.read_bytes() for f in files] == [roi.files["1-1.dcm"], roi.files["1-2.dcm"]]
+
+
+# --- hostile or broken servers (issue 16 §3): each costs only its series, within bounded bytes and time ---
+
+
+def _hostile_case(tmp_path: Path, kind: str, **kw):
+    series = _series()
+    broken = series[3]  # ROOT_UID.200, one image
+    start = time.monotonic()
+    with FakeNbiaServer(series, {broken.series_uid: Failure(kind)}, trickle_s=0.05) as server:
+        summary = _download(server, tmp_path, retries=1, workers=2, **kw)
+        requests = server.image_requests(broken.series_uid)
+        sent = server.endless_bytes_sent
+    elapsed = time.monotonic() - start
+    assert [uid for uid, _ in summary.failed] == [broken.series_uid]
+    assert summary.downloaded == [u for u in SORTED_UIDS if u != broken.series_uid]
+    for s in series[:3]:
+        _assert_series_on_disk(tmp_path, s)
+    assert not marker_path(tmp_path, broken.series_uid).exists()
+    assert not (tmp_path / "CBIS-DDSM" / broken.patient_id).exists()
+    assert not any((tmp_path / ".partial").iterdir())
+    size = sum(len(b) for b in broken.files.values())
+    return summary.failed[0][1], requests, elapsed, size, sent
+
+
+def test_an_endless_body_is_cut_at_the_announced_size_plus_margin(tmp_path: Path) -> None:
+    reason, requests, _, size, sent = _hostile_case(tmp_path, "endless")
+    allowed = size + 2**20
+    assert reason == f"body larger than the {allowed} bytes allowed (announced size plus margin)"
+    assert requests == 1  # a server sending more than it announced is not asked again
+    assert sent < 32 * 2**20  # the client hung up after ~1 MiB (socket buffers hold the rest)
+
+
+def test_a_body_announced_larger_than_the_series_is_refused_before_reading(tmp_path: Path) -> None:
+    reason, requests, _, size, _ = _hostile_case(tmp_path, "huge_length")
+    assert reason == (f"server announces {10 << 30} bytes, more than the {size + 2**20} allowed "
+                      "(announced size plus margin)")
+    assert requests == 1
+
+
+def test_a_trickling_server_is_cut_off_at_the_whole_request_deadline(tmp_path: Path) -> None:
+    # one byte every 0.05 s never trips the 0.5 s read timeout; only the 1 s deadline can stop it
+    reason, requests, elapsed, _, _ = _hostile_case(tmp_path, "trickle", timeout=0.5, deadline=1.0)
+    assert re.fullmatch(r"gave up after 2 attempts: deadline passed: \d+ bytes received in the time "
+                        r"allowed per request", reason), reason
+    assert requests == 2
+    assert elapsed < 8  # two deadlines and a little; without the deadline this takes minutes
+
+
+def test_a_truncated_zip_is_retried_then_reported(tmp_path: Path) -> None:
+    reason, requests, _, _, _ = _hostile_case(tmp_path, "truncated_zip")
+    assert reason == "gave up after 2 attempts: corrupt zip (File is not a zip file)"
+    assert requests == 2
+
+
+def test_a_wrong_md5_is_retried_then_reported(tmp_path: Path) -> None:
+    reason, requests, _, _, _ = _hostile_case(tmp_path, "bad_md5")
+    assert reason == "gave up after 2 attempts: md5 mismatch for 1-1.dcm"
+    assert requests == 2
+
+
+def test_an_endless_series_list_is_cut_at_its_bound(tmp_path: Path) -> None:
+    with FakeNbiaServer(_series(), series_list_failure="endless") as server:
+        with pytest.raises(ValueError, match=r"getSeries: body larger than the 67108864 bytes allowed"):
+            _download(server, tmp_path)
+        assert sum(server.image_requests(s.series_uid) for s in _series()) == 0
+
+
+def test_a_trickling_series_list_is_cut_at_the_deadline(tmp_path: Path) -> None:
+    start = time.monotonic()
+    late = r"getSeries failed after 1 attempts: deadline passed: \d+ bytes"
+    with FakeNbiaServer(_series(), series_list_failure="trickle", trickle_s=0.05) as server, \
+            pytest.raises(ConnectionError, match=late):
+        _download(server, tmp_path, retries=0, timeout=0.5, deadline=0.5)
+    assert time.monotonic() - start < 5
+
+
+def test_plain_http_is_refused_unless_loopback_is_allowed_explicitly(tmp_path: Path) -> None:
+    with FakeNbiaServer(_series()) as server:
+        with pytest.raises(ValueError, match=r"refusing http URL http://127\.0\.0\.1:\d+: TCIA downloads need "
+                                             r"https \(plain http only to a loopback test server"):
+            download_collection(tmp_path / "out", base_url=server.base_url)
+        assert server.requests == {}
+    assert not (tmp_path / "out").exists()
+    for url in ("http://example.org/nbia", "ftp://127.0.0.1/x"):  # loopback permission covers loopback only
+        with pytest.raises(ValueError, match="TCIA downloads need https"):
+            check_url(url, allow_http_loopback=True)
+    check_url(DEFAULT_BASE_URL)
+
+
+def test_two_downloads_into_one_folder_never_share_it(tmp_path: Path) -> None:
+    series = _series()
+    with FakeNbiaServer(series, delay_s=0.3) as server:
+        first: dict[str, DownloadSummary] = {}
+        runner = threading.Thread(target=lambda: first.update(summary=_download(server, tmp_path, workers=1)))
+        runner.start()
+        while not server.requests[("getSeries", "CBIS-DDSM")]:  # the first one holds the lock from here on
+            time.sleep(0.01)
+        with pytest.raises(DownloadFolderBusy) as err:
+            _download(server, tmp_path)  # lock_timeout 0: fails at once, clearly
+        assert str(err.value) == (f"another download is writing into {tmp_path} (it holds "
+                                  f"{tmp_path / '.download.lock'}); wait for it to finish or download into "
+                                  "another folder")
+        waited = _download(server, tmp_path, lock_timeout=60)  # this one waits for the first to finish
+        runner.join()
+        assert server.requests[("getSeries", "CBIS-DDSM")] == 2  # the refused one asked nothing
+        assert all(server.image_requests(s.series_uid) == 1 for s in series)
+    assert first["summary"].downloaded == SORTED_UIDS and first["summary"].failed == []
+    assert waited.skipped == SORTED_UIDS and waited.downloaded == [] and waited.failed == []
+    for s in series:
+        _assert_series_on_disk(tmp_path, s)
