@@ -76,6 +76,8 @@ class CurateParams(_Section):
     workers: int = Field(default=2, ge=1, le=64)
     min_box_area: int = Field(default=4, ge=1)
     mask_aspect_tolerance: float = Field(default=0.01, gt=0.0, lt=0.2)
+    allow_burned_in_annotation: bool = Field(default=False, description="curate images whose DICOM says "
+                                             "BurnedInAnnotation YES (text in the pixels); else quarantined")
 
 
 class PatchesParams(_Section):

@@ -29,6 +29,8 @@ from mammo_core.cbis_paths import parse_cbis_path
 from mammo_core.errors import BadItem
 
 QUARANTINE_COLUMNS = ["item", "kind", "reason"]
+BURNED_IN_REASON = ("DICOM BurnedInAnnotation is YES: the pixels may show identifying text "
+                    "(set curate.allow_burned_in_annotation: true to accept)")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class CurationSettings:
     workers: int = 2
     min_box_area: int = 4
     mask_aspect_tolerance: float = 0.01
+    allow_burned_in_annotation: bool = False
 
 
 @dataclass
@@ -57,6 +60,7 @@ class ImageJob:
     max_side: int
     min_box_area: int
     aspect_tol: float
+    allow_burned_in_annotation: bool = False
 
 
 @dataclass
@@ -126,6 +130,9 @@ def process_image(job: ImageJob) -> ImageOutcome:
         return outcome
     if image.ndim != 2:
         outcome.reason = f"expected a single-frame grayscale image, got shape {image.shape}"
+        return outcome
+    if str(meta.get("BurnedInAnnotation", "")).upper() == "YES" and not job.allow_burned_in_annotation:
+        outcome.reason = BURNED_IN_REASON  # text in the pixels may name the patient: no cache copy is made
         return outcome
     h, w = image.shape
     ch, cw = cache_shape(h, w, job.max_side)
@@ -264,7 +271,8 @@ def curate(
             except ValueError as exc:
                 quarantine.append({"item": lrow.lesion_id, "kind": "lesion", "reason": str(exc)})
         jobs.append(ImageJob(row.image_id, str(full_file), lesion_jobs, str(cache_dir), settings.max_side,
-                             settings.min_box_area, settings.mask_aspect_tolerance))
+                             settings.min_box_area, settings.mask_aspect_tolerance,
+                             settings.allow_burned_in_annotation))
 
     outcomes = _run_jobs(jobs, settings.workers, progress)
     return _assemble(images, lesions, outcomes, quarantine, split_stats, settings, n_csv_rows=len(table.rows))

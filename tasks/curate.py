@@ -18,6 +18,7 @@ def _run(ctx: runtime.StageContext) -> None:
         workers=p.curate.workers,
         min_box_area=p.curate.min_box_area,
         mask_aspect_tolerance=p.curate.mask_aspect_tolerance,
+        allow_burned_in_annotation=p.curate.allow_burned_in_annotation,
     )
     last = {"pct": -1}
 
