@@ -20,6 +20,7 @@ members (skops, torch files), the raw bytes of every file, and the console outpu
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -389,7 +390,9 @@ def search_store(store: Path) -> dict:
                 for member in zf.namelist():
                     content = zf.read(member)
                     search.raw(f"{rel}!{member}", content)
-                    search.text(f"{rel}!{member}", content.decode("utf-8", "replace"))
+                    # text members (skops' schema.json) also case-insensitively; tensors as bytes only
+                    with contextlib.suppress(UnicodeDecodeError):
+                        search.text(f"{rel}!{member}", content.decode("utf-8"))
             files.setdefault("zip", []).append(rel)
             continue
         kind, text = _decode(path, data)
