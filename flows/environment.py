@@ -19,7 +19,9 @@ def store_root(explicit: str | Path | None = None) -> Path:
 
 
 def configure(store: Path) -> None:
-    store.mkdir(parents=True, exist_ok=True)
+    from mammo_core.store import make_private
+
+    make_private(store)  # the store holds patient-derived images: private from its first file on
     prefect_home = store / "prefect"
     defaults = {
         "MAMMO_STORE": str(store),

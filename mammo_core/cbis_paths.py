@@ -33,22 +33,35 @@ class CbisPath:
         return self.series_uid.replace(".", "")[-5:]
 
 
+class CbisPathError(ValueError):
+    """A CSV path cell that is not a safe CBIS path.
+
+    ``problem`` says what is wrong without quoting the cell: CSV rejection reasons travel into the
+    quarantine table, the curation report and MLflow, and a mistyped cell may hold anything, a name too.
+    The message (``str``) quotes the cell for a person debugging one file by hand.
+    """
+
+    def __init__(self, problem: str, text: str):
+        super().__init__(f"{problem}: {text!r}")
+        self.problem = problem
+
+
 def parse_cbis_path(raw: str) -> CbisPath:
     """Parse one CSV path cell (stray whitespace and the embedded newline quirk removed).
 
-    Raises ValueError naming the cell when it is not of the four-part CBIS form, when a part escapes
-    the data root (``..``, absolute paths) or when a UID is malformed.
+    Raises :class:`CbisPathError` (a ValueError) naming the cell when it is not of the four-part CBIS
+    form, when a part escapes the data root (``..``, absolute paths) or when a UID is malformed.
     """
     text = str(raw).strip().replace("\\", "/")
     if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
-        raise ValueError(f"absolute path in CSV cell: {text!r}")
+        raise CbisPathError("absolute path in CSV cell", text)
     parts = [p for p in text.split("/") if p]
     if any(p in ("..", ".") for p in parts):
-        raise ValueError(f"path escapes the data root: {text!r}")
+        raise CbisPathError("path escapes the data root", text)
     if len(parts) != 4:
-        raise ValueError(f"expected folder/study_uid/series_uid/file, got {text!r}")
+        raise CbisPathError("expected folder/study_uid/series_uid/file", text)
     folder, study, series, filename = parts
     for uid in (study, series):
         if not _UID.match(uid):
-            raise ValueError(f"malformed UID {uid!r} in {text!r}")
+            raise CbisPathError("malformed study or series UID", text)
     return CbisPath(folder=folder, study_uid=study, series_uid=series, filename=filename)

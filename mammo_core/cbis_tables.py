@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mammo_core.cbis_paths import CbisPath, parse_cbis_path
+from mammo_core.cbis_paths import CbisPath, CbisPathError, parse_cbis_path
 
 ABNORMALITY_TYPES = ("mass", "calc")
 OFFICIAL_SPLITS = ("train", "test")
@@ -129,12 +129,6 @@ def _from_file_name(name: str, choices: tuple[str, ...]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def _parse_int(field: str, text: str) -> int:
-    if not re.fullmatch(r"[+-]?\d+", text):
-        raise ValueError(f"{field} is not an integer: {text!r}")
-    return int(text)
-
-
 def _attribute(text: str) -> str | None:
     return None if text in ("", "NA", "N/A", "nan", "NaN", "None") else text
 
@@ -144,44 +138,47 @@ def _clean(cell: object) -> str:
     return str(cell).strip()
 
 
-def _check_folder(kind: str, path: CbisPath, expected_suffix: str) -> None:
-    if not path.folder.endswith(expected_suffix):
-        raise ValueError(f"{kind} folder {path.folder!r} does not belong to {expected_suffix}")
+def _parse_row(cells: dict[str, str], attribute_type: str, headers: dict[str, str]) -> dict:
+    """One CSV record -> one normalized row dict; raises ValueError listing every problem found.
 
-
-def _parse_row(cells: dict[str, str], attribute_type: str) -> dict:
-    """One CSV record -> one normalized row dict; raises ValueError with every problem found."""
+    A problem names the column (as the file spells its header), never the cell's value: the reason ends
+    up in quarantine.parquet, curation_report.json and MLflow, and a mistyped cell may hold anything, a
+    patient's name included. The row number lets a person look the value up in the file itself.
+    """
     problems: list[str] = []
     out: dict = {}
 
+    def bad(column: str, problem: str) -> None:
+        problems.append(f"column {headers.get(column, column)!r} {problem}")
+
     patient_id = cells["patient_id"]
     if not patient_id or "/" in patient_id or any(ch.isspace() for ch in patient_id):
-        problems.append(f"bad patient_id {patient_id!r}")
+        bad("patient_id", "is empty or holds a slash or whitespace")
     out["patient_id"] = patient_id
 
     for field in ("breast_density", "abnormality_id", "assessment", "subtlety"):
-        try:
-            out[field] = _parse_int(field, cells[field])
-        except ValueError as exc:
-            problems.append(str(exc))
+        if re.fullmatch(r"[+-]?\d+", cells[field]):
+            out[field] = int(cells[field])
+        else:
+            bad(field, "is not an integer")
 
     side, view = cells["side"].upper(), cells["view"].upper()
     if side not in SIDES:
-        problems.append(f"side is not LEFT/RIGHT: {cells['side']!r}")
+        bad("side", "is not LEFT/RIGHT")
     if view not in VIEWS:
-        problems.append(f"view is not CC/MLO: {cells['view']!r}")
+        bad("view", "is not CC/MLO")
     out["side"], out["view"] = side, view
 
     abnormality_type = _TYPE_ALIASES.get(cells["abnormality_type"].lower())
     if abnormality_type is None:
-        problems.append(f"unknown abnormality type {cells['abnormality_type']!r}")
+        bad("abnormality_type", "is not mass/calcification")
     elif abnormality_type != attribute_type:
-        problems.append(f"abnormality type {abnormality_type!r} in a {attribute_type} file")
+        bad("abnormality_type", f"is {abnormality_type!r} in a {attribute_type} file")
     out["abnormality_type"] = abnormality_type
 
     pathology = cells["pathology"].upper()
     if pathology not in PATHOLOGIES:
-        problems.append(f"unknown pathology {cells['pathology']!r}")
+        bad("pathology", f"is not one of {'/'.join(PATHOLOGIES)}")
     out["pathology"] = pathology
 
     for t, columns in _ATTRIBUTE_COLUMNS.items():
@@ -193,22 +190,18 @@ def _parse_row(cells: dict[str, str], attribute_type: str) -> dict:
         out[column] = cells[column]
         try:
             parsed[prefix] = parse_cbis_path(cells[column])
-        except ValueError as exc:
-            problems.append(f"{column}: {exc}")
+        except CbisPathError as exc:
+            bad(column, f"is not a CBIS path: {exc.problem}")
             continue
         out[f"{prefix}_study_uid"] = parsed[prefix].study_uid
         out[f"{prefix}_series_uid"] = parsed[prefix].series_uid
     image_key = f"{patient_id}_{side}_{view}"
     if "full" in parsed:
-        try:
-            _check_folder("image", parsed["full"], image_key)
-        except ValueError as exc:
-            problems.append(str(exc))
-        for prefix in ("crop", "mask"):
+        if not parsed["full"].folder.endswith(image_key):
+            bad("image_path", "names a folder of another patient, side or view than the row")
+        for prefix, column in (("crop", "crop_path"), ("mask", "mask_path")):
             if prefix in parsed and not parsed[prefix].folder.startswith(parsed["full"].folder):
-                problems.append(
-                    f"{prefix} folder {parsed[prefix].folder!r} is not an ROI of {parsed['full'].folder!r}"
-                )
+                bad(column, f"names a folder that is not an ROI series of the {headers.get('image_path')!r} folder")
 
     if problems:
         raise ValueError("; ".join(problems))
@@ -270,10 +263,15 @@ def read_case_csv(path: Path, official_split: str | None = None) -> CaseTable:
         missing += [c for c in _ATTRIBUTE_COLUMNS[attribute_type] if c not in columns]
     if missing:
         names = ", ".join(_OFFICIAL_HEADER.get(c, c) for c in missing)
-        raise CsvSchemaError(f"{name}: missing required column(s): {names} (found: {list(raw.columns)})")
+        # only recognised headers are quoted: a file without a header row would show its first record here
+        known = [str(h) for h in raw.columns if _normalize_header(h) in _HEADER_ALIASES]
+        others = len(raw.columns) - len(known)
+        raise CsvSchemaError(f"{name}: missing required column(s): {names} (found: {known} "
+                             f"and {others} other column(s))")
 
     ordered = [columns[c] for c in _CORE_COLUMNS + _ATTRIBUTE_COLUMNS[attribute_type]]
     keys = list(_CORE_COLUMNS + _ATTRIBUTE_COLUMNS[attribute_type])
+    headers = {k: str(columns[k]).strip() for k in keys}
     records: list[dict] = []
     rejected: list[dict] = []
     for number, values in enumerate(raw[ordered].itertuples(index=False, name=None), start=1):
@@ -282,9 +280,9 @@ def read_case_csv(path: Path, official_split: str | None = None) -> CaseTable:
             for column in other:
                 cells.setdefault(column, "")
         try:
-            row = _parse_row(cells, attribute_type)
+            row = _parse_row(cells, attribute_type, headers)
         except ValueError as exc:
-            rejected.append({"item": f"{name}:row {number}", "reason": str(exc)})
+            rejected.append({"item": f"{name}:row {number}", "reason": f"row {number}: {exc}"})
             continue
         row.update(official_split=split, source_file=name, source_row=number)
         records.append(row)

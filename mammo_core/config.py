@@ -80,6 +80,8 @@ class CurateParams(_Section):
                               "declare, MiB (a 5000x4000 16-bit mammogram is 38); larger is quarantined undecoded")
     image_time_limit_s: float = Field(default=300.0, gt=0, le=86400, description="per image; a worker past it "
                                       "is killed, the image retried once alone, then quarantined")
+    allow_burned_in_annotation: bool = Field(default=False, description="curate images whose DICOM says "
+                                             "BurnedInAnnotation YES (text in the pixels); else quarantined")
 
 
 class PatchesParams(_Section):

@@ -29,6 +29,8 @@ from mammo_core.errors import BadItem
 from mammo_core.isolation import ItemFailed, run_isolated
 
 QUARANTINE_COLUMNS = ["item", "kind", "reason"]
+BURNED_IN_REASON = ("DICOM BurnedInAnnotation is YES: the pixels may show identifying text "
+                    "(set curate.allow_burned_in_annotation: true to accept)")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class CurationSettings:
     mask_aspect_tolerance: float = 0.01
     max_image_bytes: int = dicom_io.DEFAULT_MAX_IMAGE_BYTES
     image_time_limit_s: float = 300.0
+    allow_burned_in_annotation: bool = False
 
 
 @dataclass
@@ -60,6 +63,7 @@ class ImageJob:
     min_box_area: int
     aspect_tol: float
     max_bytes: int = dicom_io.DEFAULT_MAX_IMAGE_BYTES
+    allow_burned_in_annotation: bool = False
 
 
 @dataclass
@@ -130,6 +134,9 @@ def process_image(job: ImageJob) -> ImageOutcome:
         return outcome
     if image.ndim != 2:
         outcome.reason = f"expected a single-frame grayscale image, got shape {image.shape}"
+        return outcome
+    if str(meta.get("BurnedInAnnotation", "")).upper() == "YES" and not job.allow_burned_in_annotation:
+        outcome.reason = BURNED_IN_REASON  # text in the pixels may name the patient: no cache copy is made
         return outcome
     h, w = image.shape
     ch, cw = cache_shape(h, w, job.max_side)
@@ -266,7 +273,8 @@ def curate(
             except ValueError as exc:
                 quarantine.append({"item": lrow.lesion_id, "kind": "lesion", "reason": str(exc)})
         jobs.append(ImageJob(row.image_id, str(full_file), lesion_jobs, str(cache_dir), settings.max_side,
-                             settings.min_box_area, settings.mask_aspect_tolerance, settings.max_image_bytes))
+                             settings.min_box_area, settings.mask_aspect_tolerance, settings.max_image_bytes,
+                             settings.allow_burned_in_annotation))
 
     outcomes = _run_jobs(jobs, settings, progress)
     return _assemble(images, lesions, outcomes, quarantine, split_stats, settings, n_csv_rows=len(table.rows))

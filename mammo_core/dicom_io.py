@@ -14,6 +14,7 @@ curation quarantines that file and carries on with the others.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import DicomDictionary
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -86,8 +88,9 @@ ALLOWED_FIELDS: tuple[str, ...] = (
     "PresentationLUTShape",
 )
 
-# Values that identify a person or a place. They are never output; any allowed free-text value that
-# happens to contain one of them (e.g. a SeriesDescription typed with the patient's name) is withheld.
+# Values that identify a person or a place (with every person name, date and Patient-group element, see
+# _identifying_strings). They are never output; any allowed value that happens to contain one of them
+# (e.g. a SeriesDescription typed with the patient's name) is withheld.
 _IDENTIFYING_FIELDS: tuple[str, ...] = (
     "PatientName",
     "PatientID",
@@ -109,6 +112,12 @@ _IDENTIFYING_FIELDS: tuple[str, ...] = (
     "ContentDate",
 )
 _MIN_IDENTIFYING_LEN = 4  # shorter values ("O", "M") would match harmless text by accident
+_PATIENT_GROUP = 0x0010
+_IDENTIFYING_VRS = ("PN", "DA", "DT")  # person names and dates, wherever they sit
+# patient, clinical trial, general (study/series/equipment), acquisition, relationship, study, visit,
+# procedure step, digital signatures, results
+_DESCRIPTIVE_GROUPS = frozenset({0x0008, 0x0010, 0x0012, 0x0018, 0x0020, 0x0032, 0x0038, 0x0040, 0x0400,
+                                 0x4008})
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -147,18 +156,50 @@ def safe_metadata(ds: Dataset) -> dict[str, Any]:
 
 
 def _identifying_strings(ds: Dataset) -> set[str]:
+    """Lower-case values that identify a person, a place or a time: the fields above, every element of
+    the Patient group (0010,xxxx), and every person name and date anywhere, sequences included."""
     found: set[str] = set()
-    for keyword in _IDENTIFYING_FIELDS:
-        value = ds.get(keyword)
-        if value is None:
+    for element in ds.iterall():
+        if element.keyword in ALLOWED_FIELDS or element.VR == "SQ":
             continue
+        if not (element.keyword in _IDENTIFYING_FIELDS or element.tag.group == _PATIENT_GROUP
+                or element.VR in _IDENTIFYING_VRS):
+            continue
+        value = element.value
         values = list(value) if isinstance(value, MultiValue | list) else [value]
         for item in values:
+            if item is None or isinstance(item, bytes | bytearray):
+                continue
             parts = [str(item)]
             if isinstance(item, PersonName):
                 parts += [c for c in item.components] + [p for p in str(item).split("^")]
             found.update(p.strip().lower() for p in parts if len(p.strip()) >= _MIN_IDENTIFYING_LEN)
     return found
+
+
+def withheld_keyword(name: str) -> str | None:
+    """The DICOM keyword ``name`` spells (case and separators ignored) if that element may not leave a
+    DICOM, else None.
+
+    Why: :data:`ALLOWED_FIELDS` is the one list of what may leave a DICOM. Other writers that take
+    free-form keys (HDF5 attributes, ...) ask here, so that a key named after an identifying element
+    (``PatientID``, ``patient_age``, ``InstitutionName``) is refused there as well. Only elements of the
+    groups that describe a patient, a visit, a study, a series, equipment or a procedure, and every
+    person name and date, count: generic words that happen to be DICOM keywords of other groups
+    (``Copies``, ``Crop``) stay usable.
+    """
+    return _withheld_keywords().get("".join(ch for ch in name.lower() if ch.isalnum()))
+
+
+@functools.cache
+def _withheld_keywords() -> dict[str, str]:
+    allowed = {k.lower() for k in ALLOWED_FIELDS}
+    withheld: dict[str, str] = {}
+    for tag, (vr, _vm, _name, _retired, keyword) in DicomDictionary.items():
+        if keyword and keyword.lower() not in allowed and (
+                tag >> 16 in _DESCRIPTIVE_GROUPS or vr in _IDENTIFYING_VRS):
+            withheld[keyword.lower()] = keyword
+    return withheld
 
 
 def _json_value(value: Any) -> Any:

@@ -10,7 +10,9 @@ hidden sibling and renames it into place on a clean close; an exception inside t
 in the writer thread) removes the temporary and leaves no file at the final path.
 
 Attributes are stored as JSON text (one attribute per key) and must be JSON-able; :func:`read_attrs`
-decodes them. Keys that name a patient identifier are refused, so metadata cannot leak one by accident.
+decodes them. A key, at any depth of the value, that names a DICOM element outside the one allow-list of
+what may leave a DICOM (``dicom_io.ALLOWED_FIELDS``; ``dicom_io.withheld_keyword``) is refused, so a
+header dict passed along by accident cannot leak an identifier.
 """
 
 from __future__ import annotations
@@ -28,15 +30,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mammo_core import faults
+from mammo_core import dicom_io, faults
 
 _CHUNK_BYTES = 1 << 20  # aim for chunks of about 1 MiB: large enough to compress well, small to read
 _SENTINEL = object()
-# Attribute keys that would carry a patient identifier (DICOM fields; compared without separators/case).
-_IDENTIFYING_KEYS = (
-    "patientname", "patientbirth", "birthdate", "accession", "institution", "physician", "operator",
-    "studydate", "seriesdate", "acquisitiondate", "contentdate", "patientaddress", "patienttelephone",
-)
 
 
 @dataclass(frozen=True)
@@ -54,10 +51,26 @@ def _chunk_rows(row_shape: tuple[int, ...], dtype: np.dtype, cap: int) -> int:
     return int(max(1, min(cap, _CHUNK_BYTES // row_bytes)))
 
 
+def _withheld_keys(value: Any, path: str) -> list[str]:
+    """``path`` of every mapping key inside ``value`` (any depth) that names a withheld DICOM element."""
+    found: list[str] = []
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            inner = f"{path}.{k}"
+            if dicom_io.withheld_keyword(str(k)):
+                found.append(inner)
+            found += _withheld_keys(v, inner)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found += _withheld_keys(v, f"{path}[{i}]")
+    return found
+
+
 def _check_attr(key: str, value: Any) -> str:
-    flat = "".join(ch for ch in key.lower() if ch.isalnum())
-    if any(word in flat for word in _IDENTIFYING_KEYS):
-        raise ValueError(f"attribute {key!r} looks like a patient identifier; it may not be stored")
+    withheld = ([key] if dicom_io.withheld_keyword(key) else []) + _withheld_keys(value, key)
+    if withheld:
+        raise ValueError(f"attribute {', '.join(map(repr, withheld))} names a DICOM element that may not leave "
+                         "a DICOM (a patient identifier); it may not be stored")
     try:
         return json.dumps(value, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -90,6 +91,34 @@ def write_json_atomic(path: Path, value: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def private_umask(current: int) -> int:
+    """The umask a store is written under, given the process's ``current`` one.
+
+    Why: the store holds images derived from patient data. Nothing in it is ever open to others. The
+    group gets what ``current`` grants only when ``current`` already closes "other" entirely (a team's
+    deliberate 007 or 027 on a shared group folder); the stock 022/002 closes nothing, so it gives
+    owner-only folders (0700) and files (0600). Never more open than ``current`` allows.
+    """
+    return current if current & 0o007 == 0o007 else current | 0o077
+
+
+def make_private(root: Path) -> Path:
+    """Write everything from now on under :func:`private_umask` and create ``root`` (or close it) accordingly.
+
+    The umask is per process and inherited, so what MLflow, Prefect, SQLite and the worker processes
+    started afterwards create is covered too, not only this module's files. An existing root of ours that
+    is more open (a store from before this rule) is closed: nothing below it can then be reached by others.
+    """
+    mask = private_umask(os.umask(0o077))
+    os.umask(mask)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    info = root.stat()
+    if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & mask:
+        os.chmod(root, stat.S_IMODE(info.st_mode) & ~mask)
+    return root
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ def _run(ctx: runtime.StageContext) -> None:
         mask_aspect_tolerance=p.curate.mask_aspect_tolerance,
         max_image_bytes=p.curate.max_image_mb * 2**20,
         image_time_limit_s=p.curate.image_time_limit_s,
+        allow_burned_in_annotation=p.curate.allow_burned_in_annotation,
     )
     last = {"pct": -1}
 

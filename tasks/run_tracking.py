@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mammo_core.config import load_params
-from mammo_core.store import MANIFEST, ArtifactStore
+from mammo_core.store import MANIFEST, ArtifactStore, make_private
 from tasks import registry, tracking
 from tasks.runtime import RunContext, _log_params
 
@@ -76,6 +76,7 @@ def open_run(
     """Validate params and open the parent run (or reopen ``resume``); the context is shared by every stage."""
     store_root = Path(store or os.environ.get("MAMMO_STORE") or ".mammo").resolve()
     params = load_params(params_file, overrides)
+    make_private(store_root)  # again here: a deployment's worker reaches the flow without the CLI
     uri = tracking.default_tracking_uri(store_root)
     client = tracking.open_client(uri, store_root)
     artifact_root = store_root / "mlartifacts" if uri.startswith("sqlite:") else None

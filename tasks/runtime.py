@@ -3,7 +3,8 @@
 A stage is a :class:`StageSpec`: a name, its upstream stages, the params sections that enter its key
 (its code is the import closure of its module), and a ``run`` function that writes its outputs into a
 temporary folder. This module turns a spec into (1) a content-derived key, (2) a Prefect task (not
-cached by Prefect, see :func:`stage_task`), (3) an MLflow child run, and (4) an atomically sealed folder in the artifact store.
+cached by Prefect, see :func:`stage_task`), (3) an MLflow child run, and (4) an atomically sealed folder
+in the artifact store.
 
 The store is the source of truth: the task body first looks for a sealed folder with the key, so a
 deleted Prefect database costs nothing but a few milliseconds per stage.

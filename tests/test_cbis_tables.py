@@ -237,7 +237,41 @@ def test_bad_int_and_unknown_pathology_are_rejected(tmp_path: Path) -> None:
     assert len(table.rows) == 377
     assert table.rejected.item.tolist() == [f"{MASS_TEST}:row 1"]
     reason = table.rejected.reason.iloc[0]
-    assert "subtlety is not an integer" in reason and "unknown pathology 'MALIGN'" in reason
+    assert reason == ("row 1: column 'subtlety' is not an integer; "
+                      "column 'pathology' is not one of MALIGNANT/BENIGN/BENIGN_WITHOUT_CALLBACK")
+
+
+# A value no real cell holds: if it shows up in a reason, the reason quotes the cell.
+CANARY = "Doe^Jane 1961-04-12 ACC-88412"
+
+
+@pytest.mark.parametrize(("column", "position", "problem"), [
+    ("patient_id", 0, "is empty or holds a slash or whitespace"),
+    ("breast_density", 1, "is not an integer"),
+    ("left or right breast", 2, "is not LEFT/RIGHT"),
+    ("image view", 3, "is not CC/MLO"),
+    ("abnormality type", 5, "is not mass/calcification"),
+    ("pathology", 9, "is not one of MALIGNANT/BENIGN/BENIGN_WITHOUT_CALLBACK"),
+    ("image file path", 11, "is not a CBIS path: expected folder/study_uid/series_uid/file"),
+])
+def test_rejection_names_row_and_column_never_the_cell(tmp_path: Path, column: str, position: int,
+                                                       problem: str) -> None:
+    """Reasons reach quarantine.parquet, curation_report.json and MLflow: a bad cell's value must not."""
+    def plant(text: str) -> str:
+        lines = text.split("\r\n")
+        cells = lines[3].split(",")  # record 3 of the file (record 1 spans two physical lines)
+        assert cells[0] == "P_00017" and len(cells) > 11, cells[:2]
+        cells[position] = CANARY
+        lines[3] = ",".join(cells)
+        return "\r\n".join(lines)
+
+    table = read_case_csv(_copy_with(tmp_path, MASS_TEST, plant))
+    assert table.rejected.item.tolist() == [f"{MASS_TEST}:row 3"]
+    (reason,) = table.rejected.reason.tolist()
+    assert reason.startswith(f"row 3: column {column!r} {problem}"), reason
+    assert len(table.rows) == 377 and 3 not in set(table.rows.source_row)
+    words = [w for w in CANARY.replace("^", " ").split() if len(w) > 3]
+    assert not any(w in table.rejected.to_csv() for w in words)
 
 
 def test_duplicate_abnormality_is_rejected(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ Expected values are recomputed here independently of ``mammo_core`` (csv module,
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -446,3 +447,23 @@ def test_an_image_that_hangs_is_stopped_at_the_time_limit(tree, classic, tmp_pat
         image.image_id: f"could not process image: {late}; first attempt: {late}; given up after a retry alone"
     }
     _others_unchanged(result, classic, image.image_id)
+def test_burned_in_annotation_is_quarantined_unless_params_allow_it(tree, classic, tmp_path):
+    """Text burned into the pixels (BurnedInAnnotation YES) may name the patient: no cache copy by default."""
+    single = classic.images[classic.images["full_series_uids"].str.len() == 1].iloc[0]
+    (full_file,) = lb.series_dir_of(tree, single.image_path).glob("*.dcm")
+    ds = pydicom.dcmread(full_file)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(full_file)
+    result = run_curate(tree, tmp_path / "default")
+    assert _quarantined(result, "image") == {single.image_id: curation.BURNED_IN_REASON}
+    assert "curate.allow_burned_in_annotation" in curation.BURNED_IN_REASON
+    assert set(result.images["image_id"]) == set(classic.images["image_id"]) - {single.image_id}
+    assert not (tmp_path / "default" / "cache" / "images" / f"{single.image_id}.png").exists()
+    expected = {k: v for k, v in boxes_of(classic).items() if not k.startswith(single.image_id + "_")}
+    assert boxes_of(result) == expected and len(expected) < len(boxes_of(classic))
+
+    allowed = run_curate(tree, tmp_path / "allowed", allow_burned_in_annotation=True)
+    assert allowed.quarantine.empty, allowed.quarantine
+    assert boxes_of(allowed) == boxes_of(classic)
+    meta = json.loads(allowed.images.set_index("image_id").loc[single.image_id, "dicom_meta"])
+    assert meta["BurnedInAnnotation"] == "YES"

@@ -158,6 +158,23 @@ def test_free_text_containing_an_identifier_is_withheld(mg_cases):
     assert safe_metadata(ds)["SeriesDescription"] == "full mammogram images"
 
 
+@pytest.mark.parametrize("plant", ["PatientAge", "OtherPatientNames", "PatientAddress", "nested_person",
+                                   "AcquisitionDateTime"])
+def test_free_text_containing_any_person_name_date_or_patient_field_is_withheld(plant):
+    """Not only a fixed list of fields: every Patient-group element, person name and date, sequences too."""
+    ds = pydicom.dcmread(SENDS, stop_before_pixels=True)
+    value = {"PatientAge": "071Y", "AcquisitionDateTime": "20240229101500"}.get(plant, "Quenneville")
+    if plant == "nested_person":
+        item = Dataset()
+        item.PersonName = "Quenneville^Odile"
+        ds.PersonIdentificationCodeSequence = [item]
+    else:
+        setattr(ds, plant, value)
+    ds.SeriesDescription = f"CC {value} series"
+    assert "SeriesDescription" not in safe_metadata(ds)
+    assert value not in json.dumps(safe_metadata(ds), ensure_ascii=False)
+
+
 # ---------------------------------------------------------------------------- synthetic files
 
 

@@ -82,10 +82,42 @@ def test_attrs_are_json_round_tripped_and_settable_at_the_end(tmp_path):
     assert h5io.read_attrs(path) == {"class_names": ["A", "B"], "size": 64, "counts": {"train": {"A": 2}}}
 
 
-@pytest.mark.parametrize("key", ["PatientName", "patient_birth_date", "AccessionNumber", "institution"])
+@pytest.mark.parametrize("key", ["PatientName", "patient_birth_date", "AccessionNumber", "institution_name",
+                                 "PatientID", "patient_sex", "PatientAge", "OtherPatientIDs", "OperatorsName",
+                                 "StationName", "StudyDate", "device_serial_number", "StudyID"])
 def test_identifying_attribute_keys_are_refused(tmp_path, key):
     with pytest.raises(ValueError, match="patient identifier"):
         ChunkedH5Writer(tmp_path / "out.h5", SPECS, attrs={key: "x"})
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("attrs", [
+    {"source": {"Rows": 2, "PatientID": "x"}},  # a header dict passed along whole
+    {"headers": [{"Modality": "MG"}, {"PatientSex": "F"}]},
+    {"counts": {"train": {"patient_age": 1}}},
+])
+def test_identifying_keys_inside_values_are_refused(tmp_path, attrs):
+    """The old filter looked at top-level names only: a dict of DICOM header values went through whole."""
+    path = tmp_path / "out.h5"
+    with pytest.raises(ValueError, match="patient identifier"):
+        ChunkedH5Writer(path, SPECS, attrs=attrs)
+    with ChunkedH5Writer(path, SPECS) as writer:
+        writer.append(**_batch(0, 1))
+        with pytest.raises(ValueError, match="patient identifier"):
+            writer.set_attrs(**attrs)
+    assert h5io.read_attrs(path) == {}
+
+
+def test_what_may_leave_a_dicom_may_be_stored(tmp_path):
+    """One allow-list: what dicom_io.safe_metadata lets out, an HDF5 attribute may hold (and nothing else)."""
+    from mammo_core.dicom_io import ALLOWED_FIELDS, withheld_keyword
+
+    assert [k for k in ALLOWED_FIELDS if withheld_keyword(k)] == []
+    meta = {"Rows": 4, "BurnedInAnnotation": "NO", "Manufacturer": "GE", "PatientOrientation": ["A", "R"]}
+    path = tmp_path / "out.h5"
+    with ChunkedH5Writer(path, SPECS, attrs={"dicom": meta, "copies": 2, "crop": None}) as writer:
+        writer.append(**_batch(0, 1))
+    assert h5io.read_attrs(path) == {"dicom": meta, "copies": 2, "crop": None}
 
 
 def test_non_json_attribute_is_refused(tmp_path):

@@ -3,11 +3,14 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from mammo_core import store as store_mod
 from mammo_core.store import ArtifactStore, IntegrityError, canonical_json, stage_key
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_key_depends_on_each_input():
@@ -208,3 +211,52 @@ def test_a_folder_without_manifest_at_the_final_path_is_never_overwritten(tmp_pa
     with pytest.raises(store_mod.UnsealedFolder, match=r"s/k has no manifest.json.*move it out"):
         art.seal("s", "k", tmp, params={}, upstream={}, metrics={}, mlflow_run_id=None, replace=True)
     assert sorted(p.name for p in final.iterdir()) == ["mine.txt"]
+@pytest.mark.parametrize(("current", "expected"), [
+    (0o022, 0o077), (0o002, 0o077), (0o000, 0o077), (0o077, 0o077),  # no team rule: owner only
+    (0o027, 0o027), (0o007, 0o007), (0o037, 0o037),  # a team umask that closes "other": group as it says
+])
+def test_private_umask_never_opens_to_others_and_group_only_as_a_team_umask_says(current, expected):
+    assert store_mod.private_umask(current) == expected
+    assert store_mod.private_umask(expected) == expected  # idempotent: a second call changes nothing
+
+
+@pytest.mark.parametrize(("umask", "folder", "file"), [(0o022, 0o700, 0o600), (0o027, 0o750, 0o640)])
+def test_make_private_creates_and_closes_the_store(tmp_path, umask, folder, file):
+    """In a child process (the umask is per process): a fresh store and an old, world-readable one."""
+    old = tmp_path / "old"
+    old.mkdir()
+    old.chmod(0o755)
+    code = (
+        "import os, sys, sqlite3\n"
+        "from pathlib import Path\n"
+        "from mammo_core.store import make_private\n"
+        f"os.umask({umask})\n"
+        "for root in map(Path, sys.argv[1:]):\n"
+        "    make_private(root)\n"
+        "    (root / 'stages' / 'curate').mkdir(parents=True)\n"
+        "    (root / 'stages' / 'curate' / 'images.parquet').write_bytes(b'x')\n"
+        "    sqlite3.connect(root / 'mlflow.db').execute('create table t (x)')\n"
+    )
+    fresh = tmp_path / "fresh" / "store"
+    subprocess.run([sys.executable, "-c", code, str(fresh), str(old)], check=True, cwd=REPO,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    for root in (fresh, old):
+        modes = {p.relative_to(root).as_posix(): p.stat().st_mode & 0o777 for p in root.rglob("*")}
+        assert modes == {"stages": folder, "stages/curate": folder, "stages/curate/images.parquet": file,
+                         "mlflow.db": file}
+        assert root.stat().st_mode & 0o777 == folder
+
+
+@pytest.mark.slow
+def test_a_fresh_smoke_run_store_is_private(smoke_store):
+    """Every folder and file a full run leaves (stages, MLflow, Prefect, scratch, logs) is closed to others."""
+    current = os.umask(0o077)
+    os.umask(current)
+    allowed = 0o777 & ~store_mod.private_umask(current)  # 0o700 under the usual 022
+    made_by_the_fixture = {smoke_store / "first_run.txt"}
+    paths = [p for p in smoke_store.rglob("*") if p not in made_by_the_fixture and not p.is_symlink()]
+    assert len(paths) > 300 and any(p.name == "mlflow.db" for p in paths)
+    assert any("prefect" in p.relative_to(smoke_store).parts for p in paths)
+    too_open = {p.relative_to(smoke_store).as_posix(): oct(p.stat().st_mode & 0o777) for p in paths
+                if p.stat().st_mode & 0o777 & ~allowed or p.stat().st_mode & 0o007}
+    assert too_open == {}
