@@ -50,7 +50,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _fetch(model_uri: str, tracking_uri: str, dst: Path):
+def fetch_model(model_uri: str, tracking_uri: str, dst: Path):
     """The verified local copy of a registered model of ours (``tasks.model_trust``), or a one-line refusal."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -123,7 +123,7 @@ def predict(
     if not inputs and not about:
         raise _fail("give the patch (or mammogram) files to classify, or --about for the model card")
     with tempfile.TemporaryDirectory(prefix="mammo-predict-") as tmp:
-        verified = _fetch(model, default_tracking_uri(root), Path(tmp))
+        verified = fetch_model(model, default_tracking_uri(root), Path(tmp))
         if about:
             typer.echo(json.dumps(model_card(verified), indent=2))
             return
