@@ -51,6 +51,8 @@ def serve(
     with tempfile.TemporaryDirectory(prefix="mammo-serve-") as tmp:
         verified = fetch_model(model, default_tracking_uri(root), Path(tmp))
         env = {k: v for k, v in os.environ.items() if k != served_inputs.ENV_ROOT} | limits.env()
+        # MLflow starts `uvicorn` by name: find it next to this interpreter even in a venv that is not activated
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         typer.echo(f"serving {verified.name} version {verified.version} on http://{host}:{port} "
                    f"(paths under: {limits.root or 'none, arrays only'})", err=True)
         cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(verified.path), "--env-manager",

@@ -38,6 +38,9 @@ DIGESTS_TAG = "mammo.sha256"
 PRODUCER_TAG = "mammo.producer"
 PRODUCER = "mammo-fusion"
 PYFUNC = "python_function"
+# written by MLflow itself into a local model folder whenever ``models:/NAME/VERSION`` is downloaded without a
+# destination (name and version as YAML; never imported or unpickled), so it may appear after registration
+MLFLOW_WRITES = frozenset({"registered_model_meta"})
 # keys of the python_function flavor that make MLflow import or unpickle something from the artifact folder
 _CODE_KEYS = ("code", "python_model", "model_code_path", "cloudpickle_version", "func")
 _URI = re.compile(r"^models:/+(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
@@ -106,7 +109,8 @@ def check_digests(folder: Path, recorded: dict[str, str], name: str) -> None:
     """UntrustedModel unless the files under ``folder`` are exactly the recorded ones, byte for byte."""
     found = file_digests(folder)
     changed = sorted(p for p in found.keys() & recorded.keys() if found[p] != recorded[p])
-    added, missing = sorted(found.keys() - recorded.keys()), sorted(recorded.keys() - found.keys())
+    added = sorted(found.keys() - recorded.keys() - MLFLOW_WRITES)
+    missing = sorted(recorded.keys() - found.keys())
     if changed:
         raise UntrustedModel(f"{name}: {changed[0]}: sha256 differs from the digest recorded at registration")
     if added:
@@ -178,7 +182,7 @@ def register(client, model_uri: str, name: str, run_id: str) -> str:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
                                                          tracking_uri=client.tracking_uri))
         check_flavor(local, name)  # never register something we would refuse to load
-        digests = file_digests(local)
+        digests = {p: d for p, d in file_digests(local).items() if p not in MLFLOW_WRITES}
     from mlflow.exceptions import MlflowException
 
     try:
