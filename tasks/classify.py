@@ -12,7 +12,7 @@ import pandas as pd
 
 from mammo_core import classifiers, figures, h5io, metrics, model_io, retrieval
 from mammo_core.store import write_json_atomic
-from tasks import runtime, serving
+from tasks import model_card, model_trust, runtime, serving
 from tasks.train import PREDICTIONS
 
 CODES_FILE = "codes.h5"
@@ -111,6 +111,6 @@ SPEC = runtime.StageSpec(
     name="classify",
     upstream=("hashing", "train"),
     sections=("classify",),
-    code=(classifiers, metrics, model_io, retrieval, figures, serving),
+    code=(classifiers, metrics, model_io, retrieval, figures, serving, model_card, model_trust),
     run=_run,
 )

@@ -24,7 +24,7 @@ import torch
 from mammo_core import checkpoint, hashing
 from mammo_core.detection import backbone, builders, data, engine, evaluate, heads, latency, plots
 from mammo_core.store import write_json_atomic
-from tasks import runtime
+from tasks import detector_serving, model_card, model_trust, runtime
 from tasks.train import load_trained
 
 DETECTION_FILE = "detection.json"
@@ -150,8 +150,6 @@ def _run(ctx: runtime.StageContext) -> None:
 
     checkpoint.save_atomic(models["ours"].state_dict(), ctx.workdir / WEIGHTS_FILE)
     write_json_atomic(ctx.workdir / CONFIG_FILE, config_for("ours").to_dict())
-    from tasks import detector_serving
-
     detector_serving.log_and_register(ctx)
 
 
@@ -159,6 +157,7 @@ SPEC = runtime.StageSpec(
     name="detect",
     upstream=("curate", "train"),
     sections=("detect",),
-    code=(data, backbone, heads, builders, engine, evaluate, latency, plots, hashing, checkpoint),
+    code=(data, backbone, heads, builders, engine, evaluate, latency, plots, hashing, checkpoint, detector_serving,
+          model_card, model_trust),
     run=_run,
 )
