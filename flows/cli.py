@@ -28,6 +28,7 @@ from flows.compare_cmd import compare
 from flows.predict_cmd import predict
 from flows.promote_cmd import promote
 from flows.report_cmd import report
+from flows.serve_cmd import serve
 from flows.similar_cmd import similar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -266,6 +267,7 @@ def download(
 app.command("similar")(similar)
 app.command("predict")(predict)
 app.command("promote")(promote)
+app.command("serve")(serve)
 app.command("report")(report)
 app.command("compare")(compare)
 

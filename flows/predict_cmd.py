@@ -13,6 +13,13 @@ patches stage does (details in ``tasks/serving.py``).
 
 Inputs are reported by their position on the command line, never by path: CBIS file names carry patient
 ids. An unreadable file gets its reason and no probabilities; the others are still classified (exit 1).
+
+Only this project's own registered models are loaded (``tasks.model_trust``): before anything is
+unpickled or imported from the model, its registry version must carry the file digests recorded at
+registration, its downloaded files must match them, and its MLmodel must name our loader module from the
+installed package. Anything else is refused with one line saying why (exit 2). ``--about`` prints the
+model card logged with the version (what it takes, its classes, training data, metrics, intended use,
+code version) without loading the model.
 """
 
 from __future__ import annotations
@@ -43,21 +50,42 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _load(model_uri: str, tracking_uri: str):
+def fetch_model(model_uri: str, tracking_uri: str, dst: Path):
+    """The verified local copy of a registered model of ours (``tasks.model_trust``), or a one-line refusal."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        return mlflow.pyfunc.load_model(model_uri)
-    except MlflowException as exc:
-        name = registered_name(model_uri)
-        if name is None or exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
+    from tasks.model_trust import UntrustedModel, fetch_verified
+
+    name = registered_name(model_uri)
+    not_found = None
+    if name is not None:
         known = sorted(m.name for m in mlflow.MlflowClient(tracking_uri).search_registered_models())
-        raise _fail(f"no registered model {name!r} (or no such version) in {tracking_uri}; registered: "
-                    f"{known or 'none'}. The classify stage of `mammo run` registers mammo-classifier, "
-                    f"the detect stage {DETECTOR_NAME}.") from None
+        not_found = (f"no registered model {name!r} (or no such version) in {tracking_uri}; registered: "
+                     f"{known or 'none'}. The classify stage of `mammo run` registers mammo-classifier, "
+                     f"the detect stage {DETECTOR_NAME}.")
+        if name not in known:
+            raise _fail(not_found)
+    try:
+        return fetch_verified(model_uri, tracking_uri, dst)
+    except UntrustedModel as exc:
+        raise _fail(f"refused to load {model_uri}: {exc}") from None
+    except MlflowException as exc:
+        if not_found is None or exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise _fail(not_found) from None
+
+
+def model_card(verified) -> dict:
+    """The card logged with a verified model version, with the registry name and version added."""
+    from tasks.model_card import CARD_FILE
+
+    cards = sorted(verified.path.glob(f"data/*/{CARD_FILE}"))
+    if not cards:
+        raise _fail(f"{verified.name} version {verified.version} has no {CARD_FILE} (registered before model "
+                    f"cards were logged)")
+    card = json.loads(cards[0].read_text(encoding="utf-8"))
+    return {"registered_model": verified.name, "version": verified.version, **card}
 
 
 def results(frame, class_names: list[str]) -> list[dict]:
@@ -75,33 +103,52 @@ def results(frame, class_names: list[str]) -> list[dict]:
 
 
 def predict(
-    inputs: list[Path] = typer.Argument(..., help="patch files (PNG, JPEG or DICOM)"),
+    inputs: list[Path] = typer.Argument(None, help="patch files (PNG, JPEG or DICOM)"),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="MLflow model URI"),
     store: Path | None = typer.Option(None, "--store", help="artifact store (default $MAMMO_STORE or .mammo)"),
     json_out: bool = typer.Option(False, "--json", help="print JSON (a list, one object per input) on stdout"),
     out: Path | None = typer.Option(None, "--out", help="detector: write the boxes as JSON to this file"),
     overlay: Path | None = typer.Option(None, "--overlay", help="detector: PNG with the boxes on the image"),
     min_score: float = typer.Option(0.3, "--min-score", help="detector: keep boxes scoring at least this"),
+    about: bool = typer.Option(False, "--about", help="print the model card (inputs, classes, training data, "
+                               "metrics, intended use, code version) and exit"),
 ) -> None:
     """Class probabilities of lesion patches, or lesion boxes on mammograms with --model models:/mammo-detector/..."""
+    import tempfile
+
     root = environment.store_root(store)
     environment.configure(root)
-    import pandas as pd
-
-    from tasks.serving import PREDICTED
     from tasks.tracking import default_tracking_uri
 
-    loaded = _load(model, default_tracking_uri(root))
-    from tasks.detector_serving import DetectorModel
+    if not inputs and not about:
+        raise _fail("give the patch (or mammogram) files to classify, or --about for the model card")
+    with tempfile.TemporaryDirectory(prefix="mammo-predict-") as tmp:
+        verified = fetch_model(model, default_tracking_uri(root), Path(tmp))
+        if about:
+            typer.echo(json.dumps(model_card(verified), indent=2))
+            return
+        import mlflow
 
-    python_model = loaded.unwrap_python_model() if hasattr(loaded, "unwrap_python_model") else None
-    if isinstance(python_model, DetectorModel):
+        loaded = mlflow.pyfunc.load_model(str(verified.path))
+    python_model = loaded.unwrap_python_model()
+    if verified.name == DETECTOR_NAME:
         detect_files(python_model.pipeline, model, inputs, out, overlay, min_score, json_out)
         return
     if out is not None or overlay is not None:
         raise _fail(f"{model} is a patch classifier: --out and --overlay apply to the detector "
                     f"(--model models:/{DETECTOR_NAME}/latest)")
-    frame = loaded.predict(pd.DataFrame({"path": [str(p) for p in inputs]}))
+    classify_files(python_model.pipeline, model, inputs, json_out)
+
+
+def classify_files(pipeline, model: str, inputs: list[Path], json_out: bool) -> None:
+    """Class probabilities per patch file as a table or JSON; exit 1 if any input failed."""
+    import pandas as pd
+
+    from mammo_core.served_inputs import ServeLimits
+    from tasks.serving import PREDICTED
+
+    limits = ServeLimits().for_named_files(inputs)  # the files this user named, nothing else
+    frame = pipeline.predict_frame(pd.DataFrame({"path": [str(p) for p in inputs]}), limits)
     for path, k in zip(inputs, range(1, len(inputs) + 1), strict=True):  # belt and braces: no path in output
         frame["error"] = frame["error"].str.replace(str(path), f"input {k}", regex=False)
     class_names = [c for c in frame.columns if c not in (PREDICTED, "error")]

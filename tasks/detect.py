@@ -27,7 +27,7 @@ from mammo_core.config import Params
 from mammo_core.detection import builders, data, engine, evaluate, latency, plots
 from mammo_core.store import write_json_atomic
 from mammo_core.weight_sources import resolved_source
-from tasks import runtime
+from tasks import detector_serving, runtime
 from tasks.train import load_trained
 
 DETECTION_FILE = "detection.json"
@@ -153,8 +153,6 @@ def _run(ctx: runtime.StageContext) -> None:
 
     checkpoint.save_atomic(models["ours"].state_dict(), ctx.workdir / WEIGHTS_FILE)
     write_json_atomic(ctx.workdir / CONFIG_FILE, config_for("ours").to_dict())
-    from tasks import detector_serving
-
     detector_serving.log_and_register(ctx)
 
 

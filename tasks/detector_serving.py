@@ -1,9 +1,13 @@
 """The lesion detector as an MLflow pyfunc model: full mammogram -> boxes with class and score.
 
 What is served is the detect stage's own detector ("ours": fused DenseNet + FPN + hash head), rebuilt
-from ``detector_config.json`` and ``detector.pt`` (``weights_only=True``; nothing is unpickled: the model
-is logged "from code", like the classifier in ``tasks/serving.py``, whose tracking-URI and requirements
-helpers it reuses).
+from ``detector_config.json`` and ``detector.pt`` (``weights_only=True``; nothing is unpickled and nothing
+from the artifact folder is imported: like the classifier in ``tasks/serving.py``, whose logging helper it
+uses, the model names this module as its ``loader_module``, and registration records every file's sha256).
+
+Served paths are read only under the root given at serve time (``mammo_core.served_inputs``; none by
+default, so a server started without one refuses every path with the same message), and decoded images
+and requests are capped.
 
 Preprocessing is the detect stage's (``mammo_core.detection.data.prepare_image``): breast mask, the
 ``breast_window`` intensity window, crop to the breast, resize to long side ``input_size``. Boxes are mapped
@@ -16,13 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
@@ -33,9 +35,12 @@ from mammo_core.detection.data import prepare_image
 from mammo_core.detection.engine import as_input
 from mammo_core.errors import BadItem
 from mammo_core.patches import breast_mask, to_unit_range
+from mammo_core.served_inputs import ServeLimits
 
 REGISTERED_NAME = "mammo-detector"
 LOGGED_NAME = "mammo-detector"
+DATA_FOLDER = "mammo-detector"
+SERVED_FILES = {"weights": "detector.pt", "config": "detector_config.json"}
 COLUMNS = ["input", "x0", "y0", "x1", "y1", "class", "score", "error"]
 COLOURS = ("#ff5555", "#55ff55", "#5599ff", "#ffcc33", "#ff66ff", "#66ffff")
 
@@ -113,39 +118,55 @@ class DetectorPipeline:
                                     min(max(y1, 0.0), h)), self.config.classes[int(label) - 1], float(score)))
         return sorted(found, key=lambda d: -d.score)
 
-    def predict_frame(self, frame: pd.DataFrame, min_score: float = 0.05) -> pd.DataFrame:
-        """Rows with ``path`` -> one row per detection (``input`` = 1-based row), or one row with ``error``."""
+    def predict_frame(self, frame: pd.DataFrame, min_score: float = 0.05,
+                      limits: ServeLimits | None = None) -> pd.DataFrame:
+        """Rows with ``path`` -> one row per detection (``input`` = 1-based row), or one row with ``error``.
+
+        ``limits`` (default: no path allowed) decides which files may be read and how large they may be.
+        """
+        limits = limits or ServeLimits()
         if "path" not in frame.columns:
             raise ValueError(f"input needs a column 'path' (mammogram files), got {list(frame.columns)}")
+        limits.check_rows(len(frame))
         rows = []
         for i, path in enumerate(frame["path"].astype(str).tolist(), start=1):
             try:
-                for d in self.detect(read_mammogram(path), min_score):
+                resolved = limits.allowed_file(path, f"input {i}")
+                image = read_mammogram(resolved)
+                limits.check_pixels(image.shape, f"input {i}")
+                for d in self.detect(image, min_score):
                     rows.append({"input": i, "x0": d.box[0], "y0": d.box[1], "x1": d.box[2], "y1": d.box[3],
                                  "class": d.label, "score": d.score, "error": ""})
             except BadItem as exc:  # the reason only: CBIS file names carry patient ids
+                reason = exc.reason
+                for form in sorted({path, str(Path(path).resolve())}, key=len, reverse=True):
+                    reason = reason.replace(form, f"input {i}")
                 rows.append({"input": i, "x0": np.nan, "y0": np.nan, "x1": np.nan, "y1": np.nan, "class": "",
-                             "score": np.nan, "error": exc.reason.replace(path, f"input {i}")})
+                             "score": np.nan, "error": reason})
         return pd.DataFrame(rows, columns=COLUMNS)
 
 
-class DetectorModel(mlflow.pyfunc.PythonModel):
-    """``mlflow.pyfunc`` wrapper of :class:`DetectorPipeline`."""
+class DetectorModel:
+    """What ``mlflow.pyfunc`` loads (through :func:`_load_pyfunc`): the pipeline and the serving limits."""
 
-    def load_context(self, context) -> None:
-        self.pipeline = DetectorPipeline.load(context.artifacts)
+    def __init__(self, pipeline: DetectorPipeline, limits: ServeLimits):
+        self.pipeline = pipeline
+        self.limits = limits
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    @property
+    def python_model(self) -> DetectorModel:
+        """What ``PyFuncModel.unwrap_python_model()`` returns: this object."""
+        return self
+
+    def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         min_score = float((params or {}).get("min_score", 0.05))
-        return self.pipeline.predict_frame(pd.DataFrame(model_input), min_score)
+        return self.pipeline.predict_frame(pd.DataFrame(model_input), min_score, self.limits)
 
 
-_MODEL_CODE = (
-    '"""mlflow models-from-code entry of the mammo detector (see tasks/detector_serving.py)."""\n'
-    "import mlflow\n\n"
-    "from tasks.detector_serving import DetectorModel\n\n"
-    "mlflow.models.set_model(DetectorModel())\n"
-)
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> DetectorModel:
+    """MLflow's ``loader_module`` entry point: the detector from the logged model's data folder."""
+    files = {name: Path(data_path) / file for name, file in SERVED_FILES.items()}
+    return DetectorModel(DetectorPipeline.load(files), ServeLimits.from_env())
 
 
 def signature():
@@ -159,31 +180,23 @@ def signature():
                           params=ParamSchema([ParamSpec("min_score", "double", 0.05)]))
 
 
-def log_model(client, run_id: str, files: Mapping[str, str], registered_name: str | None = REGISTERED_NAME):
-    """Log the detector as a pyfunc LoggedModel of run ``run_id`` and register it; returns the ModelInfo."""
-    from mlflow.models import Model
+def log_model(client, run_id: str, files: Mapping[str, str], card: dict,
+              registered_name: str | None = REGISTERED_NAME) -> tuple[Any, str | None]:
+    """Log the detector (``files``: ``weights``, ``config``) with its card and register it: (ModelInfo, version)."""
+    from tasks.serving import log_served_model
 
-    from tasks.serving import _requirements, _tracking_uri
-
-    experiment_id = client.get_run(run_id).info.experiment_id
-    with tempfile.TemporaryDirectory(prefix="mammo-detector-") as tmp, _tracking_uri(client.tracking_uri):
-        code = Path(tmp) / "mammo_detector_model.py"
-        code.write_text(_MODEL_CODE, encoding="utf-8")
-        logged = client.create_logged_model(experiment_id=experiment_id, name=LOGGED_NAME, source_run_id=run_id)
-        return Model.log(
-            artifact_path=None, name=LOGGED_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
-            python_model=str(code), artifacts=dict(files), signature=signature(),
-            pip_requirements=_requirements(), registered_model_name=registered_name,
-        )
+    return log_served_model(client, run_id, DATA_FOLDER, {SERVED_FILES[k]: v for k, v in files.items()}, card,
+                            registered_name, loader_module=__name__, signature=signature())
 
 
 def log_and_register(ctx, registered_name: str = REGISTERED_NAME):
-    """From the detect stage, after ``detector.pt`` and ``detector_config.json`` are written."""
+    """From the detect stage, after ``detector.pt``, ``detector_config.json`` and ``detection.json`` are written."""
     from tasks.detect import CONFIG_FILE, WEIGHTS_FILE
+    from tasks.model_card import detector_card
 
     files = {"weights": str(ctx.workdir / WEIGHTS_FILE), "config": str(ctx.workdir / CONFIG_FILE)}
-    info = log_model(ctx.client, ctx.run_id, files, registered_name)
-    version = getattr(info, "registered_model_version", None)
+    card = detector_card(ctx.store_root, ctx.workdir, ctx.upstream["curate"].key, ctx.key)
+    info, version = log_model(ctx.client, ctx.run_id, files, card, registered_name)
     ctx.set_tags({"serving.model_id": info.model_id, "serving.registered_model": registered_name,
                   "serving.registered_version": str(version)})
     ctx.logger.info("detect: served model %s registered as %s version %s", info.model_id, registered_name, version)

@@ -24,10 +24,15 @@ cropping, and stores uint8 patches. A served patch is handled as follows:
 MLflow's schema enforcement turns array cells into int64, so the bit depth of arrays that went through
 ``pyfunc.load_model(...).predict`` is decided by their values (above 255 means 16-bit).
 
-Safety: nothing is unpickled. The model is logged "from code" (a three-line script importing this module,
-not a cloudpickle of the object), torch weights load with ``weights_only=True``, and the skops file loads
-through ``mammo_core.model_io.load_model`` after its sha256 is checked against the digest recorded in the
-model's MLmodel file (its ``model_config``), which is separate from the artifact files.
+Safety: nothing is unpickled and nothing from the artifact folder is imported. The model is logged with
+this module as its ``loader_module`` (MLflow imports it from the installed package and calls
+:func:`_load_pyfunc`), torch weights load with ``weights_only=True``, and the skops file loads through
+``mammo_core.model_io.load_model`` after its sha256 is checked against the digest in the MLmodel's
+``model_config``. Registration records the sha256 of every file of the logged model in the registry
+(``tasks.model_trust``), and ``mammo predict`` / ``mammo serve`` check them and the flavor before loading.
+
+Served inputs: the ``path`` column is read only under the root given at serve time and arrays, images and
+requests are capped (``mammo_core.served_inputs``); with no root configured only arrays are served.
 """
 
 from __future__ import annotations
@@ -50,18 +55,20 @@ import torch
 from mammo_core import features, model_io, patches
 from mammo_core.errors import BadItem
 from mammo_core.model import FusedDenseNet
+from mammo_core.served_inputs import ServeLimits
 from mammo_core.store import ArtifactStore, write_json_atomic
 from mammo_core.training import prepare_images
 
 REGISTERED_NAME = "mammo-classifier"
 LOGGED_NAME = "mammo-classifier"
+DATA_FOLDER = "mammo-classifier"  # the model's files, under data/ of the logged model
 PREPROCESSING_FILE = "preprocessing.json"
 PREDICTED = "predicted_class"
 ERROR = "error"
 BATCH = 64
 
 # artifact name -> file name inside its stage folder (the decoder's is filled in from classify.codes)
-ARTIFACT_FILES = {
+ARTIFACT_FILES: dict[str, str | None] = {
     "weights": "weights.pt",
     "model_config": "model_config.json",
     "fusion": "fusion.json",
@@ -71,6 +78,8 @@ ARTIFACT_FILES = {
     "classifier": "classifier.json",
     "preprocessing": PREPROCESSING_FILE,
 }
+# artifact name -> file name inside the logged model's data folder
+SERVED_FILES = {name: (file or "decoder.pt") for name, file in ARTIFACT_FILES.items()}
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -186,16 +195,20 @@ class ClassifierPipeline:
         proba = self.classifier.predict_proba(self.codes(images))
         return align_proba(proba, self.classifier.classes_, list(range(len(self.class_names))))
 
-    def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def predict_frame(self, frame: pd.DataFrame, limits: ServeLimits | None = None) -> pd.DataFrame:
         """Rows with ``image`` (array/lists) or ``path`` (PNG/DICOM) -> probabilities, predicted class, error.
 
-        A row that cannot be used gets NaN probabilities and its reason in ``error``; the others go on.
+        ``limits`` (default: no path allowed, default caps) decides which paths may be read and how large an
+        input may be. A row that cannot be used gets NaN probabilities and its reason in ``error``; the
+        others go on.
         """
+        limits = limits or ServeLimits()
         if not isinstance(frame, pd.DataFrame):
             frame = pd.DataFrame(frame)
         if "image" not in frame.columns and "path" not in frame.columns:
             raise ValueError(f"input needs a column 'image' (patch arrays) or 'path' (patch files), "
                              f"got {list(frame.columns)}")
+        limits.check_rows(len(frame))
         images, rows, errors = [], [], [""] * len(frame)
         for i in range(len(frame)):
             row = frame.iloc[i]
@@ -204,15 +217,18 @@ class ClassifierPipeline:
             path = str(path) if isinstance(path, str | os.PathLike) else ""
             try:
                 if image is not None and not (np.isscalar(image) and pd.isna(image)):
+                    limits.check_nested(image, f"row {i}")
                     patch = as_patch_array(image, f"row {i}")
                 elif path:
-                    patch = read_patch_file(path)
+                    resolved = limits.allowed_file(path, f"row {i}")
+                    patch = read_patch_file(resolved)
+                    limits.check_pixels(patch.shape, f"row {i}")
                 else:
                     raise BadItem(f"row {i}", "neither 'image' nor 'path' is given")
                 images.append(preprocess_patch(patch, self.patch_size, self.intensity))
                 rows.append(i)
             except BadItem as exc:  # the reason, never the path: CBIS file names carry patient ids
-                errors[i] = exc.reason.replace(path, f"row {i}") if path else exc.reason
+                errors[i] = _without_path(exc.reason, path, f"row {i}")
         proba = np.full((len(frame), len(self.class_names)), np.nan)
         if rows:
             proba[rows] = self.predict_proba(np.stack(images))
@@ -223,35 +239,53 @@ class ClassifierPipeline:
         return out
 
 
+def _without_path(reason: str, path: str, label: str) -> str:
+    """``reason`` with the given path, and the file it resolves to, replaced by ``label``."""
+    if not path:
+        return reason
+    for form in sorted({path, str(Path(path).resolve())}, key=len, reverse=True):
+        reason = reason.replace(form, label)
+    return reason
+
+
 # --------------------------------------------------------------------------------------- pyfunc model
 
-class ClassifierModel(mlflow.pyfunc.PythonModel):
-    """``mlflow.pyfunc`` wrapper of :class:`ClassifierPipeline`; input and output as in ``predict_frame``."""
+class ClassifierModel:
+    """What ``mlflow.pyfunc`` loads (through :func:`_load_pyfunc`): the pipeline and the serving limits.
 
-    def load_context(self, context) -> None:
-        expected = (context.model_config or {}).get("fusion_sha256")
-        if not expected:
-            raise model_io.ModelFileError("the model's MLmodel records no fusion_sha256: refusing to load "
-                                          f"{context.artifacts.get('classifier_model')}")
-        self.pipeline = ClassifierPipeline.load(context.artifacts, expected)
+    ``limits`` come from the serving process's environment at load time (``mammo_core.served_inputs``).
+    """
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return self.pipeline.predict_frame(model_input)
+    def __init__(self, pipeline: ClassifierPipeline, limits: ServeLimits):
+        self.pipeline = pipeline
+        self.limits = limits
+
+    @property
+    def python_model(self) -> ClassifierModel:
+        """What ``PyFuncModel.unwrap_python_model()`` returns: this object."""
+        return self
+
+    def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return self.pipeline.predict_frame(model_input, self.limits)
+
+
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> ClassifierModel:
+    """MLflow's ``loader_module`` entry point: the served classifier from the logged model's data folder."""
+    expected = (model_config or {}).get("fusion_sha256")
+    files = {name: Path(data_path) / file for name, file in SERVED_FILES.items()}
+    if not expected:
+        raise model_io.ModelFileError("the model's MLmodel records no fusion_sha256: refusing to load "
+                                      f"{files['classifier_model']}")
+    return ClassifierModel(ClassifierPipeline.load(files, expected), ServeLimits.from_env())
 
 
 # ------------------------------------------------------------------------------------------- logging
 
-_MODEL_CODE = (
-    '"""mlflow models-from-code entry of the mammo classifier (see tasks/serving.py)."""\n'
-    "import mlflow\n\n"
-    "from tasks.serving import ClassifierModel\n\n"
-    "mlflow.models.set_model(ClassifierModel())\n"
-)
 _URI_LOCK = threading.Lock()
 
 
 @contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
+def tracking_uri_set(uri: str) -> Iterator[None]:
     """MLflow's global tracking URI set to ``uri`` for the block, then restored (env variable included).
 
     ``Model.log`` and registration resolve the tracking store from the process-global URI only. The lock
@@ -338,7 +372,8 @@ def signature_for(class_names: Sequence[str]):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def _requirements() -> list[str]:
+def requirements() -> list[str]:
+    """Pinned versions of what the served models import (MLflow writes them to requirements.txt)."""
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
@@ -351,48 +386,62 @@ def _requirements() -> list[str]:
     return reqs
 
 
-def log_model(client, run_id: str, files: Mapping[str, str], sha256: str,
-              registered_name: str | None = REGISTERED_NAME):
-    """Log the served classifier as a pyfunc LoggedModel of run ``run_id`` (and register it); ModelInfo.
+def log_served_model(client, run_id: str, name: str, files: Mapping[str, str | os.PathLike], card: dict,
+                     registered_name: str | None, **model_kwargs) -> tuple[Any, str | None]:
+    """Log one of our models as a pyfunc LoggedModel of run ``run_id`` and register it: (ModelInfo, version).
 
-    Explicit run id and client, no active run: stages run in Prefect worker threads. The LoggedModel is
-    created in the run's experiment (without an active run MLflow would pick the default experiment).
+    The model's files (``files``: name inside the data folder -> source file) and its card go into
+    ``data/<name>/``; MLflow loads it by importing ``loader_module`` (``model_kwargs``) from the installed
+    package. Registration goes through ``tasks.model_trust.register``, which records every file's sha256
+    in the registry. Explicit run id and client, no active run: stages run in Prefect worker threads; the
+    LoggedModel is created in the run's experiment (without an active run MLflow would pick the default).
     """
+    import shutil
+
     from mlflow.models import Model
 
+    from tasks import model_trust
+    from tasks.model_card import CARD_FILE
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    with tempfile.TemporaryDirectory(prefix="mammo-serving-") as tmp, tracking_uri_set(client.tracking_uri):
+        data = Path(tmp) / name
+        data.mkdir()
+        for file_name, source in files.items():
+            shutil.copyfile(source, data / file_name)
+        write_json_atomic(data / CARD_FILE, card)
+        logged = client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id)
+        info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                         model_id=logged.model_id, data_path=str(data), pip_requirements=requirements(),
+                         **model_kwargs)
+        version = model_trust.register(client, info.model_uri, registered_name, run_id) if registered_name else None
+    return info, version
+
+
+def log_model(client, run_id: str, files: Mapping[str, str], sha256: str, card: dict,
+              registered_name: str | None = REGISTERED_NAME) -> tuple[Any, str | None]:
+    """Log the served classifier (``files`` as :func:`gather_artifacts` gives them) and register it."""
     class_names = json.loads(Path(files["classifier"]).read_text(encoding="utf-8"))["class_names"]
     patch_size = int(json.loads(Path(files["model_config"]).read_text(encoding="utf-8"))["patch_size"])
-    experiment_id = client.get_run(run_id).info.experiment_id
-    with tempfile.TemporaryDirectory(prefix="mammo-serving-") as tmp, _tracking_uri(client.tracking_uri):
-        code = Path(tmp) / "mammo_classifier_model.py"
-        code.write_text(_MODEL_CODE, encoding="utf-8")
-        logged = client.create_logged_model(experiment_id=experiment_id, name=LOGGED_NAME, source_run_id=run_id,
-                                            tags={"fusion_sha256": sha256})
-        return Model.log(
-            artifact_path=None,
-            name=LOGGED_NAME,
-            flavor=mlflow.pyfunc,
-            run_id=run_id,
-            model_id=logged.model_id,
-            python_model=str(code),
-            artifacts=dict(files),
-            model_config={"fusion_sha256": sha256},
-            signature=signature_for(class_names),
-            input_example=example_input(patch_size),
-            pip_requirements=_requirements(),
-            registered_model_name=registered_name,
-        )
+    return log_served_model(
+        client, run_id, DATA_FOLDER, {SERVED_FILES[k]: v for k, v in files.items()}, card, registered_name,
+        loader_module=__name__, model_config={"fusion_sha256": sha256}, signature=signature_for(class_names),
+        input_example=example_input(patch_size))
 
 
 def log_and_register(ctx, registered_name: str = REGISTERED_NAME):
     """From the classify stage (after ``fusion.skops`` and ``classifier.json`` are written): log + register.
 
-    Adds ``preprocessing.json`` to the classify folder and tags the run with the model version.
+    Adds ``preprocessing.json`` to the classify folder, logs the model card with the model and tags the
+    run with the model version.
     """
-    files, sha256 = gather_artifacts(ctx.store_root, ctx.workdir, ctx.upstream["train"].key,
-                                     ctx.upstream["hashing"].key)
-    info = log_model(ctx.client, ctx.run_id, files, sha256, registered_name)
-    version = getattr(info, "registered_model_version", None)
+    from tasks.model_card import classifier_card
+
+    train_key = ctx.upstream["train"].key
+    files, sha256 = gather_artifacts(ctx.store_root, ctx.workdir, train_key, ctx.upstream["hashing"].key)
+    n_boot = ctx.params.classify.n_boot if ctx.params is not None else None
+    card = classifier_card(ctx.store_root, ctx.workdir, train_key, ctx.key, n_boot)
+    info, version = log_model(ctx.client, ctx.run_id, files, sha256, card, registered_name)
     ctx.set_tags({"serving.model_id": info.model_id, "serving.registered_model": registered_name,
                   "serving.registered_version": str(version)})
     if version is not None:  # `mammo promote` moves `champion` here once the numbers say so

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from mammo_core import features, model_io, retrieval
+from mammo_core.served_inputs import REFUSED_PATH, ServeLimits
 from mammo_core.store import ArtifactStore
 from mammo_core.training import prepare_images
 from tasks import runtime, serving, tracking
@@ -203,8 +204,10 @@ def test_files_and_16_bit_inputs_follow_the_patches_stage_mapping(model, lineage
     Image.fromarray(p16).save(tmp_path / "p16.png")
     dcm = _dicom(p16, tmp_path / "p16.dcm")
     reference = model.predict(pd.DataFrame({"image": [p8]}))[names].to_numpy()
-    by_array = model.unwrap_python_model().pipeline.predict_frame(pd.DataFrame({"image": [p16]}))
-    by_file = model.predict(pd.DataFrame({"path": [str(tmp_path / "p8.png"), str(tmp_path / "p16.png"), str(dcm)]}))
+    pipeline = model.unwrap_python_model().pipeline
+    by_array = pipeline.predict_frame(pd.DataFrame({"image": [p16]}))
+    by_file = pipeline.predict_frame(pd.DataFrame({"path": ["p8.png", str(tmp_path / "p16.png"), str(dcm)]}),
+                                     ServeLimits(root=tmp_path))
     np.testing.assert_allclose(by_array[names].to_numpy(), reference, atol=1e-12)
     np.testing.assert_allclose(by_file[names].to_numpy(), np.repeat(reference, 3, axis=0), atol=1e-12)
     assert "Doe" not in by_file.to_json() and "SYNTH0001" not in by_file.to_json()
@@ -219,8 +222,8 @@ def test_unusable_rows_get_a_reason_and_the_others_are_classified(model, lineage
     not_image = tmp_path / "notes.png"
     not_image.write_text("hello")
     frame = pd.DataFrame({"path": [str(missing), str(not_image), None], "image": [None, None, test_patches[0]]})
-    out = model.unwrap_python_model().pipeline.predict_frame(frame)
-    assert out[serving.ERROR].iloc[0] == "file not found"
+    out = model.unwrap_python_model().pipeline.predict_frame(frame, ServeLimits(root=tmp_path))
+    assert out[serving.ERROR].iloc[0] == REFUSED_PATH  # missing: the same answer as any refused path
     assert out[serving.ERROR].iloc[1].startswith("unsupported image format")
     assert out[serving.ERROR].iloc[2] == ""
     assert out[names].iloc[:2].isna().all().all() and list(out[serving.PREDICTED].iloc[:2]) == ["", ""]
@@ -235,12 +238,13 @@ def test_unusable_rows_get_a_reason_and_the_others_are_classified(model, lineage
 def test_a_tampered_skops_file_in_the_logged_model_is_refused(served, tmp_path):
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{serving.REGISTERED_NAME}/latest",
                                                      dst_path=str(tmp_path / "model")))
-    skops_file = local / "artifacts" / "fusion.skops"
+    folder = local / "data" / serving.DATA_FOLDER
+    skops_file = folder / "fusion.skops"
     data = bytearray(skops_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     skops_file.write_bytes(bytes(data))
     # rewriting the digest next to it does not help: the expected digest is the MLmodel's
-    classifier_json = local / "artifacts" / "classifier.json"
+    classifier_json = folder / "classifier.json"
     cfg = json.loads(classifier_json.read_text())
     classifier_json.write_text(json.dumps({**cfg, "sha256": hashlib.sha256(data).hexdigest()}))
     with pytest.raises(model_io.ModelFileError, match=r"fusion\.skops: sha256 .* refusing to load"):
