@@ -29,6 +29,7 @@ from flows.predict_cmd import predict
 from flows.promote_cmd import promote
 from flows.report_cmd import report
 from flows.similar_cmd import similar
+from flows.weights_cmd import weights_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -226,6 +227,7 @@ app.command("predict")(predict)
 app.command("promote")(promote)
 app.command("report")(report)
 app.command("compare")(compare)
+app.add_typer(weights_app, name="weights")
 
 if __name__ == "__main__":
     app()
