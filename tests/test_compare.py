@@ -167,6 +167,15 @@ def test_compare_two_smoke_runs_flags_the_changed_param_and_writes_md_and_csv(tw
     md = (out / "compare.md").read_text(encoding="utf-8")
     assert f"# mammo compare: A = {run_a}, B = {run_b}" in md
     assert "| classify.n_boot | 100 | 50 | -50 | **yes** |" in md
+    # both runs scored the same test patches with the same models: every paired B - A is exactly 0, noise
+    paired = pd.read_csv(out / "compare_paired_test.csv").set_index(["classifier", "metric"])
+    assert {("fusion", "accuracy"), ("fusion", "balanced_accuracy")} <= set(paired.index)
+    assert (paired["diff"] == 0).all() and (paired["ci_low"] == 0).all() and not paired["distinguishable"].any()
+    fusion_test_acc = float(t5.loc[("fusion", "test_acc"), f"a ({run_a})"])
+    assert paired.loc[("fusion", "accuracy"), "a"] == pytest.approx(fusion_test_acc)
+    assert "## Paired bootstrap on the shared test split" in md
+    assert "not distinguishable from noise" in md.split("## Paired bootstrap")[1]
+    assert "paired bootstrap on the shared test split" in proc.stdout
 
 
 @pytest.mark.slow
