@@ -30,6 +30,7 @@ from flows.promote_cmd import promote
 from flows.report_cmd import report
 from flows.serve_cmd import serve
 from flows.similar_cmd import similar
+from flows.weights_cmd import weights_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -270,6 +271,7 @@ app.command("promote")(promote)
 app.command("serve")(serve)
 app.command("report")(report)
 app.command("compare")(compare)
+app.add_typer(weights_app, name="weights")
 
 if __name__ == "__main__":
     app()

@@ -54,6 +54,25 @@ def _read_tables(folder: Path) -> dict[str, pd.DataFrame]:
     return {p.stem: pd.read_csv(p) for p in sorted(folder.glob("*.csv"))}
 
 
+def paired_test_differences(root: Path, runs: tuple[PipelineRun, PipelineRun]) -> tuple[pd.DataFrame | None, list[str]]:
+    """Paired bootstrap CIs of B - A over the test patients, from both classify stages' ``predictions.csv``.
+
+    None (with a note saying why) when a run has no classify folder or no saved predictions; an empty
+    table with notes when the runs did not share a test split.
+    """
+    from mammo_core import paired_bootstrap
+    from tasks.classify import PREDICTIONS_FILE
+
+    predictions = []
+    for run in runs:
+        folder = stage_folders(root, run, ("classify",))["classify"]
+        if folder is None or not (folder / PREDICTIONS_FILE).is_file():
+            return None, [f"no paired test comparison: run {run.run_id} has no classify {PREDICTIONS_FILE} in "
+                          f"{root} (no classify stage, or made by a version that did not save predictions)"]
+        predictions.append(pd.read_csv(folder / PREDICTIONS_FILE))
+    return paired_bootstrap.paired_table(predictions[0], predictions[1], "test")
+
+
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -73,10 +92,13 @@ def _rich(frame: pd.DataFrame, keys: list[str], labels: tuple[str, str], title: 
 
 
 def write_comparison(comparison: cmp.Comparison, out: Path) -> dict[str, Path]:
-    """``compare.md`` and ``compare.csv`` under ``out`` (written atomically)."""
+    """``compare.md``, ``compare.csv`` (and ``compare_paired_test.csv``) under ``out`` (written atomically)."""
     paths = {"md": Path(out) / "compare.md", "csv": Path(out) / "compare.csv"}
     _atomic_write(paths["md"], cmp.render_markdown(comparison))
     _atomic_write(paths["csv"], cmp.to_frame(comparison).to_csv(index=False))
+    if comparison.paired is not None and len(comparison.paired):
+        paths["paired"] = Path(out) / "compare_paired_test.csv"
+        _atomic_write(paths["paired"], comparison.paired.to_csv(index=False))
     return paths
 
 
@@ -95,6 +117,16 @@ def print_comparison(comparison: cmp.Comparison, printer: Console) -> None:
                                 f"table {name}: {len(differing)} of {len(frame)} cells differ"))
         else:
             printer.print(f"table {name}: all {len(frame)} cells equal")
+    if comparison.paired is not None and len(comparison.paired):
+        table = Table(title="paired bootstrap on the shared test split (B - A, patients resampled)")
+        for column in ("classifier", "metric", "A", "B", "B - A", "CI", "patients", "verdict"):
+            table.add_column(column)
+        for row in comparison.paired.itertuples(index=False):
+            table.add_row(row.classifier, row.metric, f"{row.a:.4f}", f"{row.b:.4f}", f"{row.diff:+.4f}",
+                          f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}] ({row.confidence:.0%})", str(row.n_patients),
+                          "distinguishable from noise" if row.distinguishable else "not distinguishable from noise",
+                          style="bold yellow" if row.distinguishable else "")
+        printer.print(table)
     for note in comparison.notes:
         printer.print(f"note: {note}")
 
@@ -105,7 +137,12 @@ def compare(
     out: Path | None = typer.Option(None, "--out", help="output folder (default <store>/compare/<A>_<B>/)"),
     store: Path | None = typer.Option(None, "--store", help="artifact store (default $MAMMO_STORE or .mammo)"),
 ) -> None:
-    """Compare two `mammo run` runs: params that differ, every metric and every report table, with B - A."""
+    """Compare two `mammo run` runs: params that differ, every metric and every report table, with B - A.
+
+    When both runs scored the same test patches, each headline metric (accuracy, balanced accuracy of the
+    fused and single classifiers) also gets the paired bootstrap CI of B - A over test patients and a verdict:
+    distinguishable from noise or not.
+    """
     root, client = open_tracking(store)
     try:
         runs = (find_pipeline_run(client, run_a), find_pipeline_run(client, run_b))
@@ -117,6 +154,8 @@ def compare(
     comparison = cmp.compare_runs((run_a, run_b), (params[0], params[1]), (run_metrics(runs[0]), run_metrics(runs[1])),
                                   (tables[0][0], tables[1][0]))
     comparison.notes += [f"tables of run {r.run_id}: {where}" for r, (_, where) in zip(runs, tables, strict=True)]
+    comparison.paired, paired_notes = paired_test_differences(root, runs)
+    comparison.notes += paired_notes
     commits = [r.run.data.tags.get("git_commit", "not recorded") for r in runs]
     if commits[0] != commits[1]:
         comparison.notes.append(f"code versions differ: A {commits[0]}, B {commits[1]}")

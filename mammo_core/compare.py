@@ -127,6 +127,8 @@ class Comparison:
     metrics: pd.DataFrame
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # mammo_core.paired_bootstrap.paired_table on the shared test split (None: not computed)
+    paired: pd.DataFrame | None = None
 
     @property
     def changed_params(self) -> list[str]:
@@ -183,8 +185,26 @@ def render_markdown(comparison: Comparison) -> str:
     for name, frame in comparison.tables.items():
         out += ["", f"## Table {name} ({len(frame)} cells, {int(frame['differs'].sum())} differ)", ""]
         out += _md(frame, ["row", "column"], comparison.labels)
+    if comparison.paired is not None and len(comparison.paired):
+        out += ["", "## Paired bootstrap on the shared test split", "",
+                "B - A of each headline metric with its percentile interval, both runs scored on the same "
+                "resamples of the test patients (from the classify stages' saved predictions). A difference "
+                "whose interval contains 0 is not distinguishable from noise.", ""]
+        out += paired_lines(comparison.paired, comparison.labels)
     if comparison.notes:
         out += ["", "## Notes", "", *(f"- {n}" for n in comparison.notes)]
     out += ["", "## All params", ""]
     out += _md(comparison.params, ["param"], comparison.labels)
     return "\n".join(out) + "\n"
+
+
+def paired_lines(paired: pd.DataFrame, labels: tuple[str, str]) -> list[str]:
+    """Markdown rows of a paired-bootstrap table (classifier, metric, A, B, B - A, CI, verdict)."""
+    header = ["classifier", "metric", f"A ({labels[0]})", f"B ({labels[1]})", "B - A", "CI", "patients", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in paired.itertuples(index=False):
+        verdict = "distinguishable from noise" if row.distinguishable else "not distinguishable from noise"
+        ci = f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}] ({row.confidence:.0%})"
+        lines.append(f"| {row.classifier} | {row.metric} | {row.a:.4f} | {row.b:.4f} | {row.diff:+.4f} | {ci} "
+                     f"| {row.n_patients} | {verdict} |")
+    return lines

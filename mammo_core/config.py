@@ -170,6 +170,8 @@ class HashingParams(_Section):
     margin: float = Field(default=0.5, ge=0)
     quantization_weight: float = Field(default=0.01, ge=0)
     seed: int = 0
+    seeds: int = Field(default=3, ge=1, le=50, description="train each decoder with seeds seed, seed+1, ... "
+                       "(this many); Table 4 reports mean, spread and the paired hash - FC difference")
 
     @model_validator(mode="after")
     def _bits(self) -> HashingParams:

@@ -1,18 +1,24 @@
 """The divide-and-encode hash decoder (Lai et al., CVPR 2015, as the paper uses it), its FC ablation, and
 the supervised training both share (DESIGN.md section 7).
 
-HashDecoder: a linear map to 50q features, a fixed seeded permutation, q slices of 50, each slice through
-its own 50->1 linear unit (no bias, as the paper's ``fc_i(x) = W_i x``), ``sigmoid(beta * c)``, then the
-piece-wise threshold: 0 below ``0.5 - eps``, 1 above ``0.5 + eps``, the identity between. Each bit sees only
-its own 50 projected features, which is what is meant to make the bits less redundant than a dense layer.
-The q units are one batched einsum over a (q, 50) weight, not q modules.
+HashDecoder: a non-linear layer of 50q features (linear + batch norm + ReLU), a fixed seeded permutation, q
+slices of 50, each slice through its own 50->1 linear unit (no bias, as the paper's ``fc_i(x) = W_i x``),
+``sigmoid(beta * c)``, then the piece-wise threshold: 0 below ``0.5 - eps``, 1 above ``0.5 + eps``, the
+identity between. Each bit sees only its own 50 features, which is what is meant to make the bits less
+redundant than a dense layer. The q units are one batched einsum over a (q, 50) weight, not q modules.
+
+Why the 50q layer is non-linear: in the paper (after DNNH) the 50q features are a network's own non-linear
+outputs. Were they a plain linear map of the input, q slice units on top would again be an arbitrary linear
+map of the input - exactly what the FC ablation computes - and Table 4 would compare a model with itself up
+to initialisation and the threshold. With batch norm + ReLU in between, "each bit sees only its slice" is a
+real restriction that a dense layer does not have.
 
 Gradients of the threshold: it is a piece-wise function, so its derivative is 1 inside the band and 0
 outside; an output already thresholded to 0 or 1 gives its unit no gradient for that example. That is the
 paper's function taken literally (no straight-through estimator). Training therefore starts with the slice
 units initialised small, so that most outputs begin inside the band and learn before they saturate.
 
-FCDecoder (the ablation): the same linear map to 50q, then one dense layer 50q -> q and a plain sigmoid, no
+FCDecoder (the ablation): the same non-linear 50q layer, then one dense layer 50q -> q and a plain sigmoid, no
 threshold - the paper's "simple fully-connected layer followed by sigmoid". Both decoders standardise their
 input with statistics fitted on the training features (stored as buffers, so ``encode`` of a new image
 needs nothing else), and both are trained by :func:`train_decoder` with the identical objective and budget.
@@ -57,7 +63,7 @@ def piecewise_threshold(s: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class _CodeDecoder(nn.Module):
-    """Shared by both decoders: input standardisation, the 50q projection, relaxed codes and binarisation."""
+    """Shared by both decoders: input standardisation, the non-linear 50q layer, relaxed codes, binarisation."""
 
     q: int
 
@@ -70,6 +76,7 @@ class _CodeDecoder(nn.Module):
         self.register_buffer("input_mean", torch.zeros(in_dim))
         self.register_buffer("input_scale", torch.ones(in_dim))
         self.projection = nn.Linear(in_dim, SLICE_WIDTH * q)
+        self.projection_norm = nn.BatchNorm1d(SLICE_WIDTH * q)
 
     def fit_input_scaling(self, features: np.ndarray | torch.Tensor) -> None:
         """Standardise inputs with the training features' mean and std (constant features keep scale 1)."""
@@ -78,10 +85,19 @@ class _CodeDecoder(nn.Module):
         self.input_mean.copy_(x.mean(dim=0))
         self.input_scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
-    def _projected(self, x: torch.Tensor) -> torch.Tensor:
+    def features_50q(self, x: torch.Tensor) -> torch.Tensor:
+        """The 50q non-linear features ``relu(batchnorm(W x + b))`` of standardised inputs, (N, 50q)."""
         if x.ndim != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"expected features of shape (N, {self.in_dim}), got {tuple(x.shape)}")
-        return self.projection((x - self.input_mean) / self.input_scale)
+        return F.relu(self.projection_norm(self.projection((x - self.input_mean) / self.input_scale)))
+
+    def logits_from_features(self, h: torch.Tensor) -> torch.Tensor:
+        """Pre-activations (N, q) of the bits from the 50q features (before sigmoid)."""
+        raise NotImplementedError
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations (N, q) of the bits from input features."""
+        return self.logits_from_features(self.features_50q(x))
 
     def relaxed(self, x: torch.Tensor) -> torch.Tensor:
         """Real-valued codes in [0, 1], (N, q): what training sees."""
@@ -105,12 +121,22 @@ class _CodeDecoder(nn.Module):
 
     @torch.inference_mode()
     def relaxed_numpy(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Relaxed codes as a float32 array (for bit statistics)."""
-        return self.relaxed(torch.as_tensor(np.asarray(x, dtype=np.float32))).numpy()
+        """Relaxed codes as a float32 array (for bit statistics), in eval mode like :meth:`encode`.
+
+        Eval mode matters: batch norm in training mode would use (and update its running statistics with)
+        the statistics of ``x`` itself.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return self.relaxed(torch.as_tensor(np.asarray(x, dtype=np.float32))).numpy()
+        finally:
+            self.train(was_training)
 
 
 class HashDecoder(_CodeDecoder):
-    """Divide-and-encode: 50q projection, fixed seeded permutation, q separate 50->1 units, sigmoid, threshold."""
+    """Divide-and-encode: non-linear 50q layer, fixed seeded permutation, q separate 50->1 units, sigmoid,
+    piece-wise threshold."""
 
     def __init__(self, in_dim: int, q: int, beta: float = 1.0, eps: float = 0.1, seed: int = 0):
         if not 0.0 < eps < 0.5:
@@ -127,25 +153,33 @@ class HashDecoder(_CodeDecoder):
         self.beta = float(beta)
         self.eps = float(eps)
 
+    def logits_from_features(self, h: torch.Tensor) -> torch.Tensor:
+        """c_i = W_i h^(i) for every slice i at once, h^(i) = h[:, permutation[50 i : 50 (i + 1)]]: (N, q)."""
+        sliced = h[:, self.permutation].reshape(-1, self.q, SLICE_WIDTH)
+        return torch.einsum("nqs,qs->nq", sliced, self.slice_weight)
+
     def slice_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """c_i = W_i x^(i) for every slice i at once: (N, q)."""
-        h = self._projected(x)[:, self.permutation].reshape(-1, self.q, SLICE_WIDTH)
-        return torch.einsum("nqs,qs->nq", h, self.slice_weight)
+        """c_i for every bit from input features: (N, q)."""
+        return self.logits(x)
 
     def relaxed(self, x: torch.Tensor) -> torch.Tensor:
-        return piecewise_threshold(torch.sigmoid(self.beta * self.slice_logits(x)), self.eps)
+        return piecewise_threshold(torch.sigmoid(self.beta * self.logits(x)), self.eps)
 
 
 class FCDecoder(_CodeDecoder):
-    """The ablation: the same 50q projection, then one dense 50q -> q layer and a sigmoid (no threshold)."""
+    """The ablation: the same non-linear 50q layer, then one dense 50q -> q layer and a sigmoid (no threshold)."""
 
     def __init__(self, in_dim: int, q: int, seed: int = 0):
         with _seeded(seed):
             super().__init__(in_dim, q)
             self.dense = nn.Linear(SLICE_WIDTH * q, q)
 
+    def logits_from_features(self, h: torch.Tensor) -> torch.Tensor:
+        """Every bit sees all 50q features through one dense layer: (N, q)."""
+        return self.dense(h)
+
     def relaxed(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.dense(self._projected(x)))
+        return torch.sigmoid(self.logits(x))
 
 
 def triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float, mining: Mining,
@@ -212,10 +246,12 @@ def train_decoder(
         raise ValueError(f"unknown hashing objective {objective!r}; use 'triplet', 'classification' or 'both'")
     x = torch.as_tensor(np.asarray(features, dtype=np.float32))
     y_np = np.asarray(labels)
-    if x.ndim != 2 or x.shape[0] != y_np.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"need non-empty (N, D) features with N labels, got {tuple(x.shape)} and {y_np.shape}")
+    if x.ndim != 2 or x.shape[0] != y_np.shape[0] or x.shape[0] < 2:
+        raise ValueError(f"need (N, D) features with N >= 2 and N labels, got {tuple(x.shape)} and {y_np.shape}")
     if x.shape[1] != decoder.in_dim:
         raise ValueError(f"features have {x.shape[1]} dims but the decoder expects {decoder.in_dim}")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2 (batch norm needs batch statistics), got {batch_size}")
     classes, y_idx = np.unique(y_np, return_inverse=True)
     y = torch.as_tensor(y_idx, dtype=torch.long)
     decoder.fit_input_scaling(x)
@@ -232,6 +268,8 @@ def train_decoder(
         totals = {"loss": 0.0, "triplet": 0.0, "classification": 0.0, "quantization": 0.0}
         n_seen = 0
         for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+            if len(batch) < 2:
+                continue  # batch norm has no batch statistics for one example; it is seen again next epoch
             codes = decoder.relaxed(x[batch])
             terms = {"quantization": quantization_penalty(codes)}
             loss = quantization_weight * terms["quantization"]

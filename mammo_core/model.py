@@ -87,8 +87,8 @@ def load_backbone_weights(source: str | os.PathLike[str]) -> dict[str, Tensor] |
             url = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1.url
             raise FileNotFoundError(
                 f"ImageNet DenseNet-121 weights not found at {path}. Nothing is downloaded at run time: "
-                f"fetch {url} and save it as {path}, or give the file's path as the weight source, "
-                f"or use weights 'none'."
+                f"run `mammo weights fetch densenet121` (or fetch {url} and save it as {path}), or give the "
+                f"file's path as the weight source, or use weights 'none'."
             )
     else:
         path = Path(source)

@@ -17,6 +17,7 @@ from tasks.train import PREDICTIONS
 
 CODES_FILE = "codes.h5"
 MODEL_FILE = "fusion.skops"
+PREDICTIONS_FILE = "predictions.csv"  # per patch, val and test: what `mammo promote` / `mammo compare` pair on
 ROWS = ("knn", "svm", "rf", "fusion", "voting", "stacking")
 
 
@@ -30,6 +31,12 @@ def read_codes(path, decoder: str, bits: int, split: str) -> tuple[np.ndarray, n
         labels = fh[f"labels/{split}"][:]
         patients = np.array([p.decode() for p in fh[f"patient_id/{split}"][:]])
     return retrieval.unpack_codes(packed, bits), labels, patients
+
+
+def read_source_ids(path, split: str) -> np.ndarray:
+    """The patch ids (``source_id``) of one split of ``codes.h5``, in the codes' row order."""
+    with h5io.open_for_reading(path) as fh:
+        return np.array([s.decode() for s in fh[f"source_id/{split}"][:]])
 
 
 def _run(ctx: runtime.StageContext) -> None:
@@ -64,12 +71,23 @@ def _run(ctx: runtime.StageContext) -> None:
             ctx.logger.warning("classify: %s not fitted: %s", name, exc)
     models = {**members, "fusion": fused, **combiners}
 
-    table, metric_values = [], {}
+    table, metric_values, prediction_parts = [], {}, []
+    sources = {split: read_source_ids(codes_path, split) for split in ("val", "test")}
     for name in ROWS:
         if name not in models:
             table.append({"classifier": name, "note": f"not fitted: {skipped[name]}"})
             continue
         est = models[name]
+        for split, (x, y, groups) in (("val", data["val"]), ("test", data["test"])):
+            split_proba = aligned(est, x) if name != "fusion" else est.predict_proba(x)
+            prediction_parts.append(pd.DataFrame({
+                "split": split, "classifier": name, "source_id": sources[split], "patient_id": groups, "label": y,
+                "predicted": np.asarray(classes)[split_proba.argmax(axis=1)]}))
+        val_pred = prediction_parts[-2]["predicted"].to_numpy()
+        if len(y_val):
+            # Validation chose the fusion weights (and any grid search), so this is optimistic alike for every
+            # run; it is what automatic decisions (mammo promote) use, because test must never choose.
+            metric_values[f"classify/{name}/val_acc"] = metrics.ACCURACY(y_val, val_pred)
         proba = aligned(est, x_te) if name != "fusion" else est.predict_proba(x_te)
         pred = np.asarray(classes)[proba.argmax(axis=1)]
         rep = metrics.report_with_ci(y_te, pred, proba, class_names, groups_te, n_boot=p.n_boot, seed=p.seed)
@@ -86,6 +104,8 @@ def _run(ctx: runtime.StageContext) -> None:
                                                   ctx.workdir / "confusion_fusion.png")
             ctx.log_artifact(fig, "figures")
     pd.DataFrame(table).to_csv(ctx.workdir / "table5_classifiers.csv", index=False)
+    # Kept in the store only (never logged to MLflow): it names the dataset's patient ids.
+    pd.concat(prediction_parts, ignore_index=True).to_csv(ctx.workdir / PREDICTIONS_FILE, index=False)
     for n, w in weights.items():
         metric_values[f"classify/weight/{n}"] = w
     ctx.log_metrics(metric_values)

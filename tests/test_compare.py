@@ -72,6 +72,57 @@ def test_compare_runs_writes_every_item_to_one_long_frame_and_markdown():
     assert "| fusion | test_acc | 0.5 | 0.5 | 0 |  |" in md
 
 
+def _classify_run(root: Path, run_id: str, key: str, test_correct: list[bool] | None) -> object:
+    """A pipeline parent run (as flows.report_cmd.PipelineRun sees it) whose classify stage folder holds
+    ``predictions.csv`` with the given per-patch test outcomes (2 patches per patient); None: no file."""
+    from types import SimpleNamespace
+
+    from flows.report_cmd import PipelineRun
+
+    folder = root / "stages" / "classify" / key
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{}", encoding="utf-8")
+    if test_correct is not None:
+        labels = [i % 3 for i in range(len(test_correct))]
+        pd.DataFrame({"split": "test", "classifier": "fusion", "source_id": [f"s{i}" for i in range(len(labels))],
+                      "patient_id": [f"P{i // 2}" for i in range(len(labels))], "label": labels,
+                      "predicted": [y if ok else (y + 1) % 3 for y, ok in zip(labels, test_correct, strict=True)]}
+                     ).to_csv(folder / "predictions.csv", index=False)
+    run = SimpleNamespace(info=SimpleNamespace(run_id=run_id), data=SimpleNamespace(tags={"stage.classify": key}))
+    return PipelineRun(run=run, children={})
+
+
+def test_compare_prints_paired_test_cis_from_the_classify_predictions(tmp_path):
+    from rich.console import Console
+
+    from flows.compare_cmd import paired_test_differences, print_comparison, write_comparison
+
+    a_correct = [i % 5 != 0 for i in range(200)]  # 80 % right
+    b_correct = [True] * 200  # fixes all 40 errors, spread over 40 patients: beyond noise
+    runs = (_classify_run(tmp_path, "runA", "k" * 24, a_correct), _classify_run(tmp_path, "runB", "j" * 24, b_correct))
+    paired, notes = paired_test_differences(tmp_path, runs)
+    row = paired.set_index(["classifier", "metric"]).loc[("fusion", "accuracy")]
+    assert (row["a"], row["b"], row["diff"]) == pytest.approx((0.8, 1.0, 0.2))
+    assert 0 < row["ci_low"] < 0.2 < row["ci_high"] and row["distinguishable"] and row["n_patients"] == 100
+    assert any("svm" in n for n in notes)  # classifiers without predictions are named, not invented
+    comparison = cmp.compare_runs(("runA", "runB"), ({}, {}), ({}, {}), ({}, {}))
+    comparison.paired = paired
+    paths = write_comparison(comparison, tmp_path / "out")
+    md = paths["md"].read_text(encoding="utf-8")
+    assert "| fusion | accuracy | 0.8000 | 1.0000 | +0.2000 |" in md and "| distinguishable from noise |" in md
+    assert pd.read_csv(paths["paired"]).shape[0] == 2
+    console = Console(width=200, record=True)
+    print_comparison(comparison, console)
+    assert "distinguishable from noise" in console.export_text()
+    # different test splits: no CI, said so
+    other = _classify_run(tmp_path, "runC", "m" * 24, b_correct[:150])
+    paired, notes = paired_test_differences(tmp_path, (runs[0], other))
+    assert paired.empty and "the test splits differ: 50 patch(es) only in A" in notes[0]
+    old = _classify_run(tmp_path, "runD", "n" * 24, None)
+    paired, notes = paired_test_differences(tmp_path, (runs[0], old))
+    assert paired is None and "runD has no classify predictions.csv" in notes[0]
+
+
 # ------------------------------------------------------------------------------ two real smoke runs
 
 
@@ -116,6 +167,15 @@ def test_compare_two_smoke_runs_flags_the_changed_param_and_writes_md_and_csv(tw
     md = (out / "compare.md").read_text(encoding="utf-8")
     assert f"# mammo compare: A = {run_a}, B = {run_b}" in md
     assert "| classify.n_boot | 100 | 50 | -50 | **yes** |" in md
+    # both runs scored the same test patches with the same models: every paired B - A is exactly 0, noise
+    paired = pd.read_csv(out / "compare_paired_test.csv").set_index(["classifier", "metric"])
+    assert {("fusion", "accuracy"), ("fusion", "balanced_accuracy")} <= set(paired.index)
+    assert (paired["diff"] == 0).all() and (paired["ci_low"] == 0).all() and not paired["distinguishable"].any()
+    fusion_test_acc = float(t5.loc[("fusion", "test_acc"), f"a ({run_a})"])
+    assert paired.loc[("fusion", "accuracy"), "a"] == pytest.approx(fusion_test_acc)
+    assert "## Paired bootstrap on the shared test split" in md
+    assert "not distinguishable from noise" in md.split("## Paired bootstrap")[1]
+    assert "paired bootstrap on the shared test split" in proc.stdout
 
 
 @pytest.mark.slow

@@ -62,3 +62,13 @@ def test_real_sources_need_a_root():
 def test_missing_file_named(tmp_path):
     with pytest.raises(ParamsError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["default", "paper"])
+def test_the_branch_learning_rate_decays_within_the_configured_epochs(name):
+    """A step decay scheduled after the last epoch is no schedule at all: the run trains at one lr."""
+    from mammo_core.schedule import Schedule
+
+    schedule = Schedule.from_params(load_params(REPO / "params" / f"{name}.yaml").train)
+    after_warmup = [schedule.lr_at(e) for e in range(schedule.warmup_epochs, schedule.epochs)]
+    assert after_warmup[0] == schedule.lr and min(after_warmup) <= schedule.lr / schedule.lr_gamma

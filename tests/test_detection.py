@@ -213,6 +213,32 @@ def test_freezing_the_fused_extractor_leaves_fpn_rpn_and_heads_trainable():
         builders.freeze_feature_extractor(r50)
 
 
+def test_frcnn_r50_freezes_its_first_stages_only_when_weights_were_loaded(tmp_path, monkeypatch):
+    """Asked for ImageNet weights that are not in the cache, the ResNet-50 starts random and trains every
+    stage (freezing random features would handicap the baseline); loaded from a file, conv1 and layer1 stay
+    frozen as in torchvision. The tag states the initialisation and the trainable count either way."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
+
+    def stages(model) -> dict[str, bool]:
+        body = model.backbone.body
+        return {name: any(p.requires_grad for p in getattr(body, name).parameters())
+                for name in ("conv1", "layer1", "layer2", "layer4")}
+
+    random_start, tag = builders.build_frcnn_r50(_tiny_config("frcnn_r50"), "imagenet")
+    assert stages(random_start) == {"conv1": True, "layer1": True, "layer2": True, "layer4": True}
+    n_all = sum(p.numel() for p in random_start.parameters() if p.requires_grad)
+    assert tag.startswith("none (random init; imagenet weights not in the local cache: resnet50-0676ba61.pth)")
+    assert tag.endswith(f"5 ResNet layers trainable ({n_all / 1e6:.1f}M trainable parameters)")
+    weights = tmp_path / "resnet50_body.pt"
+    torch.save({k: v + 0.5 for k, v in random_start.backbone.body.state_dict().items()}, weights)
+    loaded, tag = builders.build_frcnn_r50(_tiny_config("frcnn_r50"), str(weights))
+    assert stages(loaded) == {"conv1": False, "layer1": False, "layer2": True, "layer4": True}
+    assert torch.equal(loaded.backbone.body.conv1.weight, random_start.backbone.body.conv1.weight + 0.5)
+    n_loaded = sum(p.numel() for p in loaded.parameters() if p.requires_grad)
+    assert n_loaded < n_all and tag == f"file resnet50_body.pt, 3 ResNet layers trainable ({n_loaded / 1e6:.1f}M " \
+        "trainable parameters)"
+
+
 def _items(n: int = 3) -> list[data.DetectionImage]:
     g = torch.Generator().manual_seed(1)
     out = []

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 
+import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from mammo_core import hashing, retrieval
+from mammo_core import hashing, retrieval, seed_summary
 
 
 def _clusters(n: int, seed: int, dim: int = 64, n_classes: int = 3, separation: float = 0.5):
@@ -36,6 +39,7 @@ def _one_thread():
 def test_decoder_output_shapes_and_ranges(q):
     x = torch.randn(10, 32)
     for decoder in (hashing.HashDecoder(32, q, beta=2.0, eps=0.1, seed=0), hashing.FCDecoder(32, q, seed=0)):
+        decoder.eval()  # encode runs in eval mode (batch norm on running statistics); compare like with like
         relaxed = decoder.relaxed(x).detach()
         assert relaxed.shape == (10, q) and float(relaxed.min()) >= 0.0 and float(relaxed.max()) <= 1.0
         codes = decoder.encode(x)
@@ -52,8 +56,60 @@ def test_each_bit_depends_only_on_its_own_permuted_slice():
     # Reproduce slice i by hand: features permutation[50 i : 50 (i + 1)] through unit i
     by_hand = torch.stack([h[:, decoder.permutation[50 * i:50 * (i + 1)]] @ decoder.slice_weight[i]
                            for i in range(4)], dim=1)
-    decoder._projected = lambda x: h  # bypass the projection to test the slicing alone
-    torch.testing.assert_close(decoder.slice_logits(torch.zeros(5, 16)), by_hand)
+    torch.testing.assert_close(decoder.logits_from_features(h), by_hand)
+
+
+def test_bit_jacobian_is_zero_outside_its_own_fifty_features_and_dense_for_fc():
+    q = 6
+    decoder = hashing.HashDecoder(16, q, seed=5)
+    fc = hashing.FCDecoder(16, q, seed=5)
+    h = torch.rand(1, 50 * q) + 0.1
+    jac = torch.autograd.functional.jacobian(lambda f: decoder.logits_from_features(f)[0], h)[:, 0, :]  # (q, 50q)
+    assert jac.shape == (q, 50 * q)
+    for i in range(q):
+        own = torch.zeros(50 * q, dtype=torch.bool)
+        own[decoder.permutation[50 * i:50 * (i + 1)]] = True
+        assert torch.count_nonzero(jac[i, ~own]) == 0  # exactly zero outside its slice
+        assert torch.count_nonzero(jac[i, own]) == 50  # and it does use all 50 of its own
+    # the slices partition the 50q features: every feature feeds exactly one bit
+    assert torch.equal(torch.count_nonzero(jac, dim=0), torch.ones(50 * q, dtype=torch.long))
+    fc_jac = torch.autograd.functional.jacobian(lambda f: fc.logits_from_features(f)[0], h)[:, 0, :]
+    assert torch.count_nonzero(fc_jac) == q * 50 * q  # the ablation's bits each see every feature
+
+
+@pytest.mark.parametrize("make", [lambda: hashing.HashDecoder(16, 4, seed=2), lambda: hashing.FCDecoder(16, 4, seed=2)],
+                         ids=["hash", "fc"])
+def test_bit_pre_activations_are_not_affine_in_the_input(make):
+    """Linear 50q features would make both decoders' pre-activations affine maps of the input, i.e. the same
+    model class; batch norm + ReLU must break that (checked in eval mode, with fitted running statistics)."""
+    decoder = make()
+    train = torch.randn(256, 16)
+    decoder.fit_input_scaling(train)
+    decoder.train()
+    with torch.no_grad():
+        for _ in range(5):
+            decoder.relaxed(train)  # give batch norm running statistics of the training features
+    decoder.eval()
+    x1, x2, a = torch.randn(8, 16), torch.randn(8, 16), 0.3
+    with torch.no_grad():
+        mixed = decoder.logits(a * x1 + (1 - a) * x2)
+        affine = a * decoder.logits(x1) + (1 - a) * decoder.logits(x2)
+        assert (mixed - affine).abs().max() > 1e-3
+        # control: with the ReLU taken out (features of batch norm alone), the same identity holds exactly
+        def linear_features(x):
+            return decoder.projection_norm(decoder.projection((x - decoder.input_mean) / decoder.input_scale))
+        lin_mixed = decoder.logits_from_features(linear_features(a * x1 + (1 - a) * x2))
+        lin_affine = (a * decoder.logits_from_features(linear_features(x1))
+                      + (1 - a) * decoder.logits_from_features(linear_features(x2)))
+        torch.testing.assert_close(lin_mixed, lin_affine, atol=1e-4, rtol=1e-4)
+
+
+def test_fc_ablation_shares_the_fifty_q_layer_and_adds_one_dense_layer():
+    fc = hashing.FCDecoder(16, 4, seed=0)
+    assert fc.projection.out_features == 200 and fc.projection_norm.num_features == 200
+    assert fc.dense.in_features == 200 and fc.dense.out_features == 4
+    h = torch.rand(3, 200)
+    torch.testing.assert_close(fc.logits_from_features(h), h @ fc.dense.weight.T + fc.dense.bias)
 
 
 def test_permutation_is_fixed_by_seed_and_travels_with_the_state_dict():
@@ -95,7 +151,8 @@ def test_decoder_gradient_is_zero_outside_the_band_and_nonzero_inside():
         decoder.slice_weight.copy_(torch.tensor([[5.0] * 50, [0.001] * 50]))
         decoder.projection.weight.fill_(1.0)
         decoder.projection.bias.zero_()
-    x = torch.full((1, 4), 0.5)  # projected features all 2 -> c = (500, 0.1) -> s = (1.0, ~0.525)
+    decoder.eval()  # batch norm at its initial running statistics (mean 0, var 1): ~identity on one example
+    x = torch.full((1, 4), 0.5)  # 50q features all ~2 -> c = (~500, ~0.1) -> s = (1.0, ~0.525)
     codes = decoder.relaxed(x)
     assert codes[0, 0].item() == 1.0 and 0.4 < codes[0, 1].item() < 0.6
     codes[0, 0].backward()
@@ -163,3 +220,49 @@ def test_training_is_deterministic_by_seed():
     assert h1 == h2
     np.testing.assert_array_equal(c1, c2)
     assert not np.array_equal(c1, c3)  # the seed does change the shuffle
+
+
+def test_paired_seed_summary_pairs_by_seed_and_refuses_repeats():
+    by_seed = pd.DataFrame({"bits": [12, 12, 12, 48], "seed": [0, 1, 2, 0],
+                            "a": [0.5, 0.7, 0.6, 0.4], "b": [0.4, 0.8, 0.3, 0.4]})
+    table = seed_summary.paired_seed_summary(by_seed, "bits", "a", "b").set_index("bits")
+    assert table.loc[12, "n_seeds"] == 3 and table.loc[12, "a"] == pytest.approx(0.6)
+    assert table.loc[12, "a_std"] == pytest.approx(0.1)
+    assert table.loc[12, "a_minus_b"] == pytest.approx(0.1)  # differences 0.1, -0.1, 0.3
+    assert table.loc[12, "a_minus_b_std"] == pytest.approx(0.2)
+    assert (table.loc[12, "a_minus_b_min"], table.loc[12, "a_minus_b_max"]) == pytest.approx((-0.1, 0.3))
+    assert table.loc[12, "a_wins"] == 2 and table.loc[48, "a_wins"] == 0  # a tie is not a win
+    assert np.isnan(table.loc[48, "a_std"])  # one seed: spread unknown, not zero
+    with pytest.raises(ValueError, match="repeats"):
+        seed_summary.paired_seed_summary(pd.concat([by_seed, by_seed.iloc[:1]]), "bits", "a", "b")
+    with pytest.raises(ValueError, match=r"\['b'\]"):
+        seed_summary.paired_seed_summary(by_seed.drop(columns="b"), "bits", "a", "b")
+
+
+def test_hashing_stage_reports_every_seed_and_keeps_the_first_seeds_codes(smoke_store):
+    (folder,) = (smoke_store / "stages" / "hashing").iterdir()
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    params = manifest["params"]["hashing"]
+    seeds = list(range(params["seed"], params["seed"] + params["seeds"]))
+    assert len(seeds) >= 3
+    by_seed = pd.read_csv(folder / "table4_map_by_seed.csv")
+    assert sorted(map(tuple, by_seed[["bits", "seed"]].values.tolist())) == sorted(
+        (q, s) for q in params["bits"] for s in seeds)
+    # the summary is the per-seed table summarised, and the logged metrics are the summary's
+    table = pd.read_csv(folder / "table4_map.csv")
+    expected = seed_summary.paired_seed_summary(by_seed, "bits", "hash_map", "fc_map",
+                                                extra_means=("hash_p@10", "fc_p@10"))
+    pd.testing.assert_frame_equal(table, expected, check_dtype=False)
+    row = table.set_index("bits").loc[48]
+    assert manifest["metrics"]["hashing/hash/map_at_48"] == pytest.approx(row["hash_map"])
+    assert manifest["metrics"]["hashing/hash_minus_fc/map_at_48"] == pytest.approx(row["hash_map_minus_fc_map"])
+    assert manifest["metrics"][f"hashing/seed_{seeds[1]}/fc/map_at_48"] == pytest.approx(
+        by_seed.set_index(["bits", "seed"]).loc[(48, seeds[1]), "fc_map"])
+    # codes.h5 holds the first seed's codes: their MAP is that seed's row, not another seed's
+    with h5py.File(folder / "codes.h5", "r") as fh:
+        assert int(fh.attrs["seed"]) == seeds[0]
+        score = retrieval.mean_average_precision(fh["hash/48/test"][()], fh["labels/test"][()],
+                                                 fh["hash/48/train"][()], fh["labels/train"][()])
+    per_seed = by_seed.set_index(["bits", "seed"])["hash_map"]
+    assert score == pytest.approx(per_seed.loc[(48, seeds[0])])
+    assert per_seed.loc[48].nunique() > 1  # the seeds really trained different decoders

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from mammo_core import seed_summary
 from mammo_core.report import build_report
 from mammo_core.report_render import format_value
 from mammo_core.store import file_sha256
@@ -96,8 +97,15 @@ def make_store(root: Path, with_new_stages: bool = True) -> dict[str, Path]:
           {"train": KEYS["train"], "patches": KEYS["patches"]})
 
     d = dirs["hashing"]
-    pd.DataFrame({"bits": [12, 48], "hash_map": [0.4321, 0.4567], "hash_p@10": [0.41, 0.43],
-                  "fc_map": [0.3456, 0.3789], "fc_p@10": [0.31, 0.33]}).to_csv(d / "table4_map.csv", index=False)
+    by_seed = pd.DataFrame({"bits": [12] * 3 + [48] * 3, "seed": [0, 1, 2] * 2,
+                            "hash_map": [0.4321, 0.4521, 0.4121, 0.4567, 0.4467, 0.4667],
+                            "hash_p@10": [0.41] * 3 + [0.43] * 3,
+                            "fc_map": [0.3456, 0.3356, 0.3556, 0.3789, 0.4789, 0.2789],
+                            "fc_p@10": [0.31] * 3 + [0.33] * 3})
+    by_seed["hash_minus_fc_map"] = by_seed["hash_map"] - by_seed["fc_map"]
+    by_seed.to_csv(d / "table4_map_by_seed.csv", index=False)
+    seed_summary.paired_seed_summary(by_seed, "bits", "hash_map", "fc_map", extra_means=("hash_p@10", "fc_p@10")
+                                     ).to_csv(d / "table4_map.csv", index=False)
     pd.DataFrame({"decoder": ["hash", "fc"], "bits": [12, 12], "fraction_binary": [0.0152, 0.0],
                   "bit_balance": [0.0871, 0.0682]}).to_csv(d / "bit_statistics.csv", index=False)
     _png(d / "table4_map.png", 120)
@@ -217,8 +225,13 @@ def test_numbers_come_out_as_written_in_their_source_files(built):
     assert "95% patient-bootstrap percentile interval (200 resamples)" in s["Table 5"]
     assert "| svm | 0.4 |" in s["Table 5"]  # fusion weight from classifier.json
     # Table 4: hash and FC MAP per bits beside the paper's claims.
-    assert "| 12 | 0.4321 | 0.899 | 0.3456 | 0.877 | 0.41 | 0.31 |" in s["Table 4"]
-    assert "| 48 | 0.4567 | 0.923 | 0.3789 | 0.912 | 0.43 | 0.33 |" in s["Table 4"]
+    # bits, seeds, hash mean, sd, claim, FC mean, sd, claim, paired hash - FC mean, sd, min, max, wins, P@10s
+    assert ("| 12 | 3 | 0.4321 | 0.02 | 0.899 | 0.3456 | 0.01 | 0.877 | 0.0865 | 0.03 | 0.0565 | 0.1165 | 3 "
+            "| 0.41 | 0.31 |") in s["Table 4"]
+    assert ("| 48 | 3 | 0.4567 | 0.01 | 0.923 | 0.3789 | 0.1 | 0.912 | 0.0778 | 0.11 | -0.0322 | 0.1878 | 2 "
+            "| 0.43 | 0.33 |") in s["Table 4"]
+    assert "| 48 | 2 | 0.4667 | 0.43 | 0.2789 | 0.33 | 0.1878 |" in s["Table 4"]  # the per-seed rows beside
+    assert "spread over seeds" not in s["Table 4"]  # three seeds: no warning
     assert "| hash | 12 | 0.0152 | 0.0871 |" in s["Table 4"]
     # Table 2 in the paper's layout (rows: classes), a long float shown to 4 decimals.
     assert "| MASS_BENIGN | 0.5 | 0.6667 |" in s["Table 2"]
@@ -253,7 +266,8 @@ def test_each_measured_section_names_its_source_files(built):
     expected = {
         "Data summary": ["curate/curation_report.json", "patches/patches_summary.json"],
         "Table 2": ["classify/table2_pairs.csv"], "Table 3": ["classify/table3_errors.csv"],
-        "Table 4": ["hashing/table4_map.csv", "hashing/bit_statistics.csv", "hashing/table4_map.png"],
+        "Table 4": ["hashing/table4_map.csv", "hashing/table4_map_by_seed.csv", "hashing/bit_statistics.csv",
+                    "hashing/table4_map.png"],
         "Table 5": ["classify/table5_classifiers.csv", "classify/classifier.json"],
         "Table 7": ["train/model_config.json", "train/manifest.json", "features/manifest.json"],
         "Figure 9": ["train/val_curves.png", "train/history.json", "features/fusion_grid.png",

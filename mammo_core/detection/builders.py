@@ -205,28 +205,37 @@ def build_frcnn_r50(config: DetectorConfig, weights: str = "none") -> tuple[Fast
     ``weights``: ``coco`` (the detection checkpoint, predictor re-initialised for our classes), ``imagenet``
     (the ResNet-50 classification weights), ``none``, or a path to a ResNet-50 state dict. Files come from
     the local torch hub cache only; when absent the model starts from random init and the tag says so.
+
+    Freezing follows what was loaded, not what was asked for: torchvision's rule (first ResNet stages frozen,
+    3 trainable layers) only makes sense for pretrained stages; a network that starts from random values
+    because no file was found trains all 5 layers, or the baseline would keep random frozen features.
+    The tag ends with the trainable parameter count, so Table 8 states it.
     """
+    path = r50_weights_file(weights)
+    loaded = path is not None and path.is_file()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         body = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
-        backbone = _resnet_fpn_extractor(body, 3 if weights != "none" else 5)
+        backbone = _resnet_fpn_extractor(body, 3 if loaded else 5)
         model = FasterRCNN(backbone, num_classes=config.num_classes,
                            rpn_anchor_generator=_anchors(config.anchor_sizes, config.aspect_ratios, 5),
                            **_common(config))
         _input_sized(model)
-    path = r50_weights_file(weights)
-    if path is None:
-        return model, "none (random init)"
-    if not path.is_file():
-        return model, f"none (random init; {weights} weights not in the local cache: {path.name})"
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if weights == "coco":
-        state = {k: v for k, v in state.items() if not k.startswith("roi_heads.box_predictor.")}
-        model.load_state_dict(state, strict=False)
+    if weights == "none":
+        tag = "none (random init)"
+    elif not loaded:
+        tag = f"none (random init; {weights} weights not in the local cache: {path.name})"
     else:
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        model.backbone.body.load_state_dict(state, strict=False)
-    return model, weights if weights in ("coco", "imagenet") else f"file {path.name}"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if weights == "coco":
+            state = {k: v for k, v in state.items() if not k.startswith("roi_heads.box_predictor.")}
+            model.load_state_dict(state, strict=False)
+        else:
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            model.backbone.body.load_state_dict(state, strict=False)
+        tag = weights if weights in ("coco", "imagenet") else f"file {path.name}"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, f"{tag}, {3 if loaded else 5} ResNet layers trainable ({trainable / 1e6:.1f}M trainable parameters)"
 
 
 def build_detector(config: DetectorConfig, fused: FusedDenseNet | None = None, r50_weights: str = "none",
