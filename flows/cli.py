@@ -116,12 +116,16 @@ def run(
         stages = select_stages(from_, until, only)
     for name in force:
         select_stages(None, None, [name])
+    console.print(f"Starting Prefect (runs the stages; a temporary local server, the first start takes up to a "
+                  f"minute) and MLflow (records every stage; {root / 'mlflow.db'})", soft_wrap=True, highlight=False)
+    from flows import progress
     from flows.pipeline import PipelineFailed, pipeline
 
     started = time.perf_counter()
     try:
-        outcomes = pipeline(params_file=str(params), overrides=list(set_), stages=stages, force=list(force),
-                            store=str(root), resume=resume)
+        with progress.reporting(_reporter()):
+            outcomes = pipeline(params_file=str(params), overrides=list(set_), stages=stages, force=list(force),
+                                store=str(root), resume=resume)
     except PipelineFailed as exc:
         console.print(_table(exc.outcomes))
         console.print(f"[bold red]stage {exc.stage} failed:[/] {exc.message}")
@@ -135,6 +139,29 @@ def run(
         raise typer.Exit(1) from None
     console.print(_table(outcomes))
     console.print(f"done in {time.perf_counter() - started:.1f} s; store {root}")
+    for line in where_to_look(outcomes, root):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+def _reporter():
+    """Live progress when a person watches a terminal; plain lines when output goes to a log or a pipe."""
+    from flows.progress import PlainReporter, RichReporter
+
+    if console.is_terminal and sys.stdout.isatty():
+        return RichReporter(console)
+    return PlainReporter(lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False))
+
+
+def where_to_look(outcomes: list[dict], root: Path) -> list[str]:
+    """The closing lines of a finished run: where the report is and the one command that opens the UI."""
+    lines = []
+    report = next((Path(o["path"]) / "report.html" for o in outcomes if o["stage"] == "report" and o["path"]), None)
+    if report is not None and report.is_file():
+        lines.append(f"Report (open in a browser): {report}")
+    program = sys.argv[0] if Path(sys.argv[0]).name == "mammo" else "mammo"
+    ui = [program, "ui", "--store", str(root)]
+    lines.append(f"Runs, metrics and artifacts in the MLflow UI: {shlex.join(ui)}")
+    return lines
 
 
 @app.command()
@@ -177,8 +204,26 @@ def ui(
            "--port", str(port)]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", (root / "mlartifacts").as_uri()]
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {root}); Ctrl-C to stop")
+    base = f"http://127.0.0.1:{port}"
+    console.print(f"MLflow UI on {base} (store {root}); Ctrl-C to stop", soft_wrap=True, highlight=False)
+    for name, link in experiment_links(uri, base):
+        console.print(f"  runs of {name!r}: {link}", soft_wrap=True, highlight=False, markup=False)
     raise typer.Exit(subprocess.call(cmd))
+
+
+def experiment_links(tracking_uri: str, base: str) -> list[tuple[str, str]]:
+    """(name, link to its run table) per experiment holding runs.
+
+    Why links: MLflow 3's UI opens an experiment in its GenAI workspace (traces, token usage) unless told
+    otherwise; ``workflowType=machine_learning`` opens the run table, with each stage as a child run.
+    """
+    if tracking_uri.startswith("sqlite:") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        return []  # no run yet: nothing to link, and no empty database to create
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    return [(e.name, f"{base}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning")
+            for e in client.search_experiments() if client.search_runs([e.experiment_id], max_results=1)]
 
 
 @app.command()
