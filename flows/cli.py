@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -200,15 +200,23 @@ def ui(
     from tasks.tracking import default_tracking_uri
 
     uri = default_tracking_uri(root)
+    # One worker: one person looks at it, and four (MLflow's default) start slowly on a small machine.
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port)]
+           "--port", str(port), "--workers", "1"]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", (root / "mlartifacts").as_uri()]
     base = f"http://127.0.0.1:{port}"
     console.print(f"MLflow UI on {base} (store {root}); Ctrl-C to stop", soft_wrap=True, highlight=False)
     for name, link in experiment_links(uri, base):
         console.print(f"  runs of {name!r}: {link}", soft_wrap=True, highlight=False, markup=False)
-    raise typer.Exit(subprocess.call(cmd))
+    # MLflow's job runner serves GenAI jobs (judges, trace roll-ups) this project has none of; without it the
+    # server starts faster and a SIGTERM ends it (the runner otherwise outlives its server).
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exec, not a child process: Ctrl-C or a SIGTERM sent to `mammo ui` reaches the server itself, and
+    # nothing is left listening on the port after `mammo ui` is gone.
+    os.execv(sys.executable, cmd)
 
 
 def experiment_links(tracking_uri: str, base: str) -> list[tuple[str, str]]:
