@@ -134,7 +134,7 @@ def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bo
             if spec.name == "report":  # the parent run carries the report even when it is reused
                 report_task(ctx, result)
         status = "cached" if sealed_before[spec.name] else "ran"
-        progress.finished(spec.name, status)
+        progress.finished(spec.name, status, result.seconds if status == "ran" else None)
         outcomes.append({"stage": spec.name, "status": status, "seconds": result.seconds, "key": key,
                          "path": result.path})
     return outcomes

@@ -31,7 +31,7 @@ from flows.run_clock import PURPOSE, PlannedStage, RunClock, exact
 class Reporter(Protocol):
     def planned(self, stages: list[PlannedStage]) -> None: ...
     def started(self, stage: str) -> None: ...
-    def finished(self, stage: str, status: str) -> None: ...
+    def finished(self, stage: str, status: str, seconds: float | None = None) -> None: ...
     def close(self) -> None: ...
 
 
@@ -60,9 +60,10 @@ def started(stage: str) -> None:
         _reporter.started(stage)
 
 
-def finished(stage: str, status: str) -> None:
+def finished(stage: str, status: str, seconds: float | None = None) -> None:
+    """``seconds``: the stage's own measured time when it ran (the collection loop may reach it late)."""
     if _reporter is not None:
-        _reporter.finished(stage, status)
+        _reporter.finished(stage, status, seconds)
 
 
 def plan_summary(clock: RunClock) -> str:
@@ -121,11 +122,11 @@ class PlainReporter:
             self._running = None if next(s for s in self.clock.stages if s.name == stage).cached else stage
             self._write(started_line(self.clock, stage))
 
-    def finished(self, stage: str, status: str) -> None:
+    def finished(self, stage: str, status: str, seconds: float | None = None) -> None:
         if self.clock is None:
             return
         with self._lock:
-            took = self.clock.finish(stage)
+            took = self.clock.finish(stage, seconds)
             self._running = None
             self._write(finished_line(self.clock, stage, status, took))
 
@@ -174,7 +175,7 @@ class RichReporter:
         self._console.print(plan_summary(clock), highlight=False)
         self._progress = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-            _ClockColumn(self._times), console=self._console, transient=True,
+            _ClockColumn(self.status_text), console=self._console, transient=True,
             redirect_stdout=True, redirect_stderr=True,
         )
         self._progress.start()
@@ -190,10 +191,10 @@ class RichReporter:
             else PURPOSE.get(stage, "")
         self._progress.update(self._task, description=f"[bold]{stage}[/] [dim]{what}[/]")
 
-    def finished(self, stage: str, status: str) -> None:
+    def finished(self, stage: str, status: str, seconds: float | None = None) -> None:
         if self.clock is None or self._progress is None:
             return
-        took = self.clock.finish(stage)
+        took = self.clock.finish(stage, seconds)
         self._current = None
         mark = {"ran": "[green]done[/]", "cached": "[cyan]reused[/]"}.get(status, "[bold red]FAILED[/]")
         self._progress.console.print(f"[{self.clock.position(stage)}] {stage} {mark} in {exact(took)}",
@@ -208,7 +209,7 @@ class RichReporter:
             self._progress.stop()
             self._progress = None
 
-    def _times(self) -> str:
+    def status_text(self) -> str:
         if self.clock is None:
             return ""
         stage = f"stage {exact(self.clock.stage_elapsed(self._current))} · " if self._current else ""

@@ -123,9 +123,9 @@ class RunClock:
     def start(self, stage: str) -> None:
         self.stage_started_at[stage] = self.now()
 
-    def finish(self, stage: str) -> float:
-        """Record the end of a stage; returns its wall time in this run."""
-        self.took[stage] = self.now() - self.stage_started_at.get(stage, self.now())
+    def finish(self, stage: str, seconds: float | None = None) -> float:
+        """Record the end of a stage: ``seconds`` as the stage measured them, else the wall time since start."""
+        self.took[stage] = seconds if seconds is not None else self.now() - self.stage_started_at.get(stage, self.now())
         return self.took[stage]
 
     def elapsed(self) -> float:

@@ -3,13 +3,15 @@ where the results are at the end (flows/run_clock.py, flows/progress.py, the clo
 
 from __future__ import annotations
 
+import io
 import re
 import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from flows.progress import PlainReporter
+from flows.progress import PlainReporter, RichReporter
 from flows.run_clock import PURPOSE, REFERENCE_SECONDS, PlannedStage, RunClock, about, exact, previous_seconds
 from mammo_core.store import ArtifactStore
 from tasks.registry import ORDER
@@ -49,6 +51,7 @@ def test_recorded_durations_give_the_estimate_and_it_counts_down():
     assert run.remaining() == 560.0 and run.describe_remaining() == "about 9 min left"
     clock.t += 200  # curate overruns: the estimate never goes below what the next stages need
     assert run.remaining() == 500.0
+    assert run.finish("curate", seconds=95.0) == 95.0  # the stage's own measurement wins over the wall clock
     assert run.position("train") == "3/3"
 
 
@@ -104,6 +107,25 @@ def test_plain_reporter_lines_and_heartbeat():
     beat = next(line for line in lines if "30 s in this stage" in line)
     assert beat == "[2/2] train - still running, 30 s in this stage | run 30 s, about 2 min left"  # 90 s
     assert lines[-1] == "[2/2] train - done in 30 s | run 30 s, almost done"
+
+
+def test_rich_reporter_keeps_one_line_per_finished_stage_and_shows_the_estimate():
+    clock = FakeClock()
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=160, color_system=None)
+    reporter = RichReporter(console, now=clock)
+    reporter.planned([PlannedStage("acquire", cached=True), PlannedStage("train", False, 120.0)])
+    reporter.started("acquire")
+    reporter.finished("acquire", "cached")
+    reporter.started("train")
+    clock.t += 30
+    live = reporter.status_text()  # the live display's last column now
+    reporter.finished("train", "ran")
+    reporter.close()
+    assert live == "stage 30 s · run 30 s · about 2 min left"
+    text = out.getvalue()
+    assert "mammo run: 2 stages, 1 reused from earlier runs, 1 to run; about 2 min left" in text
+    assert "[1/2] acquire reused in 0 s" in text and "[2/2] train done in 30 s" in text
 
 
 @pytest.mark.slow
