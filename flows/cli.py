@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -138,10 +138,15 @@ def run(
     except failures.EnvironmentFailure as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
+    console.print(f"Starting Prefect (runs the stages; a temporary local server, the first start takes up to a "
+                  f"minute) and MLflow (records every stage; {root / 'mlflow.db'})", soft_wrap=True, highlight=False)
+    from flows import progress
+
     started = time.perf_counter()
     try:
-        outcomes = pipeline(params_file=str(params), overrides=list(set_), stages=stages, force=list(force),
-                            store=str(root), resume=resume)
+        with progress.reporting(_reporter()):
+            outcomes = pipeline(params_file=str(params), overrides=list(set_), stages=stages, force=list(force),
+                                store=str(root), resume=resume)
     except PipelineFailed as exc:
         hint = (f"run again: `mammo run --resume {exc.parent_run_id}" + (f" --store {store}`" if store else "`")
                 if exc.parent_run_id else "run again")
@@ -167,6 +172,29 @@ def run(
         raise typer.Exit(2) from None
     console.print(_table(outcomes))
     console.print(f"done in {time.perf_counter() - started:.1f} s; store {root}")
+    for line in where_to_look(outcomes, root):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+def _reporter():
+    """Live progress when a person watches a terminal; plain lines when output goes to a log or a pipe."""
+    from flows.progress import PlainReporter, RichReporter
+
+    if console.is_terminal and sys.stdout.isatty():
+        return RichReporter(console)
+    return PlainReporter(lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False))
+
+
+def where_to_look(outcomes: list[dict], root: Path) -> list[str]:
+    """The closing lines of a finished run: where the report is and the one command that opens the UI."""
+    lines = []
+    report = next((Path(o["path"]) / "report.html" for o in outcomes if o["stage"] == "report" and o["path"]), None)
+    if report is not None and report.is_file():
+        lines.append(f"Report (open in a browser): {report}")
+    program = sys.argv[0] if Path(sys.argv[0]).name == "mammo" else "mammo"
+    ui = [program, "ui", "--store", str(root)]
+    lines.append(f"Runs, metrics and artifacts in the MLflow UI: {shlex.join(ui)}")
+    return lines
 
 
 @app.command()
@@ -205,12 +233,38 @@ def ui(
     from tasks.tracking import default_tracking_uri
 
     uri = default_tracking_uri(root)
+    # One worker: one person looks at it, and four (MLflow's default) start slowly on a small machine.
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port)]
+           "--port", str(port), "--workers", "1"]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", (root / "mlartifacts").as_uri()]
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {root}); Ctrl-C to stop")
-    raise typer.Exit(subprocess.call(cmd))
+    base = f"http://127.0.0.1:{port}"
+    console.print(f"MLflow UI on {base} (store {root}); Ctrl-C to stop", soft_wrap=True, highlight=False)
+    for name, link in experiment_links(uri, base):
+        console.print(f"  runs of {name!r}: {link}", soft_wrap=True, highlight=False, markup=False)
+    # MLflow's job runner serves GenAI jobs (judges, trace roll-ups) this project has none of; without it the
+    # server starts faster and a SIGTERM ends it (the runner otherwise outlives its server).
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exec, not a child process: Ctrl-C or a SIGTERM sent to `mammo ui` reaches the server itself, and
+    # nothing is left listening on the port after `mammo ui` is gone.
+    os.execv(sys.executable, cmd)
+
+
+def experiment_links(tracking_uri: str, base: str) -> list[tuple[str, str]]:
+    """(name, link to its run table) per experiment holding runs.
+
+    Why links: MLflow 3's UI opens an experiment in its GenAI workspace (traces, token usage) unless told
+    otherwise; ``workflowType=machine_learning`` opens the run table, with each stage as a child run.
+    """
+    if tracking_uri.startswith("sqlite:") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        return []  # no run yet: nothing to link, and no empty database to create
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    return [(e.name, f"{base}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning")
+            for e in client.search_experiments() if client.search_runs([e.experiment_id], max_results=1)]
 
 
 @app.command()

@@ -12,8 +12,11 @@ from typing import Any
 
 from prefect import flow
 
+from flows import progress
+from flows.run_clock import PlannedStage, previous_seconds
 from flows.runners import build_task_runner, ensure_gpu_limits, gpu_slots
 from mammo_core.config import Params
+from mammo_core.store import ArtifactStore
 from tasks import registry, runtime
 from tasks.report import report_task
 from tasks.run_tracking import close_run, open_run
@@ -71,11 +74,20 @@ def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bo
     ``sequential`` (the thread runner) also makes each stage wait for the one before it in
     ``registry.ORDER``: one stage at a time, as on a laptop, where two trainings at once would only
     fight over the same cores. Parallel runners drop it so that independent branches overlap.
+
+    Progress events (``flows.progress``) follow the collection order: a stage "starts" when the previous one
+    in DAG order has been collected, which under the sequential runner is when it really starts.
     """
     params = Params.model_validate(ctx.params)
     to_run, to_lookup = plan(stages)
     keys = registry.stage_keys(params)
     results: dict[str, Any] = {}  # stage -> StageResult (looked up) or a Prefect future
+    sealed_before = {spec.name: spec.name not in ctx.force and runtime.lookup(spec, ctx, keys[spec.name]) is not None
+                     for spec in registry.ORDER if spec.name in to_run}
+    store = ArtifactStore(ctx.store)
+    progress.planned([PlannedStage(spec.name, sealed_before[spec.name],
+                                   previous_seconds(store, spec.name, spec.params_of(params)))
+                      for spec in registry.ORDER if spec.name in to_run])
     previous: Any = None
     for spec in registry.ORDER:
         key = keys[spec.name]
@@ -106,9 +118,11 @@ def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bo
         if spec.name not in to_run:
             continue
         key = keys[spec.name]
+        progress.started(spec.name)
         try:
             result: runtime.StageResult = results[spec.name].result()
         except Exception as exc:
+            progress.finished(spec.name, "failed")
             outcomes.append({"stage": spec.name, "status": "failed", "seconds": 0.0, "key": key, "path": ""})
             _drain(results)
             raise PipelineFailed(_root_message(exc), spec.name, outcomes, ctx.parent_run_id) from exc
@@ -118,6 +132,7 @@ def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bo
                 report_task(ctx, result)
         # not ran: sealed before this run, or by a concurrent run while this one waited for the stage's lock
         status = "ran" if result.ran else "cached"
+        progress.finished(spec.name, status, result.seconds if status == "ran" else None)
         outcomes.append({"stage": spec.name, "status": status, "seconds": result.seconds, "key": key,
                          "path": result.path})
     return outcomes

@@ -25,6 +25,10 @@ from mammo_core import faults
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 _MAX_BATCH = 900
+# MLflow's experiment kind (the values its UI offers: mlflow/server/js, ExperimentKind); "custom model
+# development" is what the UI calls "Machine learning" and opens on the run table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 HOST_TAG = "mammo.host"
 PID_TAG = "mammo.pid"
 
@@ -56,13 +60,21 @@ def open_client(uri: str, store: Path) -> MlflowClient:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
-    """The experiment id for ``name``, created with its artifact root under the store when new."""
+    """The experiment id for ``name``, created with its artifact root under the store when new.
+
+    The experiment is marked as model training (:data:`EXPERIMENT_KIND_TAG`): without the mark, MLflow 3's
+    UI opens an experiment on its GenAI overview (traces, token usage), where none of our runs show.
+    An experiment made before the mark gets it; a kind someone chose in the UI is left as it is.
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return experiment.experiment_id
     location = Path(artifact_root).resolve().as_uri() if artifact_root is not None else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     except Exception:  # created concurrently by another process
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

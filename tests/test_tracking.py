@@ -82,3 +82,15 @@ def test_errors_other_than_a_lock_are_not_retried(shared_db, monkeypatch):
     with pytest.raises(ValueError, match="disk I/O"):
         tracking.log_metrics(client, "0" * 32, {"m": 1.0})
     assert calls == [1]
+def test_experiments_are_marked_as_model_training_so_the_ui_opens_the_run_table(tmp_path):
+    client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    kind = tracking.EXPERIMENT_KIND_TAG
+    new = tracking.ensure_experiment(client, "new", tmp_path / "artifacts")
+    assert client.get_experiment(new).tags[kind] == tracking.MODEL_TRAINING_KIND
+    older = client.create_experiment("made before the mark")  # a store written by an earlier version
+    assert kind not in client.get_experiment(older).tags
+    assert tracking.ensure_experiment(client, "made before the mark", None) == older
+    assert client.get_experiment(older).tags[kind] == tracking.MODEL_TRAINING_KIND
+    chosen = client.create_experiment("chosen in the UI", tags={kind: "genai_development"})
+    tracking.ensure_experiment(client, "chosen in the UI", None)
+    assert client.get_experiment(chosen).tags[kind] == "genai_development"
