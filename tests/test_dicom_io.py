@@ -160,9 +160,9 @@ def test_free_text_containing_an_identifier_is_withheld(mg_cases):
 
 @pytest.mark.parametrize("plant", ["PatientAge", "OtherPatientNames", "PatientAddress", "nested_person",
                                    "AcquisitionDateTime"])
-def test_free_text_containing_any_person_name_date_or_patient_field_is_withheld(plant):
+def test_free_text_containing_any_person_name_date_or_patient_field_is_withheld(mg_cases, plant):
     """Not only a fixed list of fields: every Patient-group element, person name and date, sequences too."""
-    ds = pydicom.dcmread(SENDS, stop_before_pixels=True)
+    ds = pydicom.dcmread(mg_cases[SENDS], stop_before_pixels=True)
     value = {"PatientAge": "071Y", "AcquisitionDateTime": "20240229101500"}.get(plant, "Quenneville")
     if plant == "nested_person":
         item = Dataset()
