@@ -136,3 +136,16 @@ class ServeLimits:
         elif isinstance(value, list | tuple | np.ndarray):  # rows may be lists or 1-D arrays (object column)
             width = max((len(r) for r in value if isinstance(r, list | tuple | np.ndarray)), default=1)
             self.check_pixels((len(value), width), item)
+
+
+def without_path(reason: str, path: str, label: str) -> str:
+    """``reason`` with the given path, and the file it resolves to, replaced by ``label``.
+
+    Why: error texts of decoders quote the file they read, and CBIS file names carry patient ids; the
+    caller sees its row label instead (one helper for the classifier and the detector).
+    """
+    if not path:
+        return reason
+    for form in sorted({path, str(Path(path).resolve())}, key=len, reverse=True):
+        reason = reason.replace(form, label)
+    return reason

@@ -35,7 +35,7 @@ from mammo_core.detection.data import prepare_image
 from mammo_core.detection.engine import as_input
 from mammo_core.errors import BadItem
 from mammo_core.patches import breast_mask, to_unit_range
-from mammo_core.served_inputs import ServeLimits
+from mammo_core.served_inputs import ServeLimits, without_path
 
 REGISTERED_NAME = "mammo-detector"
 LOGGED_NAME = "mammo-detector"
@@ -138,9 +138,7 @@ class DetectorPipeline:
                     rows.append({"input": i, "x0": d.box[0], "y0": d.box[1], "x1": d.box[2], "y1": d.box[3],
                                  "class": d.label, "score": d.score, "error": ""})
             except BadItem as exc:  # the reason only: CBIS file names carry patient ids
-                reason = exc.reason
-                for form in sorted({path, str(Path(path).resolve())}, key=len, reverse=True):
-                    reason = reason.replace(form, f"input {i}")
+                reason = without_path(exc.reason, path, f"input {i}")
                 rows.append({"input": i, "x0": np.nan, "y0": np.nan, "x1": np.nan, "y1": np.nan, "class": "",
                              "score": np.nan, "error": reason})
         return pd.DataFrame(rows, columns=COLUMNS)

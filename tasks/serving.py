@@ -55,7 +55,7 @@ import torch
 from mammo_core import features, model_io, patches
 from mammo_core.errors import BadItem
 from mammo_core.model import FusedDenseNet
-from mammo_core.served_inputs import ServeLimits
+from mammo_core.served_inputs import ServeLimits, without_path
 from mammo_core.store import ArtifactStore, write_json_atomic
 from mammo_core.training import prepare_images
 
@@ -228,7 +228,7 @@ class ClassifierPipeline:
                 images.append(preprocess_patch(patch, self.patch_size, self.intensity))
                 rows.append(i)
             except BadItem as exc:  # the reason, never the path: CBIS file names carry patient ids
-                errors[i] = _without_path(exc.reason, path, f"row {i}")
+                errors[i] = without_path(exc.reason, path, f"row {i}")
         proba = np.full((len(frame), len(self.class_names)), np.nan)
         if rows:
             proba[rows] = self.predict_proba(np.stack(images))
@@ -237,15 +237,6 @@ class ClassifierPipeline:
                                                                                                   strict=True)]
         out[ERROR] = errors
         return out
-
-
-def _without_path(reason: str, path: str, label: str) -> str:
-    """``reason`` with the given path, and the file it resolves to, replaced by ``label``."""
-    if not path:
-        return reason
-    for form in sorted({path, str(Path(path).resolve())}, key=len, reverse=True):
-        reason = reason.replace(form, label)
-    return reason
 
 
 # --------------------------------------------------------------------------------------- pyfunc model
