@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from mammo_core.errors import ParamsError
 
@@ -193,6 +193,10 @@ class ClassifyParams(_Section):
     knn: dict[str, Any] = Field(default_factory=dict)
     rf: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+    latency_batch_sizes: list[PositiveInt] = Field(
+        default_factory=lambda: [1, 32], min_length=1,
+        description="batch sizes at which the trained chain and the single networks are timed (Table 6)")
+    latency_repeats: int = Field(default=5, ge=1, le=1000)
 
     @property
     def decoder(self) -> str:

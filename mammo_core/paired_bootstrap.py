@@ -136,3 +136,40 @@ def paired_table(a: pd.DataFrame, b: pd.DataFrame, split: str = "test",
                          "n_patients": d.n_patients, "n_items": d.n_items, "n_boot": n_boot,
                          "distinguishable": d.distinguishable})
     return pd.DataFrame(rows), notes
+
+
+def paired_metric_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, groups: np.ndarray,
+                             metric: str = "accuracy", n_boot: int = 2000, seed: int = 0,
+                             confidence: float = 0.95) -> PairedDifference:
+    """:func:`paired_difference` for aligned arrays (one row per item, both models' predictions on it)."""
+    pairs = pd.DataFrame({"label": np.asarray(y_true), "predicted_a": np.asarray(pred_a),
+                          "predicted_b": np.asarray(pred_b), "patient_id": np.asarray(groups).astype(str)})
+    return paired_difference(pairs, metric, n_boot=n_boot, seed=seed, confidence=confidence)
+
+
+def paired_mean_difference(values_a: np.ndarray, values_b: np.ndarray, groups: np.ndarray, metric: str,
+                           n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> PairedDifference:
+    """Paired CI of ``mean(B) - mean(A)`` for a per-item score (a retrieval query's AP), resampling patients.
+
+    Why: MAP is a mean over queries, so the same patient resampling as for accuracy applies; items whose
+    score is undefined in either model (NaN) are left out of both, so both means cover the same items.
+    """
+    a, b = np.asarray(values_a, dtype=np.float64), np.asarray(values_b, dtype=np.float64)
+    groups = np.asarray(groups).astype(str)
+    if not a.shape == b.shape == groups.shape:
+        raise NotPaired(f"per-item scores differ in length: {a.shape}, {b.shape}, patients {groups.shape}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b, groups = a[keep], b[keep], groups[keep]
+    nan = float("nan")
+    if a.size == 0:
+        return PairedDifference(metric, nan, nan, nan, nan, 0, 0, n_boot, confidence)
+    weights = metrics.patient_bootstrap_weights(groups, n_boot, seed)
+    totals = weights.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diffs = (weights @ b - weights @ a) / totals
+    diffs = diffs[np.isfinite(diffs)]
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = (np.percentile(diffs, [tail, 100.0 - tail]) if diffs.size else (nan, nan))
+    return PairedDifference(metric=metric, a=float(a.mean()), b=float(b.mean()), low=float(low), high=float(high),
+                            n_items=int(a.size), n_patients=int(pd.unique(groups).size), n_boot=n_boot,
+                            confidence=confidence)

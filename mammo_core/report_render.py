@@ -62,9 +62,13 @@ Block = Table | Figure | Note | Preformatted
 
 @dataclass
 class Section:
+    """A titled part of the report. ``lead`` sections come first, before the table of contents: what a
+    reader must know before reading any number (what was measured on what, the verdicts)."""
+
     heading: str
     blocks: list[Block] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    lead: bool = False
 
     @property
     def anchor(self) -> str:
@@ -130,14 +134,25 @@ def _md_table(table: Table) -> str:
     return "\n".join(lines)
 
 
+def _lead_first(sections: Sequence[Section]) -> list[Section]:
+    """Lead sections first (in their order), then the others: the table of contents goes between them."""
+    return [s for s in sections if s.lead] + [s for s in sections if not s.lead]
+
+
+def _n_lead(sections: Sequence[Section]) -> int:
+    return sum(1 for s in sections if s.lead)
+
+
 _NOTE_PREFIX = {"missing": "**Missing:** ", "warning": "**Warning:** "}
 
 
 def render_markdown(title: str, sections: Sequence[Section], figure_dir: str = "figures") -> str:
     """The report as Markdown; figures are referenced as ``<figure_dir>/<name>`` (see :func:`write_report`)."""
     out = [f"# {title}", ""]
-    out += [f"- [{s.heading}](#{s.anchor})" for s in sections] + [""]
-    for section in sections:
+    ordered = _lead_first(sections)
+    for section in ordered:
+        if not section.lead and section is ordered[_n_lead(sections)]:
+            out += [f"- [{s.heading}](#{s.anchor})" for s in sections] + [""]
         out += [f"## {section.heading}", ""]
         for block in section.blocks:
             if isinstance(block, Table):
@@ -204,10 +219,13 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
     """The report as one self-contained HTML page (inline CSS, figures as data URIs, no scripts or links out)."""
     esc = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
-           f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>", "<nav><ul>"]
-    out += [f'<li><a href="#{s.anchor}">{esc(s.heading)}</a></li>' for s in sections]
-    out.append("</ul></nav>")
-    for section in sections:
+           f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    ordered = _lead_first(sections)
+    for section in ordered:
+        if not section.lead and section is ordered[_n_lead(sections)]:
+            out.append("<nav><ul>")
+            out += [f'<li><a href="#{s.anchor}">{esc(s.heading)}</a></li>' for s in sections]
+            out.append("</ul></nav>")
         out.append(f'<section id="{section.anchor}"><h2>{esc(section.heading)}</h2>')
         for block in section.blocks:
             if isinstance(block, Table):

@@ -140,6 +140,17 @@ def mean_average_precision(
     return float(ap.mean()) if ap.size else float("nan")
 
 
+def average_precisions(
+    query_codes: np.ndarray, query_labels: np.ndarray, db_codes: np.ndarray, db_labels: np.ndarray
+) -> np.ndarray:
+    """Each query's AP (NaN where its class is absent from the database): what MAP averages.
+
+    Per query, so that two decoders' retrieval can be compared on the same queries with a paired
+    bootstrap over patients (:func:`mammo_core.paired_bootstrap.paired_mean_difference`).
+    """
+    return _per_query(query_codes, query_labels, db_codes, db_labels, _average_precision)
+
+
 def precision_at_k(
     query_codes: np.ndarray, query_labels: np.ndarray, db_codes: np.ndarray, db_labels: np.ndarray, k: int
 ) -> float:

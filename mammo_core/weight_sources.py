@@ -37,3 +37,21 @@ def resolved_source(path: str | os.PathLike[str] | None) -> str:
         return RANDOM
     resolved = str(path.resolve())
     return "sha256:" + _sha256_of(resolved, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+KNOWN_SOURCES = {"imagenet": "ImageNet", "coco": "COCO"}
+
+
+def describe(requested: str, path: str | os.PathLike[str] | None) -> dict[str, str]:
+    """How a network was initialised, for the report's header: requested source, outcome, file and sha256.
+
+    ``requested`` is the params value (``imagenet``, ``coco``, ``none`` or a path); ``path`` the file it
+    resolves to. A requested file that is absent means random initialisation, and the line says so.
+    """
+    source = resolved_source(path) if requested != "none" else RANDOM
+    wanted = KNOWN_SOURCES.get(requested, "random" if requested == "none" else "weights file")
+    if source == RANDOM:
+        outcome = "random" if requested == "none" else f"random ({wanted} requested, no file at {path})"
+        return {"requested": requested, "initialisation": outcome, "file": "", "sha256": ""}
+    return {"requested": requested, "initialisation": wanted, "file": str(Path(path).expanduser()),
+            "sha256": source.removeprefix("sha256:")}

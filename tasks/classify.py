@@ -6,11 +6,14 @@ Also measures the paper's Tables 2 and 3 from the Freeze1..3 branch predictions 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from mammo_core import classifiers, figures, h5io, metrics, model_io, retrieval
+from mammo_core.baselines import latency, networks
+from mammo_core.config import Params
 from mammo_core.store import write_json_atomic
 from tasks import runtime, serving
 from tasks.train import PREDICTIONS
@@ -18,6 +21,9 @@ from tasks.train import PREDICTIONS
 CODES_FILE = "codes.h5"
 MODEL_FILE = "fusion.skops"
 PREDICTIONS_FILE = "predictions.csv"  # per patch, val and test: what `mammo promote` / `mammo compare` pair on
+LATENCY_FILE = "latency.json"  # Table 6: the trained chain and the single networks timed in one process
+OURS = "ours (fused DenseNets + hash decoder + SVM/kNN/RF fusion, trained)"
+PROBA_PREFIX = "proba/"  # predictions.csv columns: one probability per class (macro AUC in the report)
 ROWS = ("knn", "svm", "rf", "fusion", "voting", "stacking")
 
 
@@ -82,7 +88,8 @@ def _run(ctx: runtime.StageContext) -> None:
             split_proba = aligned(est, x) if name != "fusion" else est.predict_proba(x)
             prediction_parts.append(pd.DataFrame({
                 "split": split, "classifier": name, "source_id": sources[split], "patient_id": groups, "label": y,
-                "predicted": np.asarray(classes)[split_proba.argmax(axis=1)]}))
+                "predicted": np.asarray(classes)[split_proba.argmax(axis=1)],
+                **{f"{PROBA_PREFIX}{c}": split_proba[:, i] for i, c in enumerate(class_names)}}))
         val_pred = prediction_parts[-2]["predicted"].to_numpy()
         if len(y_val):
             # Validation chose the fusion weights (and any grid search), so this is optimistic alike for every
@@ -125,6 +132,49 @@ def _run(ctx: runtime.StageContext) -> None:
     for name in ("table5_classifiers.csv", "table2_pairs.csv", "table3_errors.csv", "classifier.json"):
         ctx.log_artifact(ctx.workdir / name, "tables")
     serving.log_and_register(ctx)
+    _measure_latency(ctx, len(class_names))
+
+
+def _measure_latency(ctx: runtime.StageContext, num_classes: int) -> None:
+    """Table 6's time column: the trained chain that produced the fusion row, beside the single networks.
+
+    The chain is loaded from the sealed artifacts exactly as it is served (``serving.ClassifierPipeline``:
+    train weights, fusion weights, hash decoder, fused SVM/kNN/RF) and fed uint8 patches; the single networks
+    (``baselines.networks``, fresh builds: only the architecture decides their cost) get patch-sized
+    tensors. Every (model, batch size) runs interleaved in this one process, on the CPU the served chain
+    uses, so the rows compare like with like.
+    """
+    p = ctx.params.classify
+    files, sha256 = serving.gather_artifacts(ctx.store_root, ctx.workdir, ctx.upstream["train"].key,
+                                             ctx.upstream["hashing"].key)
+    chain = serving.ClassifierPipeline.load(files, sha256)
+    size = chain.patch_size
+    rng = np.random.default_rng(p.seed)
+    calls: dict[tuple[str, int], latency.Call] = {}
+    for batch in p.latency_batch_sizes:
+        images = rng.integers(0, 256, size=(batch, size, size), dtype=np.uint8)
+        calls[(OURS, batch)] = lambda images=images: chain.predict_proba(images)
+    for name in ctx.params.baselines.networks:
+        net = networks.build_baseline(name, num_classes, size, vgg_classifier=ctx.params.baselines.vgg_classifier,
+                                      seed=p.seed)
+        for batch in p.latency_batch_sizes:
+            calls[(name, batch)] = latency.module_call(net, batch, size, seed=p.seed)
+    rows = latency.batch_latency_rows(calls, repeats=p.latency_repeats)
+    write_json_atomic(ctx.workdir / LATENCY_FILE, {
+        "device": "cpu", "repeats": p.latency_repeats, "batch_sizes": list(p.latency_batch_sizes),
+        "patch_size": size, "ours": OURS, "rows": rows,
+        "note": "median over repeats of one call per (model, batch size), all interleaved in one process; the "
+                "single networks are untrained builds of the same architectures (their cost does not depend "
+                "on the weight values)"})
+    ctx.log_metrics({f"classify/latency/{'ours' if r['model'] == OURS else r['model']}/ms_per_image_bs"
+                     f"{r['batch_size']}": r["ms_per_image"] for r in rows})
+    ctx.log_artifact(ctx.workdir / LATENCY_FILE, "tables")
+
+
+def key_inputs(params: Params) -> dict[str, Any]:
+    """The single networks timed beside the chain (their architectures decide latency.json)."""
+    return {"latency_networks": list(params.baselines.networks),
+            "latency_vgg_classifier": params.baselines.vgg_classifier}
 
 
 SPEC = runtime.StageSpec(
@@ -132,4 +182,5 @@ SPEC = runtime.StageSpec(
     upstream=("hashing", "train"),
     sections=("classify",),
     run=_run,
+    key_inputs=key_inputs,
 )

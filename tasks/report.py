@@ -9,13 +9,18 @@ opening the run finds it first.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mammo_core import report
+from mammo_core import report, weight_sources
+from mammo_core.baselines import networks
+from mammo_core.config import Params
+from mammo_core.detection import builders
 from tasks import runtime, tracking
+from tasks.train import backbone_weights_file
 
 UPSTREAM = ("curate", "patches", "train", "features", "hashing", "classify", "detect", "baselines")
 
@@ -34,6 +39,27 @@ def log_report(client: MlflowClient, run_id: str, folder: Path) -> None:
         client.log_artifact(run_id, str(path), where)
 
 
+def initialisation(params: Params) -> list[dict[str, Any]]:
+    """Where every network of the run starts from (the report's header), resolved as the stages resolve it.
+
+    The same files decide the train, baselines and detect keys (their ``key_inputs``), so a report built
+    on those stages' folders names the files, and sha256, they were trained from.
+    """
+    rows = [{"network": "Freeze1, Freeze2, Freeze3 (DenseNet-121 branches)", "stage": "train",
+             **weight_sources.describe(params.train.weights, backbone_weights_file(params.train.weights))}]
+    b = params.baselines
+    for name in b.networks:
+        path = networks.imagenet_file(name) if b.weights == "imagenet" else None
+        rows.append({"network": name, "stage": "baselines", **weight_sources.describe(b.weights, path)})
+    d = params.detect
+    rows.append({"network": "ours (detector on the fused DenseNets)", "stage": "detect", "requested": "train stage",
+                 "initialisation": "the train stage's trained Freeze1-3 network", "file": "", "sha256": ""})
+    if "frcnn_r50" in d.baselines:
+        rows.append({"network": "frcnn_r50 (Faster R-CNN ResNet-50 FPN)", "stage": "detect",
+                     **weight_sources.describe(d.r50_weights, builders.r50_weights_file(d.r50_weights))})
+    return rows
+
+
 def _run(ctx: runtime.StageContext) -> None:
     tags = ctx.client.get_run(ctx.run_id).data.tags  # git_commit and the parent (``mammo run``) run id
     run_info = {
@@ -41,6 +67,7 @@ def _run(ctx: runtime.StageContext) -> None:
         "code_version": tags.get("git_commit") or "not recorded",
         "stage_keys": {name: ctx.upstream[name].key for name in UPSTREAM},
         "report_key": ctx.key,
+        "initialisation": initialisation(ctx.params),
     }
     report.build_report({name: Path(ctx.upstream[name].path) for name in UPSTREAM}, ctx.workdir, run_info)
     files = report_files(ctx.workdir)

@@ -23,6 +23,7 @@ BRANCHES = ("freeze1", "freeze2", "freeze3")
 KEYS = {"curate": "c" * 24, "patches": "p" * 24, "train": "t" * 24, "features": "f" * 24, "hashing": "h" * 24,
         "classify": "k" * 24, "detect": "d" * 24, "baselines": "b" * 24}
 NEW_STAGES = ("detect", "baselines")  # optional for the report: absent -> "not run"
+NO_CIS = "  |" * 8  # Tables 1/6/7: the interval columns, empty when no per-patch predictions were saved
 
 
 def _png(path: Path, shade: int) -> None:
@@ -219,8 +220,9 @@ def test_numbers_come_out_as_written_in_their_source_files(built):
     _, _, md = built
     s = sections_of(md)
     # Table 5: our row with its CI, next to the paper's claim for the same row.
-    assert "| fusion | 0.7125 | 0.5125 | 0.8125 | 0.66 | 0.67 | 0.77 | 91.49 |  |" in s["Table 5"]
-    assert "| knn | 0.6125 | 0.4125 | 0.7625 | 0.55 | 0.58 | 0.71 | 83.50 |  |" in s["Table 5"]
+    # accuracy, CI, balanced accuracy, its CI, macro AUC, its CI (no predictions.csv here: empty), macro F1, claim
+    assert "| fusion | 0.7125 | 0.5125 | 0.8125 | 0.67 |  |  | 0.77 |  |  | 0.66 | 91.49 |  |" in s["Table 5"]
+    assert "| knn | 0.6125 | 0.4125 | 0.7625 | 0.58 |  |  | 0.71 |  |  | 0.55 | 83.50 |  |" in s["Table 5"]
     assert "not fitted: too few samples" in s["Table 5"]
     assert "95% patient-bootstrap percentile interval (200 resamples)" in s["Table 5"]
     assert "| svm | 0.4 |" in s["Table 5"]  # fusion weight from classifier.json
@@ -239,9 +241,10 @@ def test_numbers_come_out_as_written_in_their_source_files(built):
     assert "| 1 | 90.55 | 89.60 | 92.06 | 92.30 | 93.05 | 93.05 |" in s["Table 2"]  # claims, separate table
     assert "| all | 16 | 4 | 17 | 23 | 44 | 1 |" in s["Table 3"]
     # Table 7: parameter counts (model_config.json), head accuracy (train), probe accuracy (features).
-    assert "| freeze1 | 4309366 | 662186 | 4.76M | 0.3125 | 0.5313 | 93.01 |" in s["Table 7"]
-    assert "| freeze3 | 1306099 | 3665453 | 0.95M | 0.5625 | 0.5781 | 91.88 |" in s["Table 7"]
-    assert "| fused |  |  | - |  | 0.6875 | 94.48 |" in s["Table 7"]
+    # (the eight interval columns are empty: this store has no train/predictions.h5)
+    assert "| freeze1 | 4309366 | 662186 | 4.76M | 0.3125 |" + NO_CIS + " 0.5313 | 93.01 |" in s["Table 7"]
+    assert "| freeze3 | 1306099 | 3665453 | 0.95M | 0.5625 |" + NO_CIS + " 0.5781 | 91.88 |" in s["Table 7"]
+    assert "| fused |  |  | - |  |" + NO_CIS + " 0.6875 | 94.48 |" in s["Table 7"]
     # Figure 9: curves per epoch, chosen weights vs the paper's, best grid row first.
     assert "| 2 | 0.3125 | 0.3375 | 0.3625 |" in s["Figure 9"]
     assert "| freeze3 | 0.5 | 0.3 |" in s["Figure 9"]
@@ -287,17 +290,22 @@ def test_single_networks_and_classic_methods_fill_tables_1_and_6_with_claims_bes
     _, _, md = built
     s = sections_of(md)
     t1 = s["Table 1"]
-    assert "| sift_bovw_svm | classic | 0.4062 | 0.25 | 0.5625 | SIFT-BoVW | 89.05 | baselines/baselines.json |" in t1
-    assert "| densenet121 | single network | 0.6562 | 0.4688 | 0.7812 | DenseNet | 93.70 |" in t1
-    assert "| resnet50 | single network | 0.625 | 0.4375 | 0.75 |  |  |" in t1  # the paper has no such row
-    assert "| freeze2 | our branch (own head) | 0.4375 |  |  |  |  | train/manifest.json |" in t1
-    assert "| fusion | ours: fused SVM+kNN+RF on hash codes | 0.7125 | 0.5125 | 0.8125 | Our | 94.68 |" in t1
+    # accuracy and CI, balanced accuracy and CI, macro AUC and CI, the paper's row and claim, the source
+    assert ("| sift_bovw_svm | classic | 0.4062 | 0.25 | 0.5625 |  |  |  |  |  |  | SIFT-BoVW | 89.05 | "
+            "baselines/baselines.json |") in t1
+    assert "| densenet121 | single network | 0.6562 | 0.4688 | 0.7812 | 0.625 |  |  |  |  |  | DenseNet | 93.70 |" in t1
+    assert "| resnet50 | single network | 0.625 | 0.4375 | 0.75 | 0.6 |  |  |  |  |  |  |  |" in t1  # no paper row
+    assert "| freeze2 | our branch (own head) | 0.4375 |  |  |  |  |  |  |  |  |  |  | train/manifest.json |" in t1
+    assert ("| fusion | ours: fused SVM+kNN+RF on hash codes | 0.7125 | 0.5125 | 0.8125 | 0.67 |  |  | 0.77 |  |  "
+            "| Our | 94.68 |") in t1
     assert "Majority-class rate on the test split: 0.3438" in t1
     assert "not run" not in t1
     t6 = s["Table 6"]
-    assert "| vgg16 | 0.5625 | 0.375 | 0.6875 | 0.5 | 12.5 | 134.3 | 32 | 2 | none | 90.09 | 6.062 |" in t6
-    assert "| fusion | 0.7125 | 0.5125 | 0.8125 | 0.67 |  |  |  |  |  | 94.48 | 15.052 |" in t6
-    assert "fused model's inference latency is not recorded by any artifact" in t6
+    assert ("| vgg16 | single network | 0.5625 | 0.375 | 0.6875 | 0.5 |  |  |  |  |  | 12.5 | 134.3 | 32 | 2 | none "
+            "| 90.09 | 6.062 |") in t6
+    assert ("| fusion | ours: fused DenseNets + hash decoder + SVM/kNN/RF | 0.7125 | 0.5125 | 0.8125 | 0.67 |  |  "
+            "| 0.77 |  |  |  |  |  |  |  | 94.48 | 15.052 |") in t6
+    assert "classify/latency.json is missing: the fused model's time was not measured" in t6
     curves = s["Figure 10"]
     assert "| 2 | 0.4062 | 0.4375 | 0.4688 | 0.5 |" in curves
     assert "](figures/baselines_figure10_val_curves.png)" in curves
@@ -308,17 +316,34 @@ def test_single_networks_and_classic_methods_fill_tables_1_and_6_with_claims_bes
     assert f"Source: classify/table5_classifiers.csv (key {KEYS['classify']}" in t6
 
 
-def test_fused_latency_is_shown_when_a_stage_records_it(tmp_path):
+def _reseal(folder: Path, stage: str) -> None:
+    """Rewrite a fake stage folder's manifest after adding files (keeps its metrics, params and upstream)."""
+    old = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    (folder / "manifest.json").unlink()
+    _seal(folder, stage, old["metrics"], old["params"], old["upstream"])
+
+
+def test_table6_times_the_trained_chain_beside_the_single_networks_from_one_process(tmp_path):
     dirs = make_store(tmp_path / "stages")
-    manifest = json.loads((dirs["features"] / "manifest.json").read_text(encoding="utf-8"))
-    manifest["metrics"]["features/fused/latency_ms"] = 17.375
-    (dirs["features"] / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    ours = "ours (fused DenseNets + hash decoder + SVM/kNN/RF fusion, trained)"
+    rows = [{"model": m, "batch_size": b, "ms_per_batch": ms * b, "ms_per_image": ms}
+            for m, per_batch in ((ours, {1: 17.375, 32: 4.25}), ("vgg16", {1: 9.5, 32: 2.125}))
+            for b, ms in per_batch.items()]
+    _write_json(dirs["classify"] / "latency.json", {"device": "cpu", "repeats": 5, "batch_sizes": [1, 32],
+                                                    "ours": ours, "rows": rows})
+    _reseal(dirs["classify"], "classify")
     build_report(dirs, tmp_path / "report", {})
     t6 = sections_of((tmp_path / "report" / "report.md").read_text(encoding="utf-8"))["Table 6"]
-    assert "| fusion | 0.7125 | 0.5125 | 0.8125 | 0.67 | 17.375 |" in t6
-    assert "classify/table5_classifiers.csv, features/manifest.json |" in t6
-    assert f"Source: features/manifest.json (key {KEYS['features']}, metric features/fused/latency_ms)" in t6
-    assert "not recorded" not in t6
+    # ms per image at batch 1 and batch 32 beside each other; the baselines stage's own time is not shown
+    assert "| vgg16 | single network | 0.5625 | 0.375 | 0.6875 | 0.5 |  |  |  |  |  | 9.5 | 2.125 | 134.3 |" in t6
+    assert "| inception_v3 | single network | 0.5938 | 0.4062 | 0.7188 | 0.55 |  |  |  |  |  |  |  | 21.8 |" in t6
+    assert ("| fusion | ours: fused DenseNets + hash decoder + SVM/kNN/RF | 0.7125 | 0.5125 | 0.8125 | 0.67 |  |  "
+            "| 0.77 |  |  | 17.375 | 4.25 |") in t6
+    assert "ms/image batch 1 | ms/image batch 32" in t6 and "12.5" not in t6
+    assert "classify/table5_classifiers.csv, classify/latency.json |" in t6
+    assert f"Source: classify/latency.json (key {KEYS['classify']}" in t6
+    assert "every model timed in one process on cpu at batch sizes [1, 32]" in t6
+    assert "is missing" not in t6.replace("classify/predictions.csv is missing", "")
 
 
 def test_detection_fills_table_8_with_claims_and_the_reason_fast_rcnn_is_absent(built):
@@ -348,7 +373,7 @@ def test_stages_not_in_this_pipeline_say_so_and_show_no_value_of_ours(tmp_path):
     s = sections_of(md)
     for label, stage in (("Table 1", "baselines"), ("Table 6", "baselines"), ("Table 8", "detect"),
                          ("Figure 10", "baselines")):
-        assert f"not run in this pipeline version: needs the {stage} stage" in s[label]
+        assert f"not run: no {stage} stage folder was given to this report" in s[label]
         assert "Source: " not in s[label].replace("Source: the paper", "")  # nothing of ours was read
     assert "| Our | 94.68 |" in s["Table 1"]  # the claim, in a table labelled as claims
     assert "| Faster RCNN | 70.03 | 325 |" in s["Table 8"]
@@ -397,7 +422,7 @@ def test_missing_artifacts_are_named_and_the_rest_still_reported(tmp_path):
     assert "**Missing:** train/confusion_freeze2.png is missing" in s["Figure 12"]
     assert "| CALC_MALIGNANT | 0 | 3 | 17 |" in s["Figure 12"]  # the matrix from its CSV still shown
     assert "features/manifest.json: no features stage folder was given" in s["Table 7"]
-    assert "| freeze1 | 4309366 | 662186 | 4.76M | 0.3125 |  | 93.01 |" in s["Table 7"]
+    assert "| freeze1 | 4309366 | 662186 | 4.76M | 0.3125 |" + NO_CIS + "  | 93.01 |" in s["Table 7"]
     assert "features/fusion.json: no features stage folder" in s["Figure 9"]
     assert "| fusion | 0.7125 | 0.5125 | 0.8125 |" in s["Table 5"]
     html = (out / "report.html").read_text(encoding="utf-8")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -42,3 +42,52 @@ def latency_ms(models: Mapping[str, nn.Module], patch_size: int, *, repeats: int
                 _sync(device)
                 seconds[name].append(time.perf_counter() - start)
     return {name: 1000.0 * statistics.median(v) for name, v in seconds.items()}
+
+
+Call = Callable[[], object]
+
+
+def interleaved_ms(calls: Mapping[str, Call], *, repeats: int, sync: Callable[[], None] = lambda: None
+                   ) -> dict[str, float]:
+    """``name -> median milliseconds per call`` of zero-argument calls run interleaved after one warm-up each.
+
+    Why interleaved: on a shared machine the load changes from second to second; running every call once
+    per repeat lets a busy moment hit all of them alike, so their ratios hold even when absolute times drift.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        call()
+    for _ in range(repeats):
+        for name, call in calls.items():
+            sync()
+            start = time.perf_counter()
+            call()
+            sync()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * statistics.median(v) for name, v in seconds.items()}
+
+
+def module_call(model: nn.Module, batch: int, patch_size: int, seed: int = 0) -> Call:
+    """A call running ``model`` in eval and inference mode on a fixed random batch of patch-sized images."""
+    x = torch.randn(batch, 3, patch_size, patch_size, generator=torch.Generator().manual_seed(seed))
+    model.eval()
+
+    def call() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    return call
+
+
+def batch_latency_rows(calls: Mapping[tuple[str, int], Call], *, repeats: int) -> list[dict[str, object]]:
+    """Rows ``model, batch_size, ms_per_batch, ms_per_image`` for calls keyed by (model, batch size).
+
+    All (model, batch) calls are interleaved in one loop, so every row of the table is measured under the
+    same conditions, in one process.
+    """
+    named = {f"{model}@{batch}": call for (model, batch), call in calls.items()}
+    ms = interleaved_ms(named, repeats=repeats)
+    return [{"model": model, "batch_size": int(batch), "ms_per_batch": ms[f"{model}@{batch}"],
+             "ms_per_image": ms[f"{model}@{batch}"] / int(batch)} for model, batch in calls]
