@@ -310,7 +310,8 @@ CI_COLUMNS = {"acc_ci_low": "acc ci_low", "acc_ci_high": "acc ci_high", "balance
 
 def _frame_cis(frame: pd.DataFrame, n_boot: int, class_names: list[str] | None = None) -> dict[str, float]:
     """:func:`metrics_with_ci` of one model's test predictions (columns as ``classify/predictions.csv``)."""
-    names = class_names or [c.removeprefix(PROBA_PREFIX) for c in frame.columns if c.startswith(PROBA_PREFIX)]
+    names = class_names or [c[len(prefix):] for c in frame.columns for prefix in (PROBA_PREFIX, "proba_")
+                            if c.startswith(prefix)]
     proba = _proba_of(frame, names) if names else None
     return metrics_with_ci(frame["label"].to_numpy(), frame["predicted"].to_numpy(), proba,
                            frame["patient_id"].astype(str).to_numpy(), n_boot)
@@ -579,7 +580,9 @@ def _table6(art: _Artifacts) -> Section:
         name = str(row.get("name", ""))
         ci = _frame_cis(by_name[name], _n_boot(art)) if name in by_name else {}
         acc_ci = row.get("accuracy_ci") or [np.nan, np.nan]
-        add(name, "Freeze3 + another network (section 4.7)",
+        kind = ("Freeze3 + another network (section 4.7)" if name.lower().startswith("freeze3+") else
+                "same head as the Freeze3 + X rows (section 4.7)")
+        add(name, kind,
             {"test_acc": row.get("accuracy", np.nan), "ci_low": acc_ci[0], "ci_high": acc_ci[1],
              "balanced_acc": row.get("balanced_accuracy", np.nan), "macro_auc": row.get("macro_auc", np.nan)},
             ci, f"baselines/{FREEZE3_FUSION}")
@@ -717,6 +720,7 @@ N_BOOT_DEFAULT = 1000
 PAIRED_N_BOOT = 2000
 FREEZE3_FUSION = "freeze3_fusion.json"
 FREEZE3_FUSION_PREDICTIONS = "freeze3_fusion_predictions.csv"
+THREE_BRANCH = "Freeze1+Freeze2+Freeze3"  # the baselines stage's three-branch row under the Freeze3 + X head
 PROBA_PREFIX = "proba/"
 _ID_COLUMNS = {"source_id": ("source_id", "patch_id"), "patient_id": ("patient_id",),
                "label": ("label", "y_true"), "predicted": ("predicted", "y_pred"),
@@ -880,7 +884,7 @@ def _freeze3_comparisons(reader: _Reader, fusion: pd.DataFrame | None) -> tuple[
     names = [str(r.get("name", "")) for r in rows if str(r.get("name", "")).lower().startswith("freeze3+")]
     by_name = ({str(n): f.reset_index(drop=True) for n, f in predictions.groupby("name")}
                if predictions is not None and "name" in predictions.columns else {})
-    three = next((n for n in by_name if not n.lower().startswith("freeze3+")), None)
+    three = THREE_BRANCH if THREE_BRANCH in by_name else None
     reference, ref_name, note = (by_name[three], three, "same head as the Freeze3 + X rows") if three else \
         (fusion, "fusion (ours: hash codes + SVM/kNN/RF)", "our end-to-end fused classifier; the Freeze3 + X "
          "rows have the baselines stage's head")
@@ -898,6 +902,10 @@ def _freeze3_comparisons(reader: _Reader, fusion: pd.DataFrame | None) -> tuple[
 
 
 def _ci_of(row: Mapping[str, Any], metric: str) -> tuple[float, float] | None:
+    """A detection row's interval of ``metric``: ``ci95: {metric: {low, high}}`` (detect stage) or flat keys."""
+    nested = (row.get("ci95") or {}).get(metric)
+    if isinstance(nested, Mapping) and nested.get("low") is not None and nested.get("high") is not None:
+        return float(nested["low"]), float(nested["high"])
     ci = row.get(f"{metric}_ci")
     if isinstance(ci, list | tuple) and len(ci) == 2:
         return float(ci[0]), float(ci[1])

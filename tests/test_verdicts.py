@@ -101,7 +101,9 @@ def add_predictions(dirs: dict[str, Path], freeze3_fusion: bool = True) -> dict[
         "svm": _right_where(y, (idx % 5 != 4) & (idx != 0)),  # one patch worse than fusion: noise
         "knn": _right_where(y, idx % 5 != 4),  # equal to fusion
         "rf": y.copy(),  # 100 %: contradicts "fusion beats each classifier"
-        "Freeze3+VGG16": _right_where(y, idx % 5 == 0),  # fusion clearly better
+        "Freeze1+Freeze2+Freeze3": _right_where(y, idx % 5 != 4),  # the three branches under the X rows' head
+        "Freeze3": _right_where(y, idx % 5 == 0),
+        "Freeze3+VGG16": _right_where(y, idx % 5 == 0),  # the three-branch row clearly better
         "Freeze3+ResNet50": y.copy(),  # fusion clearly worse
     }
     with h5py.File(dirs["patches"] / "patches.h5", "w") as fh:
@@ -128,13 +130,13 @@ def add_predictions(dirs: dict[str, Path], freeze3_fusion: bool = True) -> dict[
     _reseal(dirs["classify"], "classify")
     if freeze3_fusion:
         rows, frames = [], []
-        for name in ("Freeze3+VGG16", "Freeze3+ResNet50"):
+        for name in ("Freeze1+Freeze2+Freeze3", "Freeze3", "Freeze3+VGG16", "Freeze3+ResNet50"):
             p = preds[name]
             rows.append({"name": name, "accuracy": metrics.ACCURACY(y, p), "accuracy_ci": [0.1, 0.3],
                          "balanced_accuracy": metrics.BALANCED_ACCURACY(y, p), "macro_auc": 0.6, "n_test": N})
             frame = pd.DataFrame({"name": name, "patch_id": ids, "patient_id": groups, "y_true": y, "y_pred": p})
-            for i in range(len(CLASSES)):
-                frame[f"proba_{i}"] = _proba(p)[:, i]
+            for i, c in enumerate(CLASSES):
+                frame[f"proba_{c}"] = _proba(p)[:, i]
             frames.append(frame)
         _write_json(dirs["baselines"] / "freeze3_fusion.json", rows)
         pd.concat(frames).to_csv(dirs["baselines"] / "freeze3_fusion_predictions.csv", index=False)
@@ -166,6 +168,7 @@ def test_the_report_opens_with_verdicts_computed_from_the_saved_predictions(tmp_
     assert part.loc["fusion - rf", "verdict"] == vd.CONTRADICTED
     assert summary["classifier fusion beats each classifier"] == vd.CONTRADICTED
     f3 = parts[parts["paper claim"] == "three-branch fusion beats Freeze3 + another network"].set_index("comparison")
+    assert list(f3.index) == ["Freeze1+Freeze2+Freeze3 - Freeze3+VGG16", "Freeze1+Freeze2+Freeze3 - Freeze3+ResNet50"]
     assert f3.filter(like="Freeze3+VGG16", axis=0)["verdict"].item() == vd.REPRODUCED
     assert f3.filter(like="Freeze3+ResNet50", axis=0)["verdict"].item() == vd.CONTRADICTED
     assert summary["divide-and-encode beats FC at every q"] == vd.NOT_TESTED  # no hashing/codes.h5 here
@@ -184,6 +187,8 @@ def test_the_report_opens_with_verdicts_computed_from_the_saved_predictions(tmp_
     # Table 6 shows the Freeze3 + X rows with intervals computed from their predictions
     t6 = pd.read_csv(tmp_path / "report" / "tables" / "table6_single_networks.csv").set_index("method")
     assert t6.loc["Freeze3+ResNet50", "balanced_acc"] == pytest.approx(1.0)
+    assert t6.loc["Freeze3+ResNet50", "macro AUC ci_low"] == pytest.approx(1.0)  # from its proba_<class> columns
+    assert t6.loc["Freeze3", "kind"] == "same head as the Freeze3 + X rows (section 4.7)"
     assert t6.loc["Freeze3+VGG16", "test_acc"] == pytest.approx(np.mean(known["Freeze3+VGG16"] == y))
 
 
@@ -206,3 +211,20 @@ def test_intervals_beside_accuracy_are_the_patient_bootstrap_of_the_saved_predic
     summary, parts, md = _verdicts(tmp_path / "report")
     assert summary["three-branch fusion beats Freeze3 + another network"] == vd.NOT_TESTED
     assert "the baselines stage wrote no freeze3_fusion.json" in md
+
+
+def test_the_detector_claim_reads_the_detect_stages_bootstrap_intervals(tmp_path):
+    dirs = make_store(tmp_path / "stages")
+    det = json.loads((dirs["detect"] / "detection.json").read_text(encoding="utf-8"))
+    intervals = {"ours": (0.40, 0.47), "ours_nohash": (0.3, 0.5), "frcnn_r50": (0.25, 0.35)}
+    for row in det["rows"]:
+        low, high = intervals[row["model"]]
+        row["ci95"] = {"map50": {"value": row["map50"], "low": low, "high": high}}
+    _write_json(dirs["detect"] / "detection.json", det)
+    _reseal(dirs["detect"], "detect")
+    build_report(dirs, tmp_path / "report", {})
+    summary, parts, _ = _verdicts(tmp_path / "report")
+    assert summary["our detector is faster and more accurate than Faster R-CNN"] == vd.REPRODUCED
+    row = parts.set_index("metric").loc["mAP@0.5"]
+    assert (row["claimed better (ours)"], row["other (ours)"]) == (0.4375, 0.3125)
+    assert "ours [0.4000, 0.4700], frcnn_r50 [0.2500, 0.3500]" in row["from"]
