@@ -252,33 +252,48 @@ def _table3(art: _Artifacts) -> Section:
     return section
 
 
+SINGLE = "freeze3"  # the single DenseNet of the paper's Tables 4 and 5 (hashing and classify stages)
+
+
+def _optional_csv(reader: _Reader, stage: str, name: str) -> pd.DataFrame | None:
+    """A file that older stage versions did not write: read and cited when present, None (no note) otherwise."""
+    folder = reader.art.dirs.get(stage)
+    return reader.csv(stage, name) if folder is not None and (folder / name).is_file() else None
+
+
+def _table4_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """Table 4's columns (MAP per decoder with spread, claims, paired difference) from a ``table4_map*.csv``."""
+    bits = table["bits"].astype(int)
+    frame = pd.DataFrame({
+        "bits": bits,
+        "seeds": table.get("n_seeds"),
+        "hash MAP": table["hash_map"],
+        "hash MAP sd": table.get("hash_map_std"),
+        "paper (claim) hash MAP": [claims.TABLE4_MAP["hash"].get(b, "") for b in bits],
+        "FC MAP": table["fc_map"],
+        "FC MAP sd": table.get("fc_map_std"),
+        "paper (claim) FC MAP": [claims.TABLE4_MAP["fc"].get(b, "") for b in bits],
+        "hash - FC (paired, mean)": table.get("hash_map_minus_fc_map"),
+        "hash - FC sd": table.get("hash_map_minus_fc_map_std"),
+        "hash - FC min": table.get("hash_map_minus_fc_map_min"),
+        "hash - FC max": table.get("hash_map_minus_fc_map_max"),
+        "seeds hash > FC": table.get("hash_map_wins"),
+        "hash P@10": table.get("hash_p@10"),
+        "FC P@10": table.get("fc_p@10"),
+    }).dropna(axis=1, how="all")
+    return frame
+
+
 def _table4(art: _Artifacts) -> Section:
     section = Section("Table 4: hash decoder vs fully-connected alternative, retrieval MAP by code length")
     reader = _Reader(art, section)
     table = reader.csv("hashing", "table4_map.csv")
     if table is not None:
-        bits = table["bits"].astype(int)
-        frame = pd.DataFrame({
-            "bits": bits,
-            "seeds": table.get("n_seeds"),
-            "hash MAP": table["hash_map"],
-            "hash MAP sd": table.get("hash_map_std"),
-            "paper (claim) hash MAP": [claims.TABLE4_MAP["hash"].get(b, "") for b in bits],
-            "FC MAP": table["fc_map"],
-            "FC MAP sd": table.get("fc_map_std"),
-            "paper (claim) FC MAP": [claims.TABLE4_MAP["fc"].get(b, "") for b in bits],
-            "hash - FC (paired, mean)": table.get("hash_map_minus_fc_map"),
-            "hash - FC sd": table.get("hash_map_minus_fc_map_std"),
-            "hash - FC min": table.get("hash_map_minus_fc_map_min"),
-            "hash - FC max": table.get("hash_map_minus_fc_map_max"),
-            "seeds hash > FC": table.get("hash_map_wins"),
-            "hash P@10": table.get("hash_p@10"),
-            "FC P@10": table.get("fc_p@10"),
-        }).dropna(axis=1, how="all")
-        section.add(Table("table4_map", frame, "Ours: MAP (and precision at 10) of test queries retrieving from the "
-                          "training codes, per code length; MAP is the mean over the training seeds, sd the "
-                          "sample standard deviation across seeds, and hash - FC the difference taken per seed "
-                          "(both decoders trained with the same seed) then summarised"))
+        frame = _table4_frame(table)
+        section.add(Table("table4_map", frame, "Ours, fused features (Freeze1-3): MAP (and precision at 10) of test "
+                          "queries retrieving from the training codes, per code length; MAP is the mean over the "
+                          "training seeds, sd the sample standard deviation across seeds, and hash - FC the "
+                          "difference taken per seed (both decoders trained with the same seed) then summarised"))
         if "n_seeds" not in table.columns:
             section.note("table4_map.csv has no per-seed summary (a hashing stage of an older version): one "
                          "training run per decoder, so the spread over seeds is unknown", "warning")
@@ -289,6 +304,14 @@ def _table4(art: _Artifacts) -> Section:
         if by_seed is not None:
             section.add(Table("table4_map_by_seed", by_seed, "MAP of each decoder per code length and training seed "
                               "(hash_minus_fc_map: the paired difference of that seed)"))
+        single = _optional_csv(reader, "hashing", f"table4_map_{SINGLE}.csv")
+        if single is not None:
+            section.add(Table(f"table4_map_single_{SINGLE}", _table4_frame(single), "Ours, single DenseNet "
+                              f"({SINGLE} features alone, the paper's setting for this table): the same decoders, "
+                              "seeds and budget"))
+        else:
+            section.note(f"hashing/table4_map_{SINGLE}.csv is absent (a hashing stage of an older version): no "
+                         "single-DenseNet rows", "warning")
         section.note(CLAIM_NOTE + " The project's paper notes say this table of the paper resembles the results of "
                      "Lai et al. (CVPR 2015).", "claim")
         _cite_paper(section, "Table 4")
@@ -355,8 +378,17 @@ def _table5(art: _Artifacts) -> Section:
             frame["note"] = table["note"].fillna("")
         params = (manifest or {}).get("params", {}).get("classify", {})
         boot = f"{params['n_boot']} resamples" if "n_boot" in params else "resample count not recorded"
-        section.add(Table("table5_classifiers", frame, f"Ours: test accuracy with its 95% patient-bootstrap "
-                          f"percentile interval ({boot}), codes {params.get('codes', '?')}"))
+        section.add(Table("table5_classifiers", frame, f"Ours, fused features (Freeze1-3): test accuracy with its "
+                          f"95% patient-bootstrap percentile interval ({boot}), codes {params.get('codes', '?')}"))
+        single = _optional_csv(reader, "classify", f"table5_single_{SINGLE}.csv")
+        if single is not None:
+            cols = [c for c in ("classifier", "test_acc", "test_acc_ci_low", "test_acc_ci_high", "balanced_acc",
+                                "auc_ovr_macro", "macro_f1") if c in single.columns]
+            one = single[cols].copy()
+            _insert_cis(one, [cis.get(f"{SINGLE}/{c}", {}) for c in single["classifier"]])
+            one["paper (claim) accuracy %"] = [claims.TABLE5_ACCURACY_PCT.get(c, "") for c in single["classifier"]]
+            section.add(Table(f"table5_single_{SINGLE}", one, f"Ours, single DenseNet ({SINGLE} codes alone, the "
+                              "paper's setting for this table): the same classifiers and weight choice"))
         section.note(CLAIM_NOTE + " The paper's 'Ours' row is our 'fusion' row.", "claim")
         _cite_paper(section, "Table 5")
         recall = [c for c in table.columns if c.startswith("recall/")]
@@ -838,7 +870,10 @@ def _classifier_rows(test: pd.DataFrame | None, name: str) -> pd.DataFrame | Non
 
 
 def _hash_vs_fc(reader: _Reader) -> list[vd.Comparison]:
-    """Per code length: paired CI of mean AP (hash - FC) on the first seed's codes, resampling test patients."""
+    """Per code length: paired CI of mean AP (hash - FC) on the first seed's codes, resampling test patients.
+
+    On the fused codes and, when the hashing stage wrote them, on the single DenseNet's (``freeze3/``).
+    """
     path = reader.path("hashing", "codes.h5")
     if path is None:
         return [vd.Comparison("hash", "FC", "MAP", None, "not tested: hashing/codes.h5 missing")]
@@ -846,17 +881,20 @@ def _hash_vs_fc(reader: _Reader) -> list[vd.Comparison]:
     with h5io.open_for_reading(path) as fh:
         labels = {s: fh[f"labels/{s}"][:] for s in ("train", "test")}
         patients = np.array([p.decode() if isinstance(p, bytes) else str(p) for p in fh["patient_id/test"][:]])
-        bits = sorted(int(q) for q in fh["hash"]) if "hash" in fh else []
-        for q in bits:
-            if f"fc/{q}/test" not in fh:
-                out.append(vd.Comparison(f"hash@{q}", f"FC@{q}", "MAP", None, "not tested: no FC codes"))
-                continue
-            ap = {kind: retrieval.average_precisions(fh[f"{kind}/{q}/test"][:], labels["test"],
-                                                     fh[f"{kind}/{q}/train"][:], labels["train"])
-                  for kind in ("hash", "fc")}
-            diff = pb.paired_mean_difference(ap["fc"], ap["hash"], patients, f"MAP@{q}", n_boot=PAIRED_N_BOOT)
-            out.append(vd.Comparison(f"hash@{q}", f"FC@{q}", "MAP (first seed's codes)", diff,
-                                     "hashing/codes.h5 (test queries vs training database)"))
+        for prefix, label in (("", "fused"), (f"{SINGLE}/", f"single {SINGLE}")):
+            group = fh.get(f"{prefix}hash")
+            for q in sorted(int(b) for b in group) if group is not None else []:
+                if f"{prefix}fc/{q}/test" not in fh:
+                    out.append(vd.Comparison(f"hash@{q}", f"FC@{q}", f"MAP ({label})", None,
+                                             "not tested: no FC codes"))
+                    continue
+                ap = {kind: retrieval.average_precisions(fh[f"{prefix}{kind}/{q}/test"][:], labels["test"],
+                                                         fh[f"{prefix}{kind}/{q}/train"][:], labels["train"])
+                      for kind in ("hash", "fc")}
+                diff = pb.paired_mean_difference(ap["fc"], ap["hash"], patients, f"MAP@{q}", n_boot=PAIRED_N_BOOT)
+                out.append(vd.Comparison(f"hash@{q}", f"FC@{q}", f"MAP ({label}, first seed's codes)", diff,
+                                         f"hashing/codes.h5 {prefix}<hash|fc>/{q} (test queries vs training "
+                                         "database)"))
     return out or [vd.Comparison("hash", "FC", "MAP", None, "not tested: hashing/codes.h5 holds no codes")]
 
 
@@ -954,8 +992,10 @@ def measured_claims(art: _Artifacts, section: Section) -> list[vd.Claim]:
                  _hash_vs_fc(reader) if _given(art, "hashing") else
                  [vd.Comparison("hash", "FC", "MAP", None, "not tested: no hashing stage folder")]),
         vd.Claim("classifier fusion beats each classifier", "Table 5",
-                 [_comparison("fusion", c, fusion, _classifier_rows(test, c), "classify/predictions.csv")
-                  for c in ("svm", "knn", "rf")]),
+                 [_comparison(f"{prefix}fusion", f"{prefix}{c}", _classifier_rows(test, f"{prefix}fusion"),
+                              _classifier_rows(test, f"{prefix}{c}"), "classify/predictions.csv")
+                  for prefix in ("", f"{SINGLE}/") for c in ("svm", "knn", "rf")
+                  if not prefix or _classifier_rows(test, f"{prefix}fusion") is not None]),
     ]
     three, why = _freeze3_comparisons(reader, fusion) if _given(art, "baselines") else \
         ([], "not tested here: no baselines stage folder was given")

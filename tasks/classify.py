@@ -16,6 +16,7 @@ from mammo_core.baselines import latency, networks
 from mammo_core.config import Params
 from mammo_core.store import write_json_atomic
 from tasks import runtime, serving
+from tasks.hashing import SINGLE
 from tasks.train import PREDICTIONS
 
 CODES_FILE = "codes.h5"
@@ -23,6 +24,7 @@ MODEL_FILE = "fusion.skops"
 PREDICTIONS_FILE = "predictions.csv"  # per patch, val and test: what `mammo promote` / `mammo compare` pair on
 LATENCY_FILE = "latency.json"  # Table 6: the trained chain and the single networks timed in one process
 OURS = "ours (fused DenseNets + hash decoder + SVM/kNN/RF fusion, trained)"
+SINGLE_TABLE = f"table5_single_{SINGLE}.csv"  # Table 5 on a single DenseNet (the paper's setting)
 PROBA_PREFIX = "proba/"  # predictions.csv columns: one probability per class (macro AUC in the report)
 ROWS = ("knn", "svm", "rf", "fusion", "voting", "stacking")
 
@@ -111,8 +113,10 @@ def _run(ctx: runtime.StageContext) -> None:
                                                   ctx.workdir / "confusion_fusion.png")
             ctx.log_artifact(fig, "figures")
     pd.DataFrame(table).to_csv(ctx.workdir / "table5_classifiers.csv", index=False)
+    single_parts = _single_branch(ctx, codes_path, class_names, sources, metric_values)
     # Kept in the store only (never logged to MLflow): it names the dataset's patient ids.
-    pd.concat(prediction_parts, ignore_index=True).to_csv(ctx.workdir / PREDICTIONS_FILE, index=False)
+    pd.concat(prediction_parts + single_parts, ignore_index=True).to_csv(ctx.workdir / PREDICTIONS_FILE,
+                                                                         index=False)
     for n, w in weights.items():
         metric_values[f"classify/weight/{n}"] = w
     ctx.log_metrics(metric_values)
@@ -133,6 +137,59 @@ def _run(ctx: runtime.StageContext) -> None:
         ctx.log_artifact(ctx.workdir / name, "tables")
     serving.log_and_register(ctx)
     _measure_latency(ctx, len(class_names))
+
+
+def _single_branch(ctx: runtime.StageContext, codes_path, class_names: list[str], sources: dict[str, np.ndarray],
+                   metric_values: dict[str, float]) -> list[pd.DataFrame]:
+    """Table 5 on a single DenseNet, as the paper runs it: SVM, kNN, RF and their fusion on Freeze3's codes.
+
+    Same classifiers, hyper-parameters and weight choice as on the fused codes; rows in
+    ``table5_single_freeze3.csv``, predictions in ``predictions.csv`` as ``freeze3/<classifier>``.
+    Returns those prediction rows (none when the hashing stage wrote no single-branch codes).
+    """
+    p = ctx.params.classify
+    decoder = f"{SINGLE}/{p.decoder}"
+    with h5io.open_for_reading(codes_path) as fh:
+        if f"{decoder}/{p.bits}/train" not in fh:
+            ctx.logger.warning("classify: %s has no %s codes; no single-%s rows", codes_path, decoder, SINGLE)
+            return []
+    data = {s: read_codes(codes_path, decoder, p.bits, s) for s in ("train", "val", "test")}
+    (x_tr, y_tr, _), (x_val, y_val, _) = data["train"], data["val"]
+    hyper = {"seed": p.seed, "svm": p.svm, "knn": p.knn, "rf": p.rf, **({"grid": p.grid} if p.grid else {})}
+    members = classifiers.fit_classifiers(hyper, x_tr, y_tr, x_val, y_val, search=p.search).estimators
+    classes = list(range(len(class_names)))
+
+    def proba_of(est, x):
+        return est.predict_proba(x) if isinstance(est, classifiers.FusedClassifier) else \
+            classifiers.align_proba(est.predict_proba(x), est.classes_, classes)
+
+    if p.fusion_weights == "search":
+        weights = classifiers.choose_fusion_weights({n: proba_of(e, x_val) for n, e in members.items()}, y_val,
+                                                    grid_step=p.grid_step, classes=classes).weights
+    else:
+        weights = {n: float(p.fusion_weights.get(n, 0.0)) for n in classifiers.CLASSIFIER_NAMES}
+    models = {**members, "fusion": classifiers.FusedClassifier.from_fitted(members, weights, classes)}
+    rows, parts = [], []
+    for name, est in models.items():
+        for split in ("val", "test"):
+            x, y, groups = data[split]
+            proba = proba_of(est, x)
+            parts.append(pd.DataFrame({
+                "split": split, "classifier": f"{SINGLE}/{name}", "source_id": sources[split], "patient_id": groups,
+                "label": y, "predicted": np.asarray(classes)[proba.argmax(axis=1)],
+                **{f"{PROBA_PREFIX}{c}": proba[:, i] for i, c in enumerate(class_names)}}))
+        x, y, groups = data["test"]
+        proba = proba_of(est, x)
+        rep = metrics.report_with_ci(y, np.asarray(classes)[proba.argmax(axis=1)], proba, class_names, groups,
+                                     n_boot=p.n_boot, seed=p.seed)
+        rows.append({"classifier": name, "features": f"single {SINGLE}", "test_acc": rep["accuracy"],
+                     "test_acc_ci_low": rep["ci"]["accuracy"][0], "test_acc_ci_high": rep["ci"]["accuracy"][1],
+                     "macro_f1": rep["macro_f1"], "balanced_acc": rep["balanced_accuracy"],
+                     "auc_ovr_macro": rep.get("auc_ovr_macro", np.nan)})
+        metric_values[f"classify/{SINGLE}/{name}/test_acc"] = rep["accuracy"]
+    pd.DataFrame(rows).to_csv(ctx.workdir / SINGLE_TABLE, index=False)
+    ctx.log_artifact(ctx.workdir / SINGLE_TABLE, "tables")
+    return parts
 
 
 def _measure_latency(ctx: runtime.StageContext, num_classes: int) -> None:

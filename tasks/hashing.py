@@ -5,7 +5,8 @@ seed of ``hashing.seeds`` (same seed for both: a paired comparison); ``table4_ma
 seed's MAP, ``table4_map.csv`` the mean, spread and paired hash - FC difference per code length. The first
 seed's codes of every split are stored packed in ``codes.h5`` (and its decoders in ``decoders/``) for the
 downstream stages; the test queries are ranked against the training database by Hamming distance (ties by
-index), MAP over the whole ranking.
+index), MAP over the whole ranking. The same is done on Freeze3's features alone (the paper's single
+DenseNet, :data:`SINGLE`), written beside the fused results with a ``_freeze3`` suffix.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from tasks.patches import FILE as PATCHES_FILE
 
 CODES_FILE = "codes.h5"
 DECODERS = ("hash", "fc")
+# The paper's Tables 4 and 5 use a single DenseNet; the same decoders are also trained on Freeze3's features
+# alone (same seeds, objective and budget), kept apart from the fused ones: codes under ``freeze3/`` in
+# codes.h5, ``*_freeze3.csv`` tables, ``hashing/freeze3/...`` metrics.
+SINGLE = "freeze3"
 
 
 def build_decoder(kind: str, in_dim: int, q: int, beta: float, eps: float, seed: int):
@@ -39,15 +44,18 @@ def training_seeds(p) -> list[int]:
     return [p.seed + k for k in range(p.seeds)]
 
 
-def _train_one(kind: str, q: int, seed: int, p, in_dim: int, by_split: dict) -> tuple:
-    """Train one decoder on the training features; its packed codes per split and test retrieval scores."""
+def _train_one(kind: str, q: int, seed: int, p, in_dim: int, by_split: dict, source: str = "fused") -> tuple:
+    """Train one decoder on the training features; its packed codes per split and test retrieval scores.
+
+    ``source``: the features it encodes, ``fused`` (the three branches) or one branch (``freeze3``).
+    """
     decoder = build_decoder(kind, in_dim, q, p.beta, p.eps, seed)
     hashing.train_decoder(
-        decoder, by_split["train"]["fused"], by_split["train"]["labels"], objective=p.objective,
+        decoder, by_split["train"][source], by_split["train"]["labels"], objective=p.objective,
         epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, margin=p.margin,
         quantization_weight=p.quantization_weight, seed=seed,
     )
-    packed = {split: retrieval.pack_codes(decoder.encode(data["fused"])) for split, data in by_split.items()}
+    packed = {split: retrieval.pack_codes(decoder.encode(data[source])) for split, data in by_split.items()}
     args = (packed["test"], by_split["test"]["labels"], packed["train"], by_split["train"]["labels"])
     scores = {"map": retrieval.mean_average_precision(*args),
               "p@10": retrieval.precision_at_k(*args, k=min(10, len(packed["train"])))}
@@ -74,6 +82,7 @@ def _run(ctx: runtime.StageContext) -> None:
             out.create_dataset(f"labels/{split}", data=data["labels"])
             out.create_dataset(f"patient_id/{split}", data=data["patient_id"])
             out.create_dataset(f"source_id/{split}", data=data["source_id"])
+        single_rows = _train_single(ctx, p, seeds, by_split, out, metrics)
         for q in p.bits:
             for seed in seeds:
                 row = {"bits": q, "seed": seed}
@@ -108,6 +117,12 @@ def _run(ctx: runtime.StageContext) -> None:
             metrics[f"hashing/hash_minus_fc/map_std_at_{q}"] = r["hash_map_minus_fc_map_std"]
     table.to_csv(ctx.workdir / "table4_map.csv", index=False)
     by_seed.to_csv(ctx.workdir / "table4_map_by_seed.csv", index=False)
+    single_by_seed = pd.DataFrame(single_rows)
+    single_by_seed["hash_minus_fc_map"] = single_by_seed["hash_map"] - single_by_seed["fc_map"]
+    seed_summary.paired_seed_summary(single_by_seed, "bits", "hash_map", "fc_map",
+                                     extra_means=("hash_p@10", "fc_p@10")).to_csv(
+        ctx.workdir / f"table4_map_{SINGLE}.csv", index=False)
+    single_by_seed.to_csv(ctx.workdir / f"table4_map_by_seed_{SINGLE}.csv", index=False)
     pd.DataFrame(bit_rows).to_csv(ctx.workdir / "bit_statistics.csv", index=False)
     write_json_atomic(ctx.workdir / "hashing.json", {"bits": list(p.bits), "in_dim": in_dim, "beta": p.beta,
                                                      "eps": p.eps, "class_names": class_names,
@@ -117,12 +132,33 @@ def _run(ctx: runtime.StageContext) -> None:
                                 f"Retrieval MAP by code length (test vs train), mean of {len(seeds)} seed(s)",
                                 ctx.workdir / "table4_map.png", xlabel="bits", ylabel="MAP")
     ctx.log_metrics(metrics)
-    for name in ("table4_map.csv", "table4_map_by_seed.csv", "bit_statistics.csv"):
+    for name in ("table4_map.csv", "table4_map_by_seed.csv", "bit_statistics.csv", f"table4_map_{SINGLE}.csv"):
         ctx.log_artifact(ctx.workdir / name, "tables")
     ctx.log_artifact(fig, "figures")
     ctx.logger.info("hashing: mean MAP over seeds %s, hash-FC %s", seeds,
                     {int(r["bits"]): (round(r["hash_map"], 3), round(r["fc_map"], 3),
                                       round(r["hash_map_minus_fc_map"], 3)) for r in table.to_dict("records")})
+
+
+def _train_single(ctx: runtime.StageContext, p, seeds: list[int], by_split: dict, out: h5py.File,
+                  metrics: dict[str, float]) -> list[dict]:
+    """Both decoders on Freeze3's features alone, per code length and seed; first seed's codes into ``out``."""
+    in_dim = by_split["train"][SINGLE].shape[1]
+    rows = []
+    for q in p.bits:
+        for seed in seeds:
+            row = {"bits": q, "seed": seed}
+            for kind in DECODERS:
+                _, packed, scores = _train_one(kind, q, seed, p, in_dim, by_split, source=SINGLE)
+                row[f"{kind}_map"], row[f"{kind}_p@10"] = scores["map"], scores["p@10"]
+                metrics[f"hashing/{SINGLE}/seed_{seed}/{kind}/map_at_{q}"] = scores["map"]
+                if seed == seeds[0]:
+                    for split, codes in packed.items():
+                        out.create_dataset(f"{SINGLE}/{kind}/{q}/{split}", data=codes)
+            rows.append(row)
+    first = {r["bits"]: (round(r["hash_map"], 3), round(r["fc_map"], 3)) for r in rows if r["seed"] == seeds[0]}
+    ctx.logger.info("hashing: single %s features, first-seed MAP hash/FC %s", SINGLE, first)
+    return rows
 
 
 def load_decoder(stage_path: str | Path, kind: str, q: int) -> hashing.HashDecoder | hashing.FCDecoder:

@@ -525,6 +525,17 @@ def test_the_smoke_reports_first_lines_say_what_was_measured_on_what(smoke_store
         assert resolved_source(r50["file"]) == "sha256:" + r50["sha256"] and r50["initialisation"] == "ImageNet"
     else:
         assert r50["initialisation"].startswith("random (ImageNet requested, no file at ")
+    # Tables 4 and 5 hold the single-DenseNet (Freeze3) rows beside the fused ones, each labelled
+    s = sections_of(md)
+    assert "*Ours, fused features (Freeze1-3): MAP" in s["Table 4"]
+    assert "*Ours, single DenseNet (freeze3 features alone" in s["Table 4"]
+    assert "*Ours, single DenseNet (freeze3 codes alone" in s["Table 5"]
+    single = pd.read_csv(folder / "tables" / "table5_single_freeze3.csv").set_index("classifier")
+    assert list(single.index) == ["svm", "knn", "rf", "fusion"]
+    assert (single["balanced_acc ci_low"] <= single["balanced_acc"]).all()
+    assert len(pd.read_csv(folder / "tables" / "table4_map_single_freeze3.csv")) == 4  # smoke: 12, 24, 32, 48 bits
+    latency = pd.read_csv(folder / "tables" / "table6_single_networks.csv").set_index("method")
+    assert latency.loc["fusion", "ms/image batch 32"] > 0 and latency.loc["vgg16", "ms/image batch 1"] > 0
     page = (folder / "report.html").read_text(encoding="utf-8")
     assert page.index("<h2>What this report measured") < page.index("<nav>") < page.index("<h2>Run: stages")
     assert "not run in this pipeline version" not in md
