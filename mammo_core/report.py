@@ -1,11 +1,15 @@
 """The run report: the paper's Tables 1-8 and Figures 9-14 regenerated from the stage artifacts of one run.
 
-Every number in the report is read from a file in a sealed stage folder, and every section ends with the
-files it read ("Source: classify/table5_classifiers.csv (key ..., sha256 ...)"), so a reader can trace any
-value back to the artifact that holds it. Nothing is recomputed here and nothing is invented: an artifact
-that is missing turns into a line that names it, and an experiment whose stage folder was not given (the
-single-network baselines of Tables 1, 6 and Figure 10, the detection of Table 8) says "not run" instead of
-showing numbers. The paper's own values appear in columns labelled as claims (:mod:`mammo_core.paper_claims`).
+The report opens with what was measured on what (data source and counts, every network's initialisation with
+file and sha256, device, epochs and budget) and one verdict per comparative claim of the paper, before the
+table of contents and any provenance table. Every number is read from a file in a sealed stage folder or
+computed here from one (patient-bootstrap intervals of balanced accuracy and macro AUC, and the paired
+bootstrap behind each verdict, from the per-patch predictions the stages save), and every section ends with
+the files it read ("Source: classify/table5_classifiers.csv (key ..., sha256 ...)"), so a reader can trace any
+value back to the artifact that holds it. Nothing is invented: an artifact that is missing turns into a line
+that names it (a verdict it would decide reads "not tested here"), and a stage folder that was not given
+(baselines, detect) says "not run" instead of showing numbers. The paper's own values appear in columns
+labelled as claims (:mod:`mammo_core.paper_claims`); they are claims on another dataset.
 
 Plain library code: reads files, returns/writes text. The ``report`` stage (``tasks/report.py``) logs the
 output to MLflow.
