@@ -522,7 +522,7 @@ def _table1(art: _Artifacts) -> Section:
     rows = []
 
     def add(method: str, kind: str, source: str, row: Mapping[str, Any]) -> None:
-        ci = cis.get(method, {}) if kind != "single network" else {}
+        ci = cis.get(method, {}) if kind != "single network" else single_cis.get(method, {})
         rows.append({"method": method, "kind": kind, "test_acc": row.get("test_acc", np.nan),
                      "ci_low": row.get("ci_low", ci.get("acc_ci_low", np.nan)),
                      "ci_high": row.get("ci_high", ci.get("acc_ci_high", np.nan)),
@@ -538,6 +538,7 @@ def _table1(art: _Artifacts) -> Section:
 
     for row in base.get("classic", []):
         add(str(row["method"]), "classic", "baselines/baselines.json", row)
+    single_cis = _baseline_cis(reader, art)
     for row in base.get("rows", []):
         add(str(row["network"]), "single network", "baselines/baselines.json", row)
     for b in BRANCHES:
@@ -605,8 +606,10 @@ def _table6(art: _Artifacts) -> Section:
                      **(extra or {}),
                      "paper (claim) accuracy %": paper[0], "paper (claim) time ms": paper[1], "source": source})
 
+    single_cis = _baseline_cis(reader, art)
     for row in base.get("rows", []):
-        add(str(row["network"]), "single network", row, {}, "baselines/baselines.json",
+        add(str(row["network"]), "single network", row, single_cis.get(str(row["network"]), {}),
+            "baselines/baselines.json",
             {"params_m": row.get("params_m", np.nan), "input_size": row.get("input_size", np.nan),
              "epochs": row.get("epochs", np.nan), "weights": row.get("weights", "")})
     f3_rows, f3_predictions = _freeze3_fusion(reader)
@@ -642,7 +645,7 @@ def _table6(art: _Artifacts) -> Section:
     else:
         section.note(f"classify/{LATENCY_FILE} is missing: the fused model's time was not measured, and the single "
                      "networks' times are the baselines stage's own (batch 1), not measured beside it.", "missing")
-    if base.get("rows"):
+    if base.get("rows") and not single_cis:
         section.note("The baselines stage saves no per-patch predictions of the single networks: their balanced "
                      "accuracy has no interval and their macro AUC is not available.")
     section.note(CLAIM_NOTE, "claim")
@@ -756,6 +759,7 @@ N_BOOT_DEFAULT = 1000
 PAIRED_N_BOOT = 2000
 FREEZE3_FUSION = "freeze3_fusion.json"
 FREEZE3_FUSION_PREDICTIONS = "freeze3_fusion_predictions.csv"
+BASELINE_PREDICTIONS = "predictions.csv"  # the single networks' test predictions, when the baselines stage saves them
 THREE_BRANCH = "Freeze1+Freeze2+Freeze3"  # the baselines stage's three-branch row under the Freeze3 + X head
 PROBA_PREFIX = "proba/"
 _ID_COLUMNS = {"source_id": ("source_id", "patch_id"), "patient_id": ("patient_id",),
@@ -900,6 +904,19 @@ def _hash_vs_fc(reader: _Reader) -> list[vd.Comparison]:
                                          f"hashing/codes.h5 {prefix}<hash|fc>/{q} (test queries vs training "
                                          "database)"))
     return out or [vd.Comparison("hash", "FC", "MAP", None, "not tested: hashing/codes.h5 holds no codes")]
+
+
+def _baseline_cis(reader: _Reader, art: _Artifacts) -> dict[str, dict[str, float]]:
+    """Network -> intervals from the baselines stage's per-patch test predictions, when it saves them.
+
+    ``baselines/predictions.csv``: one row per (network, test patch), columns as
+    ``freeze3_fusion_predictions.csv`` (name, patch id, patient id, y_true, y_pred, proba_<class>).
+    """
+    frame = _optional_csv(reader, "baselines", BASELINE_PREDICTIONS)
+    frame = _standard_columns(frame) if frame is not None else None
+    if frame is None or "name" not in frame.columns:
+        return {}
+    return {str(name): _frame_cis(rows, _n_boot(art)) for name, rows in frame.groupby("name")}
 
 
 def _freeze3_fusion(reader: _Reader) -> tuple[list[dict[str, Any]] | None, pd.DataFrame | None]:

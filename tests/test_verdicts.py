@@ -105,6 +105,7 @@ def add_predictions(dirs: dict[str, Path], freeze3_fusion: bool = True) -> dict[
         "Freeze3": _right_where(y, idx % 5 == 0),
         "Freeze3+VGG16": _right_where(y, idx % 5 == 0),  # the three-branch row clearly better
         "Freeze3+ResNet50": y.copy(),  # fusion clearly worse
+        "vgg16": _right_where(y, idx % 3 != 0),
     }
     with h5py.File(dirs["patches"] / "patches.h5", "w") as fh:
         fh["split"] = np.full(N, 2, dtype=np.int8)
@@ -138,6 +139,11 @@ def add_predictions(dirs: dict[str, Path], freeze3_fusion: bool = True) -> dict[
             for i, c in enumerate(CLASSES):
                 frame[f"proba_{c}"] = _proba(p)[:, i]
             frames.append(frame)
+        vgg = pd.DataFrame({"name": "vgg16", "patch_id": ids, "patient_id": groups, "y_true": y,
+                            "y_pred": preds["vgg16"]})
+        for i, c in enumerate(CLASSES):
+            vgg[f"proba_{c}"] = _proba(preds["vgg16"])[:, i]
+        vgg.to_csv(dirs["baselines"] / "predictions.csv", index=False)
         _write_json(dirs["baselines"] / "freeze3_fusion.json", rows)
         pd.concat(frames).to_csv(dirs["baselines"] / "freeze3_fusion_predictions.csv", index=False)
         _reseal(dirs["baselines"], "baselines")
@@ -184,6 +190,12 @@ def test_the_report_opens_with_verdicts_computed_from_the_saved_predictions(tmp_
     assert md.index("## What this report measured") < md.index("## Verdicts") < md.index("- [Run: stages")
     assert md.index("## Verdicts") < md.index("## Run: stages")
     assert f"Source: classify/predictions.csv (key {KEYS['classify']}" in sections_of(md)["Verdicts"]
+    # a single network's intervals come from the baselines stage's per-patch predictions when it saves them
+    t1 = pd.read_csv(tmp_path / "report" / "tables" / "table1_methods.csv").set_index("method")
+    low, high = metrics.bootstrap_ci(metrics.BALANCED_ACCURACY, y, known["vgg16"], None, known["groups"],
+                                     n_boot=200, seed=0)
+    assert (t1.loc["vgg16", "balanced_acc ci_low"], t1.loc["vgg16", "balanced_acc ci_high"]) == (low, high)
+    assert np.isnan(t1.loc["resnet50", "balanced_acc ci_low"])  # no predictions of it in the file
     # Table 6 shows the Freeze3 + X rows with intervals computed from their predictions
     t6 = pd.read_csv(tmp_path / "report" / "tables" / "table6_single_networks.csv").set_index("method")
     assert t6.loc["Freeze3+ResNet50", "balanced_acc"] == pytest.approx(1.0)
