@@ -833,7 +833,8 @@ def _branch_test(reader: _Reader) -> tuple[dict[str, pd.DataFrame], list[str]]:
         per_branch = {b: (fh[f"test/{b}/predictions"][:], fh[f"test/{b}/probabilities"][:])
                       for b in BRANCHES if f"test/{b}/predictions" in fh}
     columns = h5io.read_datasets(patches, ["split", "source_id", "patient_id", "labels"])
-    test = columns["split"] == 2  # the patches stage's split code of test (tasks.baselines.SPLIT_CODES)
+    codes = h5io.read_attrs(patches).get("split_codes") or {"test": 2}
+    test = columns["split"] == int(codes["test"])
     ids = np.array([s.decode() if isinstance(s, bytes) else str(s) for s in columns["source_id"][test]])
     patients = np.array([s.decode() if isinstance(s, bytes) else str(s) for s in columns["patient_id"][test]])
     if len(ids) != len(labels) or not np.array_equal(columns["labels"][test], labels):
