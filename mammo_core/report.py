@@ -210,6 +210,98 @@ def _data_section(art: _Artifacts) -> Section:
     return section
 
 
+PROBE_TARGETS = {"lesion_vs_normal": "lesion vs NORMAL", "task_classes": "task classes"}
+
+
+def _probe_rows(probe: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for row in probe.get("rows", []):
+        rows.append({"target": PROBE_TARGETS.get(str(row.get("target")), row.get("target")),
+                     "method": f"probe: {row.get('model')}", "test_acc": row.get("test_acc"),
+                     "ci_low": row.get("test_acc_ci_low"), "ci_high": row.get("test_acc_ci_high"),
+                     "balanced_acc": row.get("balanced_acc"), "balanced_ci_low": row.get("balanced_acc_ci_low"),
+                     "balanced_ci_high": row.get("balanced_acc_ci_high"),
+                     "chance (balanced)": row.get("chance_balanced_acc"), "majority rate": row.get("majority_rate"),
+                     "n_test": row.get("n_test"), "source": "patches/shortcut_probe.json" + (
+                         f" ({row['note']})" if row.get("note") else "")})
+    return rows
+
+
+def _cnn_rows(art: _Artifacts, reader: _Reader) -> list[dict[str, Any]]:
+    """The task-class test accuracies of the CNN models this run trained, to read beside the probe."""
+    rows = []
+    target = PROBE_TARGETS["task_classes"]
+    fusion = _fusion_row(reader.csv("classify", "table5_classifiers.csv"))
+    if fusion:
+        rows.append({"target": target, "method": "CNN: fused SVM+kNN+RF on hash codes", "test_acc":
+                     fusion.get("test_acc"), "ci_low": fusion.get("test_acc_ci_low"),
+                     "ci_high": fusion.get("test_acc_ci_high"), "balanced_acc": fusion.get("balanced_acc"),
+                     "source": "classify/table5_classifiers.csv"})
+    train = reader.manifest("train", "metrics train/<branch>/test_acc") or {}
+    for b in BRANCHES:
+        rows.append({"target": target, "method": f"CNN: {b} (own head)",
+                     "test_acc": _metric(train.get("metrics"), f"train/{b}/test_acc"), "source": "train/manifest.json"})
+    if _given(art, "baselines"):
+        for row in (reader.json("baselines", "baselines.json") or {}).get("rows", []):
+            rows.append({"target": target, "method": f"CNN: {row.get('network')}", "test_acc": row.get("test_acc"),
+                         "ci_low": row.get("ci_low"), "ci_high": row.get("ci_high"),
+                         "balanced_acc": row.get("balanced_acc"), "source": "baselines/baselines.json"})
+    return rows
+
+
+def _probe_verdicts(probe: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Per target, whether some probe's balanced-accuracy interval lies wholly above chance (a shortcut)."""
+    lines = []
+    for key, name in PROBE_TARGETS.items():
+        rows = [r for r in probe.get("rows", []) if r.get("target") == key and r.get("balanced_acc") is not None]
+        above = [r for r in rows if r.get("balanced_acc_ci_low") is not None
+                 and r["balanced_acc_ci_low"] > r.get("chance_balanced_acc", 1.0)]
+        if not rows:
+            continue
+        if above:
+            best = ", ".join(f"{r['model']} {format_value(r['balanced_acc'])} "
+                             f"[{format_value(r['balanced_acc_ci_low'])}, {format_value(r['balanced_acc_ci_high'])}]"
+                             for r in above)
+            lines.append((f"{name}: content-blind statistics predict it above chance "
+                         f"({format_value(above[0]['chance_balanced_acc'])}) on test, balanced accuracy {best}: "
+                          "part of a CNN's accuracy on it may come from how patches were cut, not from the tissue.",
+                          "warning"))
+        else:
+            lines.append((f"{name}: no probe's balanced-accuracy interval lies above chance "
+                          f"({format_value(rows[0]['chance_balanced_acc'])}); no shortcut found by these statistics.",
+                          "note"))
+    return lines
+
+
+def _shortcut_probe_section(art: _Artifacts) -> Section:
+    """Issue 14 item 2: can trivial patch statistics do what the CNNs do? Self-contained: reads the patches
+    stage's ``shortcut_probe.json`` and, for comparison, the CNN accuracies other sections show."""
+    section = Section("Shortcut probe: content-blind patch statistics beside the CNNs")
+    reader = _Reader(art, section)
+    probe = reader.json("patches", "shortcut_probe.json")
+    if probe is None:
+        return section
+    section.note("Probes: simple classifiers on statistics of each patch that ignore its tissue ("
+                 + ", ".join(probe.get("features", [])) + "), predicting lesion vs NORMAL and the task's "
+                 f"classes. Protocol: {probe.get('protocol', 'not recorded')}. A CNN whose accuracy lies inside "
+                 "a probe's interval has shown nothing beyond how the patches were cut.")
+    frame = pd.DataFrame(_probe_rows(probe) + _cnn_rows(art, reader))
+    section.add(Table("shortcut_probe", frame, "Ours: test accuracy with its 95% patient-bootstrap interval and "
+                      "balanced accuracy of the shortcut probes, and the task-class test accuracy of the CNN "
+                      "models beside them (CI where their stage computed one)"))
+    for text, kind in _probe_verdicts(probe):
+        section.note(text, kind)
+    padding = probe.get("padding") or {}
+    rows = [{"kind": kind, "split": split, **values} for kind, per_split in padding.items()
+            for split, values in per_split.items()]
+    if rows:
+        section.add(Table("shortcut_probe_padding", pd.DataFrame(rows).rename(columns={
+            "mean": "mean padded share", "share_over_5pct": "share of patches > 5% padded",
+            "max": "max padded share"}), "Ours: share of each crop outside its image (zero padding) per patch "
+            "kind and split"))
+    return section
+
+
 def _not_run(heading: str, stage: str, claim: Table) -> Section:
     section = Section(heading)
     section.note(f"not run in this pipeline version: needs the {stage} stage, which this pipeline does not "
@@ -621,6 +713,7 @@ def _figure14(art: _Artifacts) -> Section:
 
 SECTIONS: tuple[tuple[str, Callable[[_Artifacts], Section]], ...] = (
     ("Data summary", _data_section),
+    ("Shortcut probe", _shortcut_probe_section),
     ("Table 1", _table1),
     ("Table 2", _table2),
     ("Table 3", _table3),
