@@ -217,7 +217,8 @@ def _probe_rows(probe: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for row in probe.get("rows", []):
         rows.append({"target": PROBE_TARGETS.get(str(row.get("target")), row.get("target")),
-                     "method": f"probe: {row.get('model')}", "test_acc": row.get("test_acc"),
+                     "method": f"probe: {row.get('model')} on {row.get('features', 'cut+intensity')} statistics",
+                     "test_acc": row.get("test_acc"),
                      "ci_low": row.get("test_acc_ci_low"), "ci_high": row.get("test_acc_ci_high"),
                      "balanced_acc": row.get("balanced_acc"), "balanced_ci_low": row.get("balanced_acc_ci_low"),
                      "balanced_ci_high": row.get("balanced_acc_ci_high"),
@@ -250,10 +251,14 @@ def _cnn_rows(art: _Artifacts, reader: _Reader) -> list[dict[str, Any]]:
 
 
 def _probe_verdicts(probe: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Per target, whether some probe's balanced-accuracy interval lies wholly above chance (a shortcut)."""
+    """Per target and feature set, whether some probe's balanced-accuracy interval lies wholly above chance:
+    on the ``cut`` statistics that is a shortcut by construction, on ``cut+intensity`` a flag (intensity
+    also carries some content; see :mod:`mammo_core.shortcut_probe`)."""
     lines = []
-    for key, name in PROBE_TARGETS.items():
-        rows = [r for r in probe.get("rows", []) if r.get("target") == key and r.get("balanced_acc") is not None]
+    sets = sorted({str(r.get("features", "cut+intensity")) for r in probe.get("rows", [])}, key=len)
+    for (key, name), features in ((t, f) for t in PROBE_TARGETS.items() for f in sets):
+        rows = [r for r in probe.get("rows", []) if r.get("target") == key and r.get("balanced_acc") is not None
+                and str(r.get("features", "cut+intensity")) == features]
         above = [r for r in rows if r.get("balanced_acc_ci_low") is not None
                  and r["balanced_acc_ci_low"] > r.get("chance_balanced_acc", 1.0)]
         if not rows:
@@ -262,12 +267,14 @@ def _probe_verdicts(probe: Mapping[str, Any]) -> list[tuple[str, str]]:
             best = ", ".join(f"{r['model']} {format_value(r['balanced_acc'])} "
                              f"[{format_value(r['balanced_acc_ci_low'])}, {format_value(r['balanced_acc_ci_high'])}]"
                              for r in above)
-            lines.append((f"{name}: content-blind statistics predict it above chance "
-                         f"({format_value(above[0]['chance_balanced_acc'])}) on test, balanced accuracy {best}: "
-                          "part of a CNN's accuracy on it may come from how patches were cut, not from the tissue.",
-                          "warning"))
+            why = ("part of a CNN's accuracy on it may come from how patches were cut, not from the tissue"
+                   if features == "cut" else "a CNN may take the same route; intensity also carries some content "
+                   "(a bright mass raises a patch's spread), so read it beside the cut-only probe")
+            lines.append((f"{name}, {features} statistics: the probe predicts it above chance "
+                          f"({format_value(above[0]['chance_balanced_acc'])}) on test, balanced accuracy {best}: "
+                          f"{why}.", "warning"))
         else:
-            lines.append((f"{name}: no probe's balanced-accuracy interval lies above chance "
+            lines.append((f"{name}, {features} statistics: no probe's balanced-accuracy interval lies above chance "
                           f"({format_value(rows[0]['chance_balanced_acc'])}); no shortcut found by these statistics.",
                           "note"))
     return lines

@@ -10,6 +10,11 @@ whose accuracy is within the probe's interval has shown nothing beyond it.
 The statistics (:data:`FEATURES`): the share of the crop outside its image (zero padding, exact from the
 geometry), the share of black pixels in the stored patch (padding or background outside the breast), the
 mean and standard deviation of the patch's intensity, and the crop's side in cache pixels before resizing.
+Two feature sets (:data:`FEATURE_SETS`): ``cut`` holds only what the cutting decides (padding, black
+pixels, side), so a probe above chance on it is a shortcut by construction; ``cut+intensity`` adds the mean
+and spread of intensity, which a shortcut can hide in (windowing, background) but which also carry some
+content (a bright mass raises a patch's spread), so a probe above chance there is a flag to look at, not a
+proof.
 
 Intervals are 95 % percentile intervals of a patient bootstrap over the test split
 (:func:`mammo_core.metrics.bootstrap_ci`), as for every other accuracy of the report. Nothing is chosen
@@ -31,6 +36,7 @@ from sklearn.tree import DecisionTreeClassifier
 from mammo_core import h5io, labels, metrics
 
 FEATURES = ("padded_fraction", "black_fraction", "mean_intensity", "std_intensity", "crop_side")
+FEATURE_SETS = {"cut": ("padded_fraction", "black_fraction", "crop_side"), "cut+intensity": FEATURES}
 PADDING_THRESHOLD = 0.05  # "a patch with more than 5 % padded pixels", the yardstick
 SPLIT_TRAIN, SPLIT_TEST = 0, 2  # mammo_core.patches.SPLIT_CODES
 BLOCK_ROWS = 4096
@@ -133,10 +139,15 @@ def probe_patches_file(path: str | Path, class_names: Sequence[str], n_boot: int
     split, groups = np.concatenate(parts["split"]), np.concatenate(parts["patient_id"])
     is_lesion = y != labels.NORMAL_LABEL
     split_codes = h5io.read_attrs(path).get("split_codes") or {"train": 0, "val": 1, "test": 2}
-    rows = (fit_and_score(stats, is_lesion.astype(np.int64), split, groups, "lesion_vs_normal", n_boot, seed)
-            + fit_and_score(stats, y, split, groups, "task_classes", n_boot, seed))
+    rows = []
+    for target, target_y in (("lesion_vs_normal", is_lesion.astype(np.int64)), ("task_classes", y)):
+        for set_name, columns in FEATURE_SETS.items():
+            chosen = stats[:, [FEATURES.index(c) for c in columns]]
+            rows += [row | {"features": set_name}
+                     for row in fit_and_score(chosen, target_y, split, groups, target, n_boot, seed)]
     return {
         "features": list(FEATURES),
+        "feature_sets": {k: list(v) for k, v in FEATURE_SETS.items()},
         "class_names": list(class_names),
         "models": {"logistic_regression": "standardised features, logistic regression, balanced class weights",
                    "tree_depth3": "decision tree, depth 3, at least 5 patches per leaf, balanced class weights"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from mammo_core import shortcut_probe
 from mammo_core.patches import extract_patches
@@ -94,6 +95,7 @@ def test_probe_of_a_patches_file_summarises_padding_per_kind(tmp_path):
     assert {(r["target"], r["model"]) for r in probe["rows"]} == {
         (t, m) for t in ("lesion_vs_normal", "task_classes") for m in ("logistic_regression", "tree_depth3")}
     assert probe["features"] == list(shortcut_probe.FEATURES)
+    assert {r["features"] for r in probe["rows"]} == set(shortcut_probe.FEATURE_SETS) and len(probe["rows"]) == 8
 
 
 def test_no_bootstrap_gives_no_interval():
@@ -101,3 +103,24 @@ def test_no_bootstrap_gives_no_interval():
     row = shortcut_probe.fit_and_score(stats, (y > 0).astype(np.int64), split, groups, "lesion_vs_normal",
                                        n_boot=0)[0]
     assert row["test_acc"] > 0.9 and row["test_acc_ci_low"] is None
+
+
+def test_padded_pixels_are_distributed_alike_for_lesion_and_normal_patches_of_the_smoke_run(smoke_store):
+    from scipy.stats import ks_2samp
+
+    from mammo_core import h5io
+
+    (folder,) = [p.parent for p in (smoke_store / "stages" / "patches").glob("*/manifest.json")]
+    data = h5io.read_datasets(folder / "patches.h5", ["labels", "padded_fraction", "images"])
+    lesion = data["labels"] != 0
+    padded = data["padded_fraction"].astype(np.float64)
+    assert lesion.sum() >= 20 and (~lesion).sum() >= 20
+    for rows in (lesion, ~lesion):  # the old policy padded lesion crops leaving the image, never NORMAL ones
+        assert (padded[rows] > shortcut_probe.PADDING_THRESHOLD).mean() < 0.02
+    assert abs(padded[lesion].mean() - padded[~lesion].mean()) < 0.005
+    assert ks_2samp(padded[lesion], padded[~lesion]).statistic < 0.1
+    probe = json.loads((folder / "shortcut_probe.json").read_text(encoding="utf-8"))
+    summary = probe["padding"]
+    assert summary["lesion"]["all"]["n"] == int(lesion.sum()) and summary["NORMAL"]["all"]["n"] == int((~lesion).sum())
+    assert summary["lesion"]["all"]["mean"] == pytest.approx(padded[lesion].mean(), abs=1e-6)
+    assert {r["target"] for r in probe["rows"]} == {"lesion_vs_normal", "task_classes"}
