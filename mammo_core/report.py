@@ -268,6 +268,8 @@ def _probe_verdicts(probe: Mapping[str, Any]) -> list[tuple[str, str]]:
                              f"[{format_value(r['balanced_acc_ci_low'])}, {format_value(r['balanced_acc_ci_high'])}]"
                              for r in above)
             why = ("part of a CNN's accuracy on it may come from how patches were cut, not from the tissue"
+                   + (" (between lesion classes the crop side follows the lesion's size: real information, "
+                      "but one read without looking at the tissue)" if key == "task_classes" else "")
                    if features == "cut" else "a CNN may take the same route; intensity also carries some content "
                    "(a bright mass raises a patch's spread), so read it beside the cut-only probe")
             lines.append((f"{name}, {features} statistics: the probe predicts it above chance "
@@ -299,13 +301,14 @@ def _shortcut_probe_section(art: _Artifacts) -> Section:
     for text, kind in _probe_verdicts(probe):
         section.note(text, kind)
     padding = probe.get("padding") or {}
-    rows = [{"kind": kind, "split": split, **values} for kind, per_split in padding.items()
-            for split, values in per_split.items()]
+    order = {name: i for i, name in enumerate((*SPLITS, "all"))}
+    rows = [{"kind": kind, "split": split, "n": values.get("n"), "mean padded share": values.get("mean"),
+             "share of patches > 5% padded": values.get("share_over_5pct"), "max padded share": values.get("max")}
+            for kind in sorted(padding, key=lambda k: k != "lesion")
+            for split, values in sorted(padding[kind].items(), key=lambda kv: order.get(kv[0], len(order)))]
     if rows:
-        section.add(Table("shortcut_probe_padding", pd.DataFrame(rows).rename(columns={
-            "mean": "mean padded share", "share_over_5pct": "share of patches > 5% padded",
-            "max": "max padded share"}), "Ours: share of each crop outside its image (zero padding) per patch "
-            "kind and split"))
+        section.add(Table("shortcut_probe_padding", pd.DataFrame(rows), "Ours: share of each crop outside its "
+                          "image (zero padding) per patch kind and split"))
     return section
 
 

@@ -28,7 +28,8 @@ PROBE = {
              _row("task_classes", "logistic_regression", 0.3125, 0.1875, 0.4375, 0.3, 0.2, 0.45, 1 / 3),
              {"target": "task_classes", "model": "tree_depth3", "features": "cut", "test_acc": None,
               "note": "fewer than two classes among the training patches"}],
-    "padding": {"lesion": {"train": {"n": 33, "mean": 0.0, "share_over_5pct": 0.0, "max": 0.0}},
+    "padding": {"lesion": {"test": {"n": 18, "mean": 0.0125, "share_over_5pct": 1 / 18, "max": 0.2},
+                           "train": {"n": 33, "mean": 0.0, "share_over_5pct": 0.0, "max": 0.0}},
                 "NORMAL": {"train": {"n": 31, "mean": 0.0, "share_over_5pct": 0.0, "max": 0.0}}},
 }
 
@@ -64,6 +65,7 @@ def test_probe_rows_and_cnn_rows_come_out_as_written_with_their_sources(tmp_path
             "test, balanced accuracy tree_depth3 0.6 [0.55, 0.65]: a CNN may take the same route") in text
     assert "task classes, cut statistics: no probe's balanced-accuracy interval lies above chance (0.3333)" in text
     assert "| NORMAL | train | 31 | 0 | 0 | 0 |" in text
+    assert text.index("| lesion | train | 33 |") < text.index("| lesion | test | 18 | 0.0125 | 0.0556 | 0.2 |")
 
 
 def test_a_run_without_the_probe_artifact_says_it_is_missing(tmp_path):
