@@ -12,12 +12,14 @@ PROBE_BOOT = 1000  # bootstrap resamples of the probe's intervals (cheap: a few 
 
 
 def probe_metrics(probe: dict) -> dict[str, float]:
-    """Flat numbers of the shortcut probe for tracking: accuracy per target and model, padding per kind."""
+    """Flat numbers of the shortcut probe for tracking: accuracy per target, feature set and model, padding
+    per kind ('+' is not allowed in an MLflow metric name: cut+intensity is logged as cut_intensity)."""
     out = {}
     for row in probe["rows"]:
+        features = str(row.get("features", "")).replace("+", "_")
         for key in ("test_acc", "balanced_acc"):
             if row.get(key) is not None:
-                out[f"patches/probe/{row['target']}/{row['model']}/{key}"] = float(row[key])
+                out[f"patches/probe/{row['target']}/{features}/{row['model']}/{key}"] = float(row[key])
     for kind, per_split in probe["padding"].items():
         share = per_split["all"]["share_over_5pct"]
         if share is not None:

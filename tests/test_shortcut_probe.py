@@ -96,6 +96,14 @@ def test_probe_of_a_patches_file_summarises_padding_per_kind(tmp_path):
         (t, m) for t in ("lesion_vs_normal", "task_classes") for m in ("logistic_regression", "tree_depth3")}
     assert probe["features"] == list(shortcut_probe.FEATURES)
     assert {r["features"] for r in probe["rows"]} == set(shortcut_probe.FEATURE_SETS) and len(probe["rows"]) == 8
+    from mlflow.utils.validation import validate_param_and_metric_name
+
+    from tasks.patches import probe_metrics
+
+    tracked = probe_metrics(probe)  # one metric per row and score, every name one MLflow accepts
+    assert len([k for k in tracked if k.startswith("patches/probe/")]) == 16
+    assert all(validate_param_and_metric_name(k) for k in tracked), sorted(tracked)
+    assert tracked["patches/padded_over_5pct/lesion"] == 0.0
 
 
 def test_no_bootstrap_gives_no_interval():
