@@ -1,4 +1,9 @@
-"""patches: ROI-centred and NORMAL patches from the curated cache into ``patches.h5``."""
+"""patches: ROI-centred and NORMAL patches from the curated cache into ``patches.h5``.
+
+Beside them, ``shortcut_probe.json``: whether content-blind statistics of the patches (padding, black
+pixels, intensity, crop side) predict lesion vs NORMAL or the task's classes (mammo_core.shortcut_probe).
+It is computed here because this stage decides how patches are cut; the report prints it beside the CNNs.
+"""
 
 from __future__ import annotations
 
