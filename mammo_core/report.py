@@ -216,6 +216,108 @@ def _data_section(art: _Artifacts) -> Section:
     return section
 
 
+PROBE_TARGETS = {"lesion_vs_normal": "lesion vs NORMAL", "task_classes": "task classes"}
+
+
+def _probe_rows(probe: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for row in probe.get("rows", []):
+        rows.append({"target": PROBE_TARGETS.get(str(row.get("target")), row.get("target")),
+                     "method": f"probe: {row.get('model')} on {row.get('features', 'cut+intensity')} statistics",
+                     "test_acc": row.get("test_acc"),
+                     "ci_low": row.get("test_acc_ci_low"), "ci_high": row.get("test_acc_ci_high"),
+                     "balanced_acc": row.get("balanced_acc"), "balanced_ci_low": row.get("balanced_acc_ci_low"),
+                     "balanced_ci_high": row.get("balanced_acc_ci_high"),
+                     "chance (balanced)": row.get("chance_balanced_acc"), "majority rate": row.get("majority_rate"),
+                     "n_test": row.get("n_test"), "source": "patches/shortcut_probe.json" + (
+                         f" ({row['note']})" if row.get("note") else "")})
+    return rows
+
+
+def _cnn_rows(art: _Artifacts, reader: _Reader) -> list[dict[str, Any]]:
+    """The task-class test accuracies of the CNN models this run trained, to read beside the probe."""
+    rows = []
+    target = PROBE_TARGETS["task_classes"]
+    fusion = _fusion_row(reader.csv("classify", "table5_classifiers.csv"))
+    if fusion:
+        rows.append({"target": target, "method": "CNN: fused SVM+kNN+RF on hash codes", "test_acc":
+                     fusion.get("test_acc"), "ci_low": fusion.get("test_acc_ci_low"),
+                     "ci_high": fusion.get("test_acc_ci_high"), "balanced_acc": fusion.get("balanced_acc"),
+                     "source": "classify/table5_classifiers.csv"})
+    train = reader.manifest("train", "metrics train/<branch>/test_acc") or {}
+    for b in BRANCHES:
+        rows.append({"target": target, "method": f"CNN: {b} (own head)",
+                     "test_acc": _metric(train.get("metrics"), f"train/{b}/test_acc"), "source": "train/manifest.json"})
+    if _given(art, "baselines"):
+        for row in (reader.json("baselines", "baselines.json") or {}).get("rows", []):
+            rows.append({"target": target, "method": f"CNN: {row.get('network')}", "test_acc": row.get("test_acc"),
+                         "ci_low": row.get("ci_low"), "ci_high": row.get("ci_high"),
+                         "balanced_acc": row.get("balanced_acc"), "source": "baselines/baselines.json"})
+    return rows
+
+
+def _probe_verdicts(probe: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Per target and feature set, whether some probe's balanced-accuracy interval lies wholly above chance:
+    on the ``cut`` statistics that is a shortcut by construction, on ``cut+intensity`` a flag (intensity
+    also carries some content; see :mod:`mammo_core.shortcut_probe`)."""
+    lines = []
+    sets = sorted({str(r.get("features", "cut+intensity")) for r in probe.get("rows", [])}, key=len)
+    for (key, name), features in ((t, f) for t in PROBE_TARGETS.items() for f in sets):
+        rows = [r for r in probe.get("rows", []) if r.get("target") == key and r.get("balanced_acc") is not None
+                and str(r.get("features", "cut+intensity")) == features]
+        above = [r for r in rows if r.get("balanced_acc_ci_low") is not None
+                 and r["balanced_acc_ci_low"] > r.get("chance_balanced_acc", 1.0)]
+        if not rows:
+            continue
+        if above:
+            best = ", ".join(f"{r['model']} {format_value(r['balanced_acc'])} "
+                             f"[{format_value(r['balanced_acc_ci_low'])}, {format_value(r['balanced_acc_ci_high'])}]"
+                             for r in above)
+            why = ("part of a CNN's accuracy on it may come from how patches were cut, not from the tissue"
+                   + (" (between lesion classes the crop side follows the lesion's size: real information, "
+                      "but one read without looking at the tissue)" if key == "task_classes" else "")
+                   if features == "cut" else "a CNN may take the same route; intensity also carries some content "
+                   "(a bright mass raises a patch's spread), so read it beside the cut-only probe")
+            lines.append((f"{name}, {features} statistics: the probe predicts it above chance "
+                          f"({format_value(above[0]['chance_balanced_acc'])}) on test, balanced accuracy {best}: "
+                          f"{why}.", "warning"))
+        else:
+            lines.append((f"{name}, {features} statistics: no probe's balanced-accuracy interval lies above chance "
+                          f"({format_value(rows[0]['chance_balanced_acc'])}); no shortcut found by these statistics.",
+                          "note"))
+    return lines
+
+
+def _shortcut_probe_section(art: _Artifacts) -> Section:
+    """Issue 14 item 2: can trivial patch statistics do what the CNNs do? Self-contained: reads the patches
+    stage's ``shortcut_probe.json`` and, for comparison, the CNN accuracies other sections show."""
+    section = Section("Shortcut probe: content-blind patch statistics beside the CNNs")
+    reader = _Reader(art, section)
+    probe = reader.json("patches", "shortcut_probe.json")
+    if probe is None:
+        return section
+    section.note("Probes: simple classifiers on statistics of each patch that ignore its tissue ("
+                 + ", ".join(probe.get("features", [])) + "), predicting lesion vs NORMAL and the task's "
+                 f"classes. Protocol: {probe.get('protocol', 'not recorded')}. A CNN whose accuracy lies inside "
+                 "a probe's interval has shown nothing beyond how the patches were cut.")
+    frame = pd.DataFrame(_probe_rows(probe) + _cnn_rows(art, reader))
+    section.add(Table("shortcut_probe", frame, "Ours: test accuracy with its 95% patient-bootstrap interval and "
+                      "balanced accuracy of the shortcut probes, and the task-class test accuracy of the CNN "
+                      "models beside them (CI where their stage computed one)"))
+    for text, kind in _probe_verdicts(probe):
+        section.note(text, kind)
+    padding = probe.get("padding") or {}
+    order = {name: i for i, name in enumerate((*SPLITS, "all"))}
+    rows = [{"kind": kind, "split": split, "n": values.get("n"), "mean padded share": values.get("mean"),
+             "share of patches > 5% padded": values.get("share_over_5pct"), "max padded share": values.get("max")}
+            for kind in sorted(padding, key=lambda k: k != "lesion")
+            for split, values in sorted(padding[kind].items(), key=lambda kv: order.get(kv[0], len(order)))]
+    if rows:
+        section.add(Table("shortcut_probe_padding", pd.DataFrame(rows), "Ours: share of each crop outside its "
+                          "image (zero padding) per patch kind and split"))
+    return section
+
+
 def _not_run(heading: str, stage: str, claim: Table) -> Section:
     section = Section(heading)
     section.note(f"not run: no {stage} stage folder was given to this report. No value of ours is shown.",
@@ -1107,6 +1209,7 @@ def _header(art: _Artifacts, run_info: Mapping[str, Any]) -> Section:
 
 SECTIONS: tuple[tuple[str, Callable[[_Artifacts], Section]], ...] = (
     ("Data summary", _data_section),
+    ("Shortcut probe", _shortcut_probe_section),
     ("Table 1", _table1),
     ("Table 2", _table2),
     ("Table 3", _table3),

@@ -5,7 +5,8 @@ database codes:
 
 1. cut: a patch query is used whole (made square by zero padding); a full mammogram with a lesion box is
    cut like :mod:`mammo_core.patches` cuts lesions (square around the box, ``context`` margin, at least
-   ``min_size_px`` cache pixels, zero padding outside the image),
+   ``min_size_px`` cache pixels, placed by the patches' crop policy: shifted inside the image, padded
+   only where the crop is longer than the image),
 2. intensity: a full mammogram is mapped per image with the patches stage's mapping (``breast_window``:
    breast mask, [min, max inside the breast] -> [0, 255]); a patch query is taken to be a patch already
    (8-bit values as they are, 16-bit / 257), because re-windowing a patch on its own range would stretch
@@ -198,7 +199,7 @@ class SimilarCaseIndex:
             mask = patches.breast_mask(image, s.breast_threshold)
             unit = patches.to_unit_range(image, mask, s.intensity)
             crop_box = patches.lesion_crop_box(box, s.context, s.min_size_px / scale)
-        crop = patches.crop_padded(unit, crop_box)
+        crop = patches.cut_crop(unit, crop_box)
         return patches._to_uint8(patches.resize_square(crop, s.size))
 
     # -- patch -> code ------------------------------------------------------------------------------

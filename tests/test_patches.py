@@ -110,17 +110,65 @@ def test_context_margin_sets_the_crop_side(curate_dir, tmp_path):
     assert ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2) == (70, 145)
 
 
-def test_lesion_at_the_image_edge_is_padded_and_still_centred(curate_dir, tmp_path):
+def test_lesion_at_the_image_edge_is_shifted_inside_without_padding(curate_dir, tmp_path):
     out = tmp_path / "patches.h5"
     extract_patches(curate_dir, out, size=64, min_size_px=32, normals_per_image=0)
     data = _read(out)
     row = data["source_id"].index("P_1_LEFT_MLO_MASS_1")
     x0, y0, x1, y1 = data["box"][row]
-    assert y0 == -8 and y1 == 24  # the crop starts 8 cache pixels above the image
+    assert (x0, y0, x1, y1) == (4, 0, 36, 32)  # centred it would start 8 cache pixels above the image
+    assert data["padded_fraction"][row] == 0.0
     patch = data["images"][row, 0]
-    assert patch[:15].max() == 0 and patch[18:].min() > 0  # 8 padded rows -> 16 patch rows of background
-    cy, cx = _bright_centre(patch)
-    assert abs(cy - 31.5) < 1.0 and abs(cx - 31.5) < 1.0
+    assert patch[:16].min() > 0  # tissue where the old policy put 16 patch rows of black padding
+    cy, cx = _bright_centre(patch)  # the lesion (cache rows 2-14) is whole, 8 cache rows above the centre
+    assert abs(cy - 15.5) < 1.0 and abs(cx - 31.5) < 1.0
+
+
+def test_crop_policy_shifts_a_crop_inside_and_centres_one_longer_than_the_image():
+    shape = (100, 60)  # h, w
+    assert patches.fit_crop_box((10, 20, 42, 52), shape) == (10, 20, 42, 52)  # inside: unchanged
+    assert patches.fit_crop_box((-8, -5, 24, 27), shape) == (0, 0, 32, 32)  # top-left corner: shifted
+    assert patches.fit_crop_box((40, 80, 72, 112), shape) == (28, 68, 60, 100)  # bottom-right: shifted
+    # 80 px side: fits the height (shifted inside), longer than the width (centred, 10 px padded each side)
+    assert patches.fit_crop_box((-30, 50, 50, 130), shape) == (-10, 20, 70, 100)
+    assert patches.padded_fraction((-10, 20, 70, 100), shape) == pytest.approx(20 / 80)
+    assert patches.padded_fraction((0, 0, 32, 32), shape) == 0.0
+    # NORMAL crops draw their start among the same positions the policy allows a lesion crop
+    assert patches.axis_offsets(60, 80).tolist() == [-10]
+    assert patches.axis_offsets(60, 32).tolist() == list(range(29))
+    image = np.arange(100 * 60, dtype=np.float32).reshape(100, 60) + 1
+    crop = patches.cut_crop(image, (-8, -5, 24, 27))
+    assert crop.shape == (32, 32) and crop.min() > 0 and crop[0, 0] == image[0, 0]
+
+
+def test_lesion_and_normal_crops_longer_than_the_image_are_padded_alike(tmp_path):
+    layout = {"P_1_LEFT_CC": ("P_1", "train", [("P_1_LEFT_CC_MASS_1", 1, (60, 80, 80, 100))]),
+              "P_1_LEFT_MLO": ("P_1", "train", [])}
+    folder = make_curate_dir(tmp_path / "curate", layout)
+    out = tmp_path / "p.h5"
+    extract_patches(folder, out, size=32, min_size_px=180, normals_per_image=1, min_breast_fraction=0.5)
+    data = _read(out)
+    kinds = {"#normal" in s: i for i, s in enumerate(data["source_id"]) if s.startswith(("P_1_LEFT_CC_M",
+                                                                                          "P_1_LEFT_MLO#"))}
+    lesion, normal = kinds[False], kinds[True]
+    for row in (lesion, normal):  # 180 px crops in a 160 px wide image: centred, 10 px padded either side
+        x0, y0, x1, y1 = data["box"][row]
+        assert (x0, x1) == (-10, 170) and y0 >= 0 and y1 <= CACHE_H
+        assert data["padded_fraction"][row] == pytest.approx(20 / 180)
+        patch = data["images"][row, 0]
+        assert patch[:, :1].max() == 0 and patch[:, -1:].max() == 0  # the padded bands, both sides
+
+
+def test_normal_sides_come_from_the_training_lesions_only(curate_dir, tmp_path):
+    out = tmp_path / "p.h5"
+    extract_patches(curate_dir, out, size=32, context=0.25, min_size_px=32, normals_per_image=5)
+    data = _read(out)
+    train_sides = {32, 75}  # the train lesions' crop sides; val has 32, test 60
+    sides = {(data["image_id"][i], int(data["box"][i][2] - data["box"][i][0]))
+             for i, s in enumerate(data["source_id"]) if "#normal" in s}
+    assert {side for _, side in sides} <= train_sides
+    assert any(image_id == "P_3_LEFT_CC" for image_id, _ in sides)  # the test image has NORMAL patches
+    assert h5io.read_attrs(out)["crop_policy"].endswith("training lesions' crop sides")
 
 
 def test_normal_patches_lie_in_the_breast_away_from_every_lesion(curate_dir, tmp_path):
@@ -132,11 +180,8 @@ def test_normal_patches_lie_in_the_breast_away_from_every_lesion(curate_dir, tmp
     assert len(normal_rows) >= 15  # a few big crops may find no spot left; they are counted, not faked
     assert len(normal_rows) + sum(summary.normals_without_spot.values()) == 20
     assert summary.normals_requested == {"train": 10, "val": 5, "test": 5}
-    lesion_sides = {split: set() for split in ("train", "val", "test")}
-    for _, (_, split, lesions) in LAYOUT.items():
-        for _, _, b in lesions:
-            crop = lesion_crop_box(b, 0.25, 32)
-            lesion_sides[split].add(crop[2] - crop[0])
+    train_sides = {b[2] - b[0] for _, split, lesions in LAYOUT.values() if split == "train"
+                   for b in (lesion_crop_box(box, 0.25, 32) for _, _, box in lesions)}
     for i in normal_rows:
         assert data["labels"][i] == 0
         image_id = data["image_id"][i]
@@ -149,7 +194,7 @@ def test_normal_patches_lie_in_the_breast_away_from_every_lesion(curate_dir, tmp
                 assert not _overlap(box, data["box"][j].tolist())
         assert min(box[0], box[1]) >= 0 and box[2] <= CACHE_W and box[3] <= CACHE_H
         assert breast[box[1]:box[3], box[0]:box[2]].mean() >= 0.9
-        assert box[2] - box[0] in lesion_sides[split]  # same crop sizes as the lesions of its split
+        assert box[2] - box[0] in train_sides  # the crop sizes of the training lesions
         assert (data["images"][i, 0] == 0).mean() <= 0.06  # tissue; at most a sliver of background
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -127,6 +128,12 @@ def test_box_query_cuts_exactly_like_the_patches_stage(tmp_path, built):
     stored = patches.process_image(job).pixels[0]
     queried = read_query_image(png)
     np.testing.assert_array_equal(built["index"].query_patch(queried, box), stored)
+    edge = (0, 185, 12, 200)  # a crop centred on it would leave the image: the one crop policy shifts it inside
+    edge_job = replace(job, lesions=(patches._LesionCrop("edge", 1, patches.lesion_crop_box(
+        edge, SETTINGS.context, SETTINGS.min_size_px)),))
+    edge_stored = patches.process_image(edge_job)
+    assert edge_stored.boxes == [(0, 168, 32, 200)] and edge_stored.padded == [0.0]
+    np.testing.assert_array_equal(built["index"].query_patch(queried, edge), edge_stored.pixels[0])
     # a database holding that patch finds it at distance 0
     index = built["index"]
     db = np.concatenate([built["codes"], index.encode(stored[None])])
