@@ -266,3 +266,21 @@ def test_hashing_stage_reports_every_seed_and_keeps_the_first_seeds_codes(smoke_
     per_seed = by_seed.set_index(["bits", "seed"])["hash_map"]
     assert score == pytest.approx(per_seed.loc[(48, seeds[0])])
     assert per_seed.loc[48].nunique() > 1  # the seeds really trained different decoders
+
+
+def test_hashing_stage_trains_the_same_decoders_on_freeze3_alone(smoke_store):
+    """Tables 4 and 5 on a single DenseNet: the same grid of bits and seeds, codes kept under freeze3/."""
+    (folder,) = (smoke_store / "stages" / "hashing").iterdir()
+    fused = pd.read_csv(folder / "table4_map_by_seed.csv")
+    single = pd.read_csv(folder / "table4_map_by_seed_freeze3.csv")
+    assert sorted(map(tuple, single[["bits", "seed"]].values.tolist())) == sorted(
+        map(tuple, fused[["bits", "seed"]].values.tolist()))
+    expected = seed_summary.paired_seed_summary(single, "bits", "hash_map", "fc_map",
+                                                extra_means=("hash_p@10", "fc_p@10"))
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "table4_map_freeze3.csv"), expected, check_dtype=False)
+    first = int(single["seed"].min())
+    with h5py.File(folder / "codes.h5", "r") as fh:
+        score = retrieval.mean_average_precision(fh["freeze3/hash/48/test"][()], fh["labels/test"][()],
+                                                 fh["freeze3/hash/48/train"][()], fh["labels/train"][()])
+        assert not np.array_equal(fh["freeze3/hash/48/train"][()], fh["hash/48/train"][()])
+    assert score == pytest.approx(single.set_index(["bits", "seed"]).loc[(48, first), "hash_map"])
