@@ -73,7 +73,7 @@ def _table(outcomes: list[dict]) -> Table:
     table = Table(title="mammo run", show_lines=False)
     for col in ("stage", "status", "seconds", "key"):
         table.add_column(col)
-    style = {"ran": "green", "cached": "cyan", "failed": "bold red"}
+    style = {"ran": "green", "cached": "cyan", "failed": "bold red", "stopped": "yellow"}
     for row in outcomes:
         table.add_row(
             row["stage"],
@@ -97,17 +97,34 @@ def run(
                                       "(params, overrides and stages are read from it unless given)"),
 ) -> None:
     """Run the pipeline; finished stages with unchanged inputs are reused."""
+    from flows import fast_exit
+
+    if _on_command_line():
+        fast_exit.arm()
+    try:
+        _run(params, set_, from_, until, only, force, store, resume)
+    except typer.Exit as exc:
+        fast_exit.set_status(exc.exit_code)
+        raise
+    fast_exit.set_status(0)
+
+
+def _on_command_line() -> bool:
+    """True in the ``mammo`` program or ``python -m flows.cli``; False when a test calls the CLI in-process."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    return argv0.name == "mammo" or argv0.resolve() == Path(__file__).resolve()
+
+
+def _run(params: Path | None, set_: list[str], from_: str | None, until: str | None, only: list[str],
+         force: list[str], store: Path | None, resume: str | None) -> None:
     root = environment.store_root(store)
     environment.configure(root)  # before anything imports prefect: it reads its settings once
     from flows import interrupts, prefect_server
 
-    # Started first, so that it boots while this process imports and checks the store; a child of ours
-    # that dies with us (even on SIGKILL) and that a Ctrl-C to our process group does not reach.
-    server = prefect_server.start(root)
-    guard = interrupts.Interrupts(_say, lambda: _stop_now(server, store))
-    guard.install()
+    server: prefect_server.LocalServer | None = None
     stages: list[str] | None = None
     if resume:
+        server = prefect_server.start(root)  # before the import below imports prefect
         from tasks.run_tracking import resume_arguments
         from tasks.tracking import default_tracking_uri
 
@@ -121,6 +138,24 @@ def run(
         stages = earlier["stages"]
     params = params or Path("params/default.yaml")
     typed_params = environment.load_params_or_exit(params, set_)
+    # Started as soon as the params are valid, so that it boots while this process imports and checks the
+    # store; a child of ours that dies with us (even on SIGKILL) and that a Ctrl-C to our group does not reach.
+    server = server or prefect_server.start(root)
+    guard = interrupts.Interrupts(_say, lambda: _stop_now(server, store))
+    guard.install()
+    try:
+        _run_checked(typed_params, params, set_, from_, until, only, force, store, resume, root, stages, server,
+                     guard)
+    finally:
+        guard.uninstall()
+
+
+def _run_checked(typed_params, params: Path, set_: list[str], from_: str | None, until: str | None,
+                 only: list[str], force: list[str], store: Path | None, resume: str | None, root: Path,
+                 stages: list[str] | None, server, guard) -> None:
+    """The run once its params are valid, the temporary server started and the signals taken."""
+    from flows import prefect_server
+
     if from_ or until or only or not resume:
         stages = select_stages(from_, until, only)
     for name in force:

@@ -50,6 +50,15 @@ class Interrupts:
             signal.signal(sig, self._handle)
         _installed = self
 
+    def uninstall(self) -> None:
+        """Give SIGINT and SIGTERM back to Python's defaults (a CLI called in-process, by a test)."""
+        global _installed
+        if threading.current_thread() is not threading.main_thread() or _installed is not self:
+            return
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _installed = None
+
     def _handle(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
         if stop_request.requested():

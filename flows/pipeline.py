@@ -159,6 +159,7 @@ def _root_message(exc: BaseException) -> str:
 @flow(name="mammo-stage-graph", log_prints=True, result_serializer="json")
 def stage_graph(ctx: runtime.RunContext, stages: list[str] | None) -> list[dict]:
     """The stage graph as a sub-flow, so that it can carry a task runner chosen from the params."""
+    interrupts.reinstall()  # the sub-flow's engine put Prefect's SIGTERM handler back
     return run_stages(ctx, stages, sequential=False)
 
 

@@ -114,12 +114,11 @@ class LocalServer:
 def start(store: Path) -> LocalServer | None:
     """Start the server and point Prefect at it, unless ``PREFECT_API_URL`` names a server already.
 
-    Must run before Prefect is imported: Prefect reads ``PREFECT_API_URL`` once, on import.
+    Prefect reads ``PREFECT_API_URL`` once, on import: when it is imported already (the CLI called
+    in-process by a test), None too, and Prefect starts its own temporary server as before.
     """
-    if os.environ.get("PREFECT_API_URL"):
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
         return None
-    if "prefect" in sys.modules:
-        raise RuntimeError("start the temporary Prefect server before importing prefect")
     server = LocalServer(store / "prefect" / "server.log")
     os.environ["PREFECT_API_URL"] = server.api_url
     return server
