@@ -15,13 +15,14 @@ gives its temporary server) runs in its own session, so a Ctrl-C to ``mammo run`
 handled by ``mammo run`` alone, which stops the server last, after Prefect's workers have drained. The
 server asks the kernel to kill it when its parent dies (:mod:`mammo_core.process_lifetime`), so a
 SIGKILL leaves nothing behind. It is started before Prefect is imported (``PREFECT_API_URL`` must be set
-by then) and boots while this process imports and checks the store.
+by then) and imports its (heavy) modules while this process imports and checks the store; it touches
+its database and log in the store only once told to go (:meth:`LocalServer.go`), after the checks passed:
+a run refused by its checks leaves the store as it was.
 """
 
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
 import signal
 import socket
@@ -50,32 +51,33 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _prefect_package_parent() -> str:
-    spec = importlib.util.find_spec("prefect")
-    if spec is None or spec.origin is None:
-        raise ServerFailed("the prefect package is not installed")
-    return str(Path(spec.origin).parent.parent)
-
-
 class LocalServer:
-    """A running temporary Prefect server; :meth:`stop` ends it (also registered to run at exit)."""
+    """A temporary Prefect server, importing until :meth:`go`; :meth:`stop` ends it (also run at exit)."""
 
     def __init__(self, log_path: Path):
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        parent = os.getpid()
-        log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_path = log_path
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", _prefect_package_parent(), "--factory",
-                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "error", "--lifespan", "on"],
-                env={**os.environ, **_SERVER_ENV}, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,  # Ctrl-C to our process group is ours to handle, not the server's
-                preexec_fn=lambda: die_with_parent(parent),
-            )
+        parent = os.getpid()
+        project = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flows.prefect_server", str(self.port), str(log_path)],
+            env={**os.environ, **_SERVER_ENV, "PYTHONPATH": path}, stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C to our process group is ours to handle, not the server's
+            preexec_fn=lambda: die_with_parent(parent),
+        )
         atexit.register(self.stop)
+
+    def go(self) -> None:
+        """Let the server open its database and serve (it has been importing meanwhile)."""
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(b"go\n")
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass  # it exited already: wait_ready reports its exit code
 
     def wait_ready(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> None:
         """Block until the server answers its health check; raise :class:`ServerFailed` if it cannot.
@@ -111,6 +113,20 @@ class LocalServer:
             self.process.wait()
 
 
+def _serve(port: int, log_path: Path) -> None:
+    """The server process: import, wait for the go, then serve on 127.0.0.1:``port`` (log to ``log_path``)."""
+    import uvicorn
+    from prefect.server.api.server import create_app  # the slow part, done while the parent checks the store
+
+    if sys.stdin.readline().strip() != "go":
+        return  # the run was refused by its checks (or ended): nothing was written
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    uvicorn.run(create_app, factory=True, host="127.0.0.1", port=port, log_level="error", lifespan="on")
+
+
 def start(store: Path) -> LocalServer | None:
     """Start the server and point Prefect at it, unless ``PREFECT_API_URL`` names a server already.
 
@@ -122,3 +138,7 @@ def start(store: Path) -> LocalServer | None:
     server = LocalServer(store / "prefect" / "server.log")
     os.environ["PREFECT_API_URL"] = server.api_url
     return server
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), Path(sys.argv[2]))
