@@ -123,6 +123,9 @@ def check_graceful(stopped: Stopped, store: Path, stage: str, code: int) -> str:
     assert stopped.returncode == code, out[-4000:]
     assert stopped.seconds_to_exit <= EXIT_WITHIN_S, f"exit took {stopped.seconds_to_exit:.1f} s"
     assert not stopped.survivors, f"left running: {stopped.survivors}"
+    name = signal.Signals(code - 128).name
+    assert f"stopped by {name} during stage {stage}" in out, "the stage did not stop by itself"
+    assert "without waiting for the stage" not in out, "the deadline's hard stop ended the run"
     found = re.search(r"mammo run --resume ([0-9a-f]{32}) --store (\S+)", out)
     assert found, f"no resume command printed:\n{out[-3000:]}"
     assert Path(found.group(2)) == store
