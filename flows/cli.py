@@ -73,7 +73,7 @@ def _table(outcomes: list[dict]) -> Table:
     table = Table(title="mammo run", show_lines=False)
     for col in ("stage", "status", "seconds", "key"):
         table.add_column(col)
-    style = {"ran": "green", "cached": "cyan", "failed": "bold red"}
+    style = {"ran": "green", "cached": "cyan", "failed": "bold red", "stopped": "yellow"}
     for row in outcomes:
         table.add_row(
             row["stage"],
@@ -97,10 +97,34 @@ def run(
                                       "(params, overrides and stages are read from it unless given)"),
 ) -> None:
     """Run the pipeline; finished stages with unchanged inputs are reused."""
+    from flows import fast_exit
+
+    if _on_command_line():
+        fast_exit.arm()
+    try:
+        _run(params, set_, from_, until, only, force, store, resume)
+    except typer.Exit as exc:
+        fast_exit.set_status(exc.exit_code)
+        raise
+    fast_exit.set_status(0)
+
+
+def _on_command_line() -> bool:
+    """True in the ``mammo`` program or ``python -m flows.cli``; False when a test calls the CLI in-process."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    return argv0.name == "mammo" or argv0.resolve() == Path(__file__).resolve()
+
+
+def _run(params: Path | None, set_: list[str], from_: str | None, until: str | None, only: list[str],
+         force: list[str], store: Path | None, resume: str | None) -> None:
     root = environment.store_root(store)
     environment.configure(root)  # before anything imports prefect: it reads its settings once
+    from flows import interrupts, prefect_server
+
+    server: prefect_server.LocalServer | None = None
     stages: list[str] | None = None
     if resume:
+        server = prefect_server.start(root)  # before the import below imports prefect
         from tasks.run_tracking import resume_arguments
         from tasks.tracking import default_tracking_uri
 
@@ -114,6 +138,24 @@ def run(
         stages = earlier["stages"]
     params = params or Path("params/default.yaml")
     typed_params = environment.load_params_or_exit(params, set_)
+    # Started as soon as the params are valid, so that it boots while this process imports and checks the
+    # store; a child of ours that dies with us (even on SIGKILL) and that a Ctrl-C to our group does not reach.
+    server = server or prefect_server.start(root)
+    guard = interrupts.Interrupts(_say, lambda: _stop_now(server, store))
+    guard.install()
+    try:
+        _run_checked(typed_params, params, set_, from_, until, only, force, store, resume, root, stages, server,
+                     guard)
+    finally:
+        guard.uninstall()
+
+
+def _run_checked(typed_params, params: Path, set_: list[str], from_: str | None, until: str | None,
+                 only: list[str], force: list[str], store: Path | None, resume: str | None, root: Path,
+                 stages: list[str] | None, server, guard) -> None:
+    """The run once its params are valid, the temporary server started and the signals taken."""
+    from flows import prefect_server
+
     if from_ or until or only or not resume:
         stages = select_stages(from_, until, only)
     for name in force:
@@ -130,16 +172,30 @@ def run(
         raise typer.Exit(2) from None
     from flows import failures
     from flows.pipeline import PipelineFailed, pipeline
+    from mammo_core import stop_request
     from tasks.registry import stage_keys
     from tasks.tracking import default_tracking_uri
 
     try:  # before anything is written: the store stays as it was
-        failures.preflight(root, default_tracking_uri(root), stage_keys(typed_params), stages or _stage_names())
+        failures.preflight(root, default_tracking_uri(root), stage_keys(typed_params), stages or _stage_names(),
+                           check_api=server is None)
     except failures.EnvironmentFailure as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
     console.print(f"Starting Prefect (runs the stages; a temporary local server, the first start takes up to a "
                   f"minute) and MLflow (records every stage; {root / 'mlflow.db'})", soft_wrap=True, highlight=False)
+    if server is not None:
+        console.print(f"Starting temporary server on http://127.0.0.1:{server.port}", highlight=False)
+        server.go()
+        try:
+            server.wait_ready(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")),
+                              give_up=stop_request.requested)
+        except prefect_server.ServerFailed as exc:
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
+    if stop_request.requested():
+        console.print(f"stopped by {stop_request.reason()} before the run began: nothing was written")
+        raise typer.Exit(guard.exit_code)
     from flows import progress
 
     started = time.perf_counter()
@@ -148,6 +204,13 @@ def run(
             outcomes = pipeline(params_file=str(params), overrides=list(set_), stages=stages, force=list(force),
                                 store=str(root), resume=resume)
     except PipelineFailed as exc:
+        if exc.stopped_by:
+            console.print(_table(exc.outcomes))
+            console.print(f"[bold yellow]stopped by {exc.stopped_by}[/] during stage {exc.stage}: its MLflow run "
+                          f"and the pipeline's run are marked KILLED; nothing half-written is left in the store, "
+                          f"checkpoints of finished epochs are kept.", soft_wrap=True, highlight=False)
+            _print_resume(exc.parent_run_id, store)
+            raise typer.Exit(guard.exit_code) from None
         hint = (f"run again: `mammo run --resume {exc.parent_run_id}" + (f" --store {store}`" if store else "`")
                 if exc.parent_run_id else "run again")
         line = failures.explain(exc, root, hint)
@@ -174,6 +237,35 @@ def run(
     console.print(f"done in {time.perf_counter() - started:.1f} s; store {root}")
     for line in where_to_look(outcomes, root):
         console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+def _say(line: str) -> None:
+    console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+def _print_resume(parent_run_id: str | None, store: Path | None) -> None:
+    """The one command that continues a stopped run (finished stages reused, training from its checkpoint)."""
+    if not parent_run_id:
+        return
+    again = ["mammo", "run", "--resume", parent_run_id] + (["--store", str(store)] if store else [])
+    console.print("Resume (finished stages are reused, training continues from its last checkpoint):")
+    console.print(f"  {shlex.join(again)}", soft_wrap=True, highlight=False, markup=False)
+
+
+def _stop_now(server, store: Path | None) -> None:
+    """The interrupt's hard stop: the stages did not stop in time, or Ctrl-C came twice."""
+    from mammo_core import stop_request
+
+    tracking = sys.modules.get("tasks.tracking")  # not imported yet: no run was opened
+    parent = tracking.latest_parent_run() if tracking is not None else None
+    killed = tracking.kill_open_runs(f"stopped by {stop_request.reason()} (the stage did not stop in time)") \
+        if tracking is not None else []
+    _say(f"stopped by {stop_request.reason()} without waiting for the stage: {len(killed)} MLflow run(s) still "
+         f"open marked KILLED; nothing half-written is sealed (the next run removes temporary folders), "
+         f"checkpoints are kept.")
+    _print_resume(parent, store)
+    if server is not None:
+        server.process.kill()
 
 
 def _reporter():

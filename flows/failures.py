@@ -92,11 +92,17 @@ def check_final_paths(store_root: Path, keys: dict[str, str], stages: Iterable[s
             raise EnvironmentFailure(f"stage {stage}: {exc}") from exc
 
 
-def preflight(store_root: Path, tracking_uri: str, keys: dict[str, str], stages: Iterable[str]) -> None:
-    """Every check above, before the run writes anything."""
+def preflight(store_root: Path, tracking_uri: str, keys: dict[str, str], stages: Iterable[str],
+              check_api: bool = True) -> None:
+    """Every check above, before the run writes anything.
+
+    ``check_api=False``: ``PREFECT_API_URL`` names the temporary server this run started itself
+    (flows/prefect_server.py), which may still be starting; its own start-up reports its failures.
+    """
     if tracking_uri.startswith("sqlite:///"):
         check_tracking_db(Path(tracking_uri[len("sqlite:///"):]))
-    check_prefect_api()
+    if check_api:
+        check_prefect_api()
     check_final_paths(store_root, keys, stages)
 
 

@@ -12,9 +12,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows import progress
+from flows import interrupts, progress
 from flows.run_clock import PlannedStage, previous_seconds
 from flows.runners import build_task_runner, ensure_gpu_limits, gpu_slots
+from mammo_core import stop_request
 from mammo_core.config import Params
 from mammo_core.store import ArtifactStore
 from tasks import registry, runtime
@@ -25,12 +26,14 @@ from tasks.run_tracking import close_run, open_run
 class PipelineFailed(RuntimeError):
     """A stage failed; carries the outcome table, the failed stage and the MLflow parent run to resume."""
 
-    def __init__(self, message: str, stage: str, outcomes: list[dict], parent_run_id: str | None = None):
+    def __init__(self, message: str, stage: str, outcomes: list[dict], parent_run_id: str | None = None,
+                 stopped_by: str | None = None):
         super().__init__(message, stage, outcomes, parent_run_id)
         self.message = message
         self.stage = stage
         self.outcomes = outcomes
         self.parent_run_id = parent_run_id
+        self.stopped_by = stopped_by  # the signal's name when the user stopped the run (Ctrl-C, SIGTERM)
 
     def __str__(self) -> str:
         return f"stage {self.stage} failed: {self.message}"
@@ -122,10 +125,12 @@ def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bo
         try:
             result: runtime.StageResult = results[spec.name].result()
         except Exception as exc:
-            progress.finished(spec.name, "failed")
-            outcomes.append({"stage": spec.name, "status": "failed", "seconds": 0.0, "key": key, "path": ""})
+            stopped_by = stop_request.reason() or None
+            status = "stopped" if stopped_by else "failed"
+            progress.finished(spec.name, status)
+            outcomes.append({"stage": spec.name, "status": status, "seconds": 0.0, "key": key, "path": ""})
             _drain(results)
-            raise PipelineFailed(_root_message(exc), spec.name, outcomes, ctx.parent_run_id) from exc
+            raise PipelineFailed(_root_message(exc), spec.name, outcomes, ctx.parent_run_id, stopped_by) from exc
         if result.parent_run_id != ctx.parent_run_id:
             runtime.cache_hit_task.with_options(task_run_name=f"{spec.name}-cache-hit")(spec.name, ctx, result)
             if spec.name == "report":  # the parent run carries the report even when it is reused
@@ -154,6 +159,7 @@ def _root_message(exc: BaseException) -> str:
 @flow(name="mammo-stage-graph", log_prints=True, result_serializer="json")
 def stage_graph(ctx: runtime.RunContext, stages: list[str] | None) -> list[dict]:
     """The stage graph as a sub-flow, so that it can carry a task runner chosen from the params."""
+    interrupts.reinstall()  # the sub-flow's engine put Prefect's SIGTERM handler back
     return run_stages(ctx, stages, sequential=False)
 
 
@@ -171,6 +177,7 @@ def pipeline(
     ``resume`` is the MLflow parent run id of a failed run: that run is reopened and the stages continue
     inside it, so the tracking UI shows one run whose failed stage was retried.
     """
+    interrupts.reinstall()
     ctx = open_run(params_file, list(overrides or []), store, list(force or []), stages, resume)
     params = Params.model_validate(ctx.params)
     runner = build_task_runner(params.run)
@@ -181,11 +188,14 @@ def pipeline(
             outcomes = stage_graph.with_options(task_runner=runner)(ctx, stages)
     except PipelineFailed as exc:
         exc.parent_run_id = ctx.parent_run_id
-        close_run(ctx, ok=False, outcomes=exc.outcomes)
+        exc.stopped_by = exc.stopped_by or stop_request.reason() or None
+        close_run(ctx, ok=False, outcomes=exc.outcomes, stopped_by=exc.stopped_by)
         raise
     except Exception as exc:
-        failed = [{"stage": "?", "status": "failed", "seconds": 0.0, "key": "", "path": ""}]
-        close_run(ctx, ok=False, outcomes=failed)
-        raise PipelineFailed(str(exc), "?", failed, ctx.parent_run_id) from exc
+        stopped_by = stop_request.reason() or None
+        failed = [{"stage": "?", "status": "stopped" if stopped_by else "failed", "seconds": 0.0, "key": "",
+                   "path": ""}]
+        close_run(ctx, ok=False, outcomes=failed, stopped_by=stopped_by)
+        raise PipelineFailed(str(exc), "?", failed, ctx.parent_run_id, stopped_by) from exc
     close_run(ctx, ok=True, outcomes=outcomes)
     return outcomes

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import torch
 
-from mammo_core import h5io
+from mammo_core import h5io, stop_request
 from mammo_core.model import FusedDenseNet
 from mammo_core.training import prepare_images
 
@@ -79,6 +79,7 @@ def export_features(
     with h5io.ChunkedH5Writer(out_path, specs, attrs={"model_key": model_key, "branches": branches,
                                                       "feature_dim": dim, "source": patches_h5.name}) as writer:
         for _, block in _prefetch(h5io.iter_blocks(patches_h5, ["images", *CARRIED], batch_size)):
+            stop_request.check("the feature export")
             with torch.inference_mode():
                 feats = model.features(prepare_images(torch.from_numpy(block["images"]), device))
             writer.append(**{b: feats[b].float().cpu().numpy() for b in branches},

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mammo_core import retrieval
+from mammo_core import retrieval, stop_request
 
 SLICE_WIDTH = 50  # the paper's 50 projected features per bit
 
@@ -265,6 +265,7 @@ def train_decoder(
     history: list[dict[str, float]] = []
     decoder.train()
     for epoch in range(1, epochs + 1):
+        stop_request.check(f"hash decoder epoch {epoch}")
         totals = {"loss": 0.0, "triplet": 0.0, "classification": 0.0, "quantization": 0.0}
         n_seen = 0
         for batch in torch.randperm(len(x), generator=generator).split(batch_size):

@@ -11,15 +11,19 @@ so:
 - an item running longer than ``time_limit_s`` has its worker killed (which works even inside C code
   that never returns to Python), and is treated like a death: retried once alone, then given up.
 
-A worker that dies is replaced; the other items go on in parallel. The function must be picklable
-(a module-level function) and should turn its own errors into values; an exception it raises anyway
-becomes :class:`ItemFailed` for that item only.
+A worker that dies is replaced; the other items go on in parallel. A stop request
+(:mod:`mammo_core.stop_request`, Ctrl-C) ends the pool within a fraction of a second: the workers ignore
+SIGINT themselves (the parent decides), are killed, and :class:`~mammo_core.stop_request.StopRequested` is
+raised. Workers die with the parent even when it is SIGKILLed (:mod:`mammo_core.process_lifetime`).
+The function must be picklable (a module-level function) and should turn its own errors into values;
+an exception it raises anyway becomes :class:`ItemFailed` for that item only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
 import time
 from collections import deque
@@ -28,7 +32,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from mammo_core import stop_request
+from mammo_core.process_lifetime import die_with_parent
+
 _JOIN_S = 5.0
+_STOP_POLL_S = 0.25  # how often a waiting pool looks at the stop request
 
 
 @dataclass(frozen=True)
@@ -38,8 +46,14 @@ class ItemFailed:
     reason: str
 
 
-def _serve(conn: Connection, fn: Callable[[Any], Any], initializer: Callable[[], None] | None) -> None:
+def _serve(conn: Connection, fn: Callable[[Any], Any], initializer: Callable[[], None] | None,
+           parent_pid: int) -> None:
     """Worker loop: one (index, item) at a time until told to stop (None) or the parent goes away."""
+    die_with_parent(parent_pid)
+    # A Ctrl-C reaches the whole process group: the parent stops the pool (and kills this worker); the
+    # worker must not die of it on its own, or the parent would take it for a crash of its item.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if initializer is not None:
         initializer()
     while True:
@@ -62,7 +76,8 @@ class _Worker:
 
     def __init__(self, fn: Callable[[Any], Any], initializer: Callable[[], None] | None):
         self.conn, child = multiprocessing.Pipe()
-        self.process = multiprocessing.Process(target=_serve, args=(child, fn, initializer), daemon=True)
+        self.process = multiprocessing.Process(target=_serve, args=(child, fn, initializer, os.getpid()),
+                                               daemon=True)
         self.process.start()
         child.close()
         self.index: int | None = None
@@ -117,6 +132,7 @@ def _run_phase(
 
     try:
         while True:
+            stop_request.check("the worker pool")
             for slot, worker in enumerate(slots):
                 if pending and (worker is None or worker.index is None):
                     worker = slots[slot] = worker or _Worker(fn, initializer)
@@ -131,7 +147,8 @@ def _run_phase(
                 if pending:
                     continue
                 return lost
-            timeout = max(0.0, min(w.deadline for _, w in busy) - time.monotonic())
+            timeout = min(_STOP_POLL_S, max(0.0, min(w.deadline for _, w in busy) - time.monotonic()))
+            # bounded wait: nothing may have happened yet, then the loop only looks at the stop request again
             wait([w.conn for _, w in busy] + [w.process.sentinel for _, w in busy], timeout)
             for slot, worker in busy:
                 if worker.conn.poll():
@@ -147,9 +164,10 @@ def _run_phase(
                 elif time.monotonic() >= worker.deadline:
                     lose(slot, f"it ran longer than the time limit of {time_limit_s:g} s per item")
     finally:
+        stopping = stop_request.requested()
         for worker in slots:
             if worker is not None:
-                worker.stop()
+                worker.kill() if stopping else worker.stop()
 
 
 def run_isolated(

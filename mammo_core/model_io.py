@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import skops.io as sio
-
 # Our own classes, plus scikit-learn internals reached through our members (calibrated SVM, random
 # forest trees, the Bunch that Voting/Stacking keep their named estimators in). Named, never "all".
 TRUSTED_MODEL_TYPES: tuple[str, ...] = (
@@ -38,6 +36,14 @@ class ModelFileError(ValueError):
     """A model file cannot be loaded safely; the message names the file and the reason."""
 
 
+def _skops_io():
+    """skops.io, imported on first use: its import scans numpy and scikit-learn for trusted type names
+    (about a second), which a command that saves or loads no model (a cached rerun) should not pay."""
+    import skops.io
+
+    return skops.io
+
+
 def _allow_list(trusted: Sequence[str] | None) -> list[str]:
     if trusted is None:
         return list(TRUSTED_MODEL_TYPES)
@@ -50,7 +56,7 @@ def _allow_list(trusted: Sequence[str] | None) -> list[str]:
 
 def _untrusted(data: bytes, source: str) -> list[str]:
     try:
-        return list(sio.get_untrusted_types(data=data))
+        return list(_skops_io().get_untrusted_types(data=data))
     except (zipfile.BadZipFile, KeyError, ValueError, TypeError) as exc:
         raise ModelFileError(f"{source}: not a readable skops file ({type(exc).__name__}: {exc})") from exc
 
@@ -71,7 +77,7 @@ def save_model(estimator: Any, path: str | Path, trusted: Sequence[str] | None =
     run never seals a model it cannot serve.
     """
     path = Path(path)
-    data = sio.dumps(estimator)
+    data = _skops_io().dumps(estimator)
     _refuse_unexpected(data, f"model to save as {path}", _allow_list(trusted))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex}")
@@ -103,4 +109,4 @@ def load_model(path: str | Path, expected_sha256: str, trusted: Sequence[str] | 
         raise ModelFileError(f"{path}: sha256 {actual} does not match the manifest's {expected_sha256}; "
                              "the file was modified or replaced, refusing to load")
     untrusted = _refuse_unexpected(data, str(path), allowed)
-    return sio.loads(data, trusted=untrusted)
+    return _skops_io().loads(data, trusted=untrusted)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mammo_core import h5io
+from mammo_core import faults, h5io, stop_request
 from mammo_core.checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
@@ -262,6 +262,7 @@ class _FrozenCache:
         n = len(data)
 
         def compute(s: slice) -> dict[str, Tensor]:
+            stop_request.check("the frozen-trunk cache")
             t = model.trunk_output(prepare_images(data.images[s], device))
             return {k: t if k == "trunk" else net.frozen_output(k, t) for k in keys}
 
@@ -574,6 +575,8 @@ def _run_epoch(
     batches = _epoch_batches(len(train), schedule.batch_size, generator)
     workers = 0 if cache is not None else schedule.num_workers
     for i, (idx, images, labels) in enumerate(_iter_batches(train, batches, workers, device.type == "cuda")):
+        stop_request.check(f"training epoch {epoch + 1}")  # between batches: the last checkpoint stays valid
+        faults.at("train:batch")
         if on_batch is not None:
             on_batch(epoch + 1, i)
         t = None if cache is not None else model.trunk_output(prepare_images(images, device))

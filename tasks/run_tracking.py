@@ -146,10 +146,13 @@ def resume_arguments(tracking_uri: str, run_id: str) -> dict:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def close_run(ctx: RunContext, ok: bool, outcomes: list[dict]) -> None:
-    """Attach the stage table to the parent run and end it."""
+def close_run(ctx: RunContext, ok: bool, outcomes: list[dict], stopped_by: str | None = None) -> None:
+    """Attach the stage table to the parent run and end it (KILLED when ``stopped_by`` names a signal)."""
     client = MlflowClient(ctx.tracking_uri)
     client.log_dict(ctx.parent_run_id, {"stages": outcomes}, "stages.json")
     for row in outcomes:
         client.set_tag(ctx.parent_run_id, f"stage.{row['stage']}", f"{row['status']} {row['key']}")
-    tracking.finish_run(client, ctx.parent_run_id, ok=ok)
+    if stopped_by:
+        tracking.kill_run(client, ctx.parent_run_id, f"stopped by {stopped_by}")
+    else:
+        tracking.finish_run(client, ctx.parent_run_id, ok=ok)

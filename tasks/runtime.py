@@ -27,7 +27,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from mammo_core import code_closure, faults, stage_lock
+from mammo_core import code_closure, faults, stage_lock, stop_request
 from mammo_core.config import Params
 from mammo_core.library_versions import library_versions
 from mammo_core.store import ArtifactStore, stage_key
@@ -200,6 +200,7 @@ def still_sealed(result: StageResult) -> bool:
 
 def execute(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, StageResult]) -> StageResult:
     """Produce (stage, key) unless the store already has it; the body of the Prefect task."""
+    stop_request.check(f"the start of stage {spec.name}")  # a stop requested while earlier stages ran
     store = ArtifactStore(ctx.store)
     forced = spec.name in ctx.force
     if not forced:
@@ -275,10 +276,14 @@ def _produce(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, Sta
         client.log_artifact(run_id, str(folder.path / "manifest.json"))
         shutil.rmtree(scratch_dir(ctx.store, spec.name, key), ignore_errors=True)
     except BaseException as exc:
+        # the scratch folder (checkpoints of finished epochs) stays: the resume starts from it
         shutil.rmtree(workdir, ignore_errors=True)
         try:
-            client.set_tag(run_id, "error", "".join(traceback.format_exception_only(exc)).strip()[:4000])
-            tracking.finish_run(client, run_id, ok=False)
+            if isinstance(exc, stop_request.StopRequested):
+                tracking.kill_run(client, run_id, str(exc))
+            else:
+                client.set_tag(run_id, "error", "".join(traceback.format_exception_only(exc)).strip()[:4000])
+                tracking.finish_run(client, run_id, ok=False)
         except Exception:
             pass
         raise

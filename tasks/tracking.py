@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,6 +32,25 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 HOST_TAG = "mammo.host"
 PID_TAG = "mammo.pid"
+ENDED_BY_TAG = "ended_by"
+
+# The runs this process opened and has not ended yet (run id -> (client, is a parent run)): what an
+# interrupt that cannot wait for the stages (flows/interrupts.py) marks KILLED before the process exits.
+_open_runs: dict[str, tuple[MlflowClient, bool]] = {}
+_open_runs_lock = threading.Lock()
+_parent_runs: list[str] = []  # every parent run this process opened or reopened, the latest last
+
+
+def _opened(client: MlflowClient, run_id: str, parent: bool) -> None:
+    with _open_runs_lock:
+        _open_runs[run_id] = (client, parent)
+        if parent:
+            _parent_runs.append(run_id)
+
+
+def _ended(run_id: str) -> None:
+    with _open_runs_lock:
+        _open_runs.pop(run_id, None)
 
 
 def default_tracking_uri(store: Path) -> str:
@@ -93,6 +113,7 @@ def start_run(
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    _opened(client, run.info.run_id, parent=not parent_run_id)
     return run.info.run_id
 
 
@@ -217,6 +238,29 @@ def log_file_dataset(client: MlflowClient, run_id: str, path: Path, name: str, c
 def finish_run(client: MlflowClient, run_id: str, ok: bool) -> None:
     status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
     client.set_terminated(run_id, status=status)
+    _ended(run_id)
+
+
+def kill_run(client: MlflowClient, run_id: str, reason: str) -> None:
+    """End a run as KILLED (the user stopped it), saying why in its ``ended_by`` tag."""
+    client.set_tag(run_id, ENDED_BY_TAG, reason)
+    client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.KILLED))
+    _ended(run_id)
+
+
+def latest_parent_run() -> str | None:
+    """The parent run this process opened last (the one to resume), ended or not; None before any."""
+    with _open_runs_lock:
+        return _parent_runs[-1] if _parent_runs else None
+
+
+def kill_open_runs(reason: str) -> list[str]:
+    """Mark every run this process still holds open KILLED, stage runs before their parent; their ids."""
+    with _open_runs_lock:
+        runs = sorted(_open_runs.items(), key=lambda item: item[1][1])  # children (False) first
+    for run_id, (client, _) in runs:
+        kill_run(client, run_id, reason)
+    return [run_id for run_id, _ in runs]
 
 
 def reopen_run(client: MlflowClient, run_id: str, flow_run_id: str) -> str:
@@ -234,4 +278,5 @@ def reopen_run(client: MlflowClient, run_id: str, flow_run_id: str) -> str:
         client.set_tag(run_id, key, value)
     client.set_tag(run_id, "resume_count", str(attempts))
     client.set_tag(run_id, f"prefect_flow_run_id.resume{attempts}", flow_run_id)
+    _opened(client, run_id, parent=True)
     return run_id

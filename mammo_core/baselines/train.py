@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mammo_core import stop_request
 from mammo_core.baselines.networks import AUX_LOSS_WEIGHT, SingleNetClassifier
 from mammo_core.checkpoint import (
     CHECKPOINT_NAME,
@@ -164,6 +165,7 @@ def train_baseline(
         loss_sum, seen = 0.0, 0
         batches = _epoch_batches(len(train), schedule.batch_size, generator)
         for i, idx in enumerate(batches):
+            stop_request.check(f"baseline training epoch {epoch + 1}")  # between batches: checkpoints stay valid
             if on_batch is not None:
                 on_batch(epoch + 1, i)
             x = prepare_images(train.images[idx], device)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from mammo_core import checkpoint
+from mammo_core import checkpoint, faults, stop_request
 from mammo_core.detection.data import DetectionImage, augment, random_crop
 
 if TYPE_CHECKING:
@@ -125,6 +125,8 @@ def train_detector(
         order = torch.randperm(len(items), generator=generator).tolist()
         total, count = 0.0, 0
         for b in range(0, len(order), batch_size):
+            stop_request.check(f"detector training epoch {epoch}")  # between batches: last checkpoint stays valid
+            faults.at("detect:batch")
             batch = [items[i] for i in order[b:b + batch_size]]
             images, targets = [], []
             for item in batch:
