@@ -140,10 +140,19 @@ def run(
         raise typer.Exit(2) from None
     console.print(f"Starting Prefect (runs the stages; a temporary local server, the first start takes up to a "
                   f"minute) and MLflow (records every stage; {root / 'mlflow.db'})", soft_wrap=True, highlight=False)
-    from flows import progress
+    from flows import prefect_server, progress
+    from tasks.tracking import open_client
 
     started = time.perf_counter()
     try:
+        # Prefect's temporary server starts (a subprocess, on the other core) while this process creates
+        # MLflow's database: both were done one after the other inside the flow. Only now, after the
+        # checks, so that a refused run leaves the store as it was.
+        server_start = prefect_server.start_in_background()
+        try:
+            open_client(default_tracking_uri(root), root)
+        finally:
+            prefect_server.ready(server_start)
         with progress.reporting(_reporter()):
             outcomes = pipeline(params_file=str(params), overrides=list(set_), stages=stages, force=list(force),
                                 store=str(root), resume=resume)
