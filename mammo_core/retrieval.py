@@ -22,17 +22,11 @@ _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint
 _HAVE_BITWISE_COUNT = hasattr(np, "bitwise_count")
 # Cap on query x database cells evaluated at once by MAP / precision@k, so memory stays bounded
 _CELLS_PER_CHUNK = 1 << 22
-# uint64 words XORed per database chunk in a search (512 KiB: stays in a core's L2 cache), shared by the
-# queries of one batch
-_XOR_BUFFER_WORDS = 1 << 16
+# uint64 words XORed per database chunk in a search (1 MiB: a core's L2 cache), shared by the queries
+# of one batch
+_XOR_BUFFER_WORDS = 1 << 17
 # Queries whose distance rows (N bytes each) are held at once by knn_batch
 _QUERIES_PER_BLOCK = 16
-# Rows of the first database chunk of a search, small so that the initial top-k cutoffs come cheaply
-_FIRST_CHUNK_ROWS = 1024
-# Candidates kept per query and per k before they are ranked and cut back to the current top k
-_TIGHTEN_AFTER = 8
-# A cutoff that every distance of that dtype passes (looked up once: np.iinfo is slow per query)
-_MAX_DISTANCE = {np.uint8: 255, np.uint16: 65535}
 
 
 def pack_codes(bits: np.ndarray) -> np.ndarray:
@@ -202,85 +196,41 @@ def _search(index: HammingIndex, query_words: np.ndarray, k: int) -> tuple[np.nd
     """Top-k for each row of ``query_words`` (Q, W), in blocks of queries sharing each database chunk."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    k = min(k, len(index))
+    n = len(index)
+    k = min(k, n)
     n_queries = query_words.shape[0]
     indices = np.empty((n_queries, k), dtype=np.int64)
     distances = np.empty((n_queries, k), dtype=index.distance_dtype)
-    for start in range(0, n_queries, _QUERIES_PER_BLOCK):
-        stop = min(n_queries, start + _QUERIES_PER_BLOCK)
-        indices[start:stop], distances[start:stop] = _search_block(index, query_words[start:stop], k)
+    block = min(n_queries, _QUERIES_PER_BLOCK)
+    rows = index.scratch("dist", (block * n,), index.distance_dtype)
+    below = index.scratch("below", (n,), bool)
+    for start in range(0, n_queries, block):
+        words = query_words[start:start + block]
+        dist = index.distances_into(words, rows[:words.shape[0] * n].reshape(words.shape[0], n))
+        for offset, row in enumerate(dist):
+            indices[start + offset], distances[start + offset] = _k_smallest_stable(row, k, below)
     return indices, distances
 
 
-def _search_block(index: HammingIndex, query_words: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of a few queries in one pass over the database, keeping only rows that can still make the top k.
+def _k_smallest_stable(dist: np.ndarray, k: int, below: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the k smallest distances ordered by (distance, index), and those distances.
 
-    Each query has a cutoff distance, the k-th smallest distance among the rows kept so far (an upper bound
-    on its final k-th distance). Each database chunk is XORed and counted while it is in cache, and only its
-    rows at or below their query's cutoff are kept (a handful per chunk once the cutoff has settled), so no
-    database-sized distance array is written or read back. Partitioning a million uint8 distances instead
-    (``np.argpartition``) costs ~50 ms here, twenty times the whole search.
+    Distances are small integers (0..q), so instead of partitioning (``np.argpartition`` costs ~50 ms on a
+    million uint8 here, twenty times the whole search) a cutoff is raised from the minimum, in doubling
+    steps, until at least k rows lie at or below it; each step is one compare-and-count pass into the bool
+    buffer ``below`` over distances still in cache. Only those candidates are then sorted, stably, so equal
+    distances keep index order (``np.flatnonzero`` returns them ascending).
     """
-    n = len(index)
-    n_queries = query_words.shape[0]
-    rows = min(n, max(k, _XOR_BUFFER_WORDS // n_queries))
-    dist = index.scratch("dist", (n_queries * rows,), index.distance_dtype)  # flat: each chunk's view is
-    keep = index.scratch("keep", (n_queries * rows,), bool)  # contiguous, so flatnonzero can scan it
-    cutoff = np.full((n_queries, 1), _MAX_DISTANCE[index.distance_dtype], dtype=index.distance_dtype)
-    kept_query, kept_row, kept_dist = [], [], []
-    n_kept = 0
-    for start, stop in _growing_chunks(n, min(rows, max(k, _FIRST_CHUNK_ROWS)), rows):
-        width = stop - start
-        part = index.distances_into(query_words, dist[:n_queries * width].reshape(n_queries, width), start, stop)
-        below = keep[:n_queries * width].reshape(n_queries, width)
-        np.less_equal(part, cutoff, out=below)
-        flat = np.flatnonzero(below)
-        if flat.size:
-            query, row = np.divmod(flat, width)
-            kept_query.append(query)
-            kept_row.append(row + start)
-            kept_dist.append(part.ravel()[flat])
-            n_kept += flat.size
-        if n_kept > _TIGHTEN_AFTER * k * n_queries or stop == n:
-            candidates = _rank_candidates(np.concatenate(kept_query), np.concatenate(kept_row),
-                                          np.concatenate(kept_dist), n_queries, k)
-            kept_query, kept_row, kept_dist = [candidates[0]], [candidates[1]], [candidates[2]]
-            cutoff[:, 0] = candidates[3]
-            n_kept = candidates[0].size
-    query, row, found, _ = candidates
-    take = (np.searchsorted(query, np.arange(n_queries))[:, None] + np.arange(k)).ravel()
-    return row[take].reshape(n_queries, k), found[take].reshape(n_queries, k)
-
-
-def _growing_chunks(n: int, first: int, largest: int):
-    """(start, stop) row ranges covering ``range(n)``: ``first`` rows, then doubling up to ``largest``.
-
-    The cutoffs come from a small first chunk; each following chunk is at most twice what set them, so the
-    rows it lets through stay a few times k instead of thousands to rank.
-    """
-    start, size = 0, first
-    while start < n:
-        yield start, min(n, start + size)
-        start += size
-        size = min(largest, 2 * size)
-
-
-def _rank_candidates(query: np.ndarray, row: np.ndarray, dist: np.ndarray, n_queries: int, k: int):
-    """Per query, its candidates ordered by (distance, row), cut at the k-th distance (ties at it all kept).
-
-    Returns (query, row, dist, cutoff per query). Queries with fewer than k candidates keep them all and a
-    cutoff of the dtype's maximum. Once every query has at least k candidates at the database's end, the
-    first k of each query are its answer.
-    """
-    order = np.lexsort((row, dist, query))
-    query, row, dist = query[order], row[order], dist[order]
-    first = np.searchsorted(query, np.arange(n_queries))
-    count = np.diff(np.append(first, query.size))
-    cutoff = np.full(n_queries, _MAX_DISTANCE[dist.dtype.type], dtype=dist.dtype)
-    full = count >= k
-    cutoff[full] = dist[first[full] + k - 1]
-    keep = dist <= cutoff[query]
-    return query[keep], row[keep], dist[keep], cutoff
+    lowest = int(dist.min())
+    step = 0
+    while True:
+        np.less_equal(dist, lowest + step, out=below)
+        if np.count_nonzero(below) >= k:
+            break
+        step = 2 * step + 1
+    candidates = np.flatnonzero(below)
+    chosen = candidates[np.argsort(dist[candidates], kind="stable")[:k]]
+    return chosen, dist[chosen]
 
 
 def stable_ranking(query_packed: np.ndarray, db: np.ndarray | HammingIndex) -> np.ndarray:
