@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from flows import environment
-from mammo_core import patches
 from mammo_core.config import Params
 from mammo_core.errors import BadItem
-from mammo_core.similar import (
-    SimilarCaseIndex,
-    check_query,
-    parse_box,
-    read_code_database,
-    read_fusion_weights,
-    read_query_image,
-)
+
+if TYPE_CHECKING:  # imported where used: they load torch, which every other mammo command does without
+    from mammo_core import patches
+    from mammo_core.similar import SimilarCaseIndex
 
 NEEDED_STAGES = ("train", "features", "hashing")
 console = Console(stderr=True)
@@ -49,6 +45,8 @@ def load_index(
     otherwise a ValueError names both keys. ``patch`` defaults to the patches defaults at the model's
     patch size; pass the run's patches settings (and the curate ``max_side``) to cut boxes like that run.
     """
+    from mammo_core import patches
+    from mammo_core.similar import SimilarCaseIndex, read_code_database, read_fusion_weights
     from tasks.hashing import CODES_FILE, DECODERS, load_decoder
     from tasks.train import load_trained
 
@@ -113,6 +111,9 @@ def similar(
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """The k training lesions nearest to IMAGE by Hamming distance of their hash codes."""
+    from mammo_core import patches
+    from mammo_core.similar import check_query, parse_box, read_query_image
+
     p = environment.load_params_or_exit(params, set_)
     try:
         parsed_box = parse_box(box) if box is not None else None

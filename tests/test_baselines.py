@@ -132,15 +132,25 @@ def test_unknown_network_is_named():
 # ---------------------------------------------------------------------------------------------- training
 
 
-def test_training_learns_and_stores_best_so_far(tmp_path):
-    model = networks.build_baseline("densenet121", 3, 32)
-    result = baseline_train.train_baseline(model, TRAIN, VAL, SCHEDULE, checkpoint_dir=tmp_path,
-                                           class_names=CLASSES)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(result, checkpoint folder) of one uninterrupted DenseNet-121 training on TRAIN/VAL with SCHEDULE.
+
+    Module-scoped: the best-so-far test reads it and the resume test compares against it, one training.
+    """
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    result = baseline_train.train_baseline(networks.build_baseline("densenet121", 3, 32), TRAIN, VAL, SCHEDULE,
+                                           checkpoint_dir=folder, class_names=CLASSES)
+    return result, folder
+
+
+def test_training_learns_and_stores_best_so_far(uninterrupted):
+    result, folder = uninterrupted
     assert [r.epoch for r in result.history] == [1, 2, 3]
     assert result.best_val_acc == max(r.val_acc for r in result.history)
     assert result.history[result.best_epoch - 1].val_acc == result.best_val_acc
     assert result.history[0].lr == pytest.approx(0.005) and result.history[1].lr == pytest.approx(0.02)
-    saved = load_safely(tmp_path / CHECKPOINT_NAME)
+    saved = load_safely(folder / CHECKPOINT_NAME)
     assert saved["epoch"] == 3 and saved["network"] == "densenet121"
     proba = baseline_train.predict(result.model, VAL)
     assert proba.shape == (6, 3) and np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
@@ -151,9 +161,8 @@ class _Killed(RuntimeError):
     pass
 
 
-def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(tmp_path):
-    reference = baseline_train.train_baseline(networks.build_baseline("densenet121", 3, 32), TRAIN, VAL, SCHEDULE,
-                                              checkpoint_dir=tmp_path / "ref", class_names=CLASSES)
+def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(uninterrupted, tmp_path):
+    reference = uninterrupted[0]
 
     def kill(epoch: int, batch: int) -> None:
         if epoch == 3 and batch == 1:

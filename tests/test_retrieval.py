@@ -149,3 +149,54 @@ def test_independent_bits_have_low_correlation():
     assert stats.mean_abs_correlation < 0.03
     assert stats.bit_balance < 0.02
     assert stats.fraction_binary == 0.0
+
+
+def _brute_force_top_k(query_bits: np.ndarray, db_bits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: distances by comparing unpacked bits, ranked by (distance, index) with Python's sort."""
+    dist = (db_bits != query_bits).sum(axis=1)
+    order = sorted(range(len(dist)), key=lambda i: (dist[i], i))[:k]
+    return np.array(order), dist[order]
+
+
+@pytest.mark.parametrize("q", [12, 48, 100, 300])
+def test_knn_and_knn_batch_equal_a_brute_force_reference(monkeypatch, q):
+    monkeypatch.setattr(retrieval, "_XOR_BUFFER_WORDS", 64)  # many database chunks, uneven last chunk
+    monkeypatch.setattr(retrieval, "_QUERIES_PER_BLOCK", 3)  # several query blocks, uneven last block
+    db_bits = _random_bits(1001, q, seed=q)
+    query_bits = _random_bits(7, q, seed=q + 1)
+    db_bits[500] = query_bits[0]  # distance 0 exists, and duplicates make exact ties across the database
+    db_bits[900] = query_bits[0]
+    index = retrieval.HammingIndex.from_packed(retrieval.pack_codes(db_bits))
+    queries = retrieval.pack_codes(query_bits)
+    k = 15
+    batch_idx, batch_dist = retrieval.knn_batch(queries, index, k)
+    assert batch_idx.shape == batch_dist.shape == (7, k)
+    for i, query in enumerate(queries):
+        ref_idx, ref_dist = _brute_force_top_k(query_bits[i], db_bits, k)
+        np.testing.assert_array_equal(retrieval.hamming_distances(query, index), (db_bits != query_bits[i]).sum(1))
+        idx, dist = retrieval.knn(query, index, k)
+        np.testing.assert_array_equal(idx, ref_idx)
+        np.testing.assert_array_equal(dist, ref_dist)
+        np.testing.assert_array_equal(batch_idx[i], ref_idx)
+        np.testing.assert_array_equal(batch_dist[i], ref_dist)
+    assert batch_idx[0, :2].tolist() == [500, 900] and batch_dist[0, :2].tolist() == [0, 0]
+
+
+def test_search_results_do_not_share_the_reused_scratch_buffers():
+    db = retrieval.pack_codes(_random_bits(2000, 48, seed=11))
+    index = retrieval.HammingIndex.from_packed(db)
+    first_idx, first_dist = retrieval.knn(db[3], index, 5)
+    kept = (first_idx.copy(), first_dist.copy())
+    retrieval.knn(db[1999], index, 5)
+    retrieval.knn_batch(db[:40], index, 5)
+    assert first_idx[0] == 3 and first_dist[0] == 0
+    np.testing.assert_array_equal(first_idx, kept[0])
+    np.testing.assert_array_equal(first_dist, kept[1])
+
+
+def test_knn_batch_refuses_bad_queries():
+    db = _pack_rows("1" * 12, "0" * 12)
+    with pytest.raises(ValueError, match="query codes have 6 bytes.*database has 2 bytes"):
+        retrieval.knn_batch(_pack_rows("1" * 48), db, k=1)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        retrieval.knn_batch(_pack_rows("1" * 12), db, k=0)
