@@ -37,6 +37,7 @@ class FusedFeatureMaps(nn.Module):
         with torch.no_grad():
             probe = self._maps(torch.zeros(1, 3, 64, 64))
         self.channels = [int(m.shape[1]) for m in probe.values()]
+        self.strides = [64 // int(m.shape[-1]) for m in probe.values()]
 
     def _maps(self, x: Tensor) -> OrderedDict[str, Tensor]:
         t = self.fused.trunk_output(x)
@@ -74,6 +75,9 @@ class FusedBackbone(nn.Module):
     def num_levels(self) -> int:
         return len(self.body.channels) + 1
 
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        maps = self.body(x)
+    def fpn_from_maps(self, maps: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
+        """The FPN levels from the extractor's maps (given, e.g. cached, or computed by :meth:`forward`)."""
         return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps.values())))
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return self.fpn_from_maps(self.body(x))
