@@ -564,3 +564,27 @@ def test_intervals_computed_from_the_saved_tables_equal_those_from_memory(tmp_pa
     a = bootstrap.detection_intervals(predictions, targets, 4, groups=groups, n_boot=100)
     b = bootstrap.detection_intervals(saved["ours"], saved_targets, 4, groups=groups, n_boot=100)
     assert a == b
+
+
+def test_freeze1_and_freeze2_share_their_common_frozen_segments_exactly():
+    from mammo_core.detection.backbone import FusedFeatureMaps
+    from mammo_core.model import FusedDenseNet
+
+    body = FusedFeatureMaps(FusedDenseNet(2, seed=0), [0.4, 0.4, 0.3]).eval()
+    assert body.shared_segments() == [(-1, 0), (0, 2), (-1, 0)]  # transition2 + denseblock3 layers 1-19
+
+    def unshared(x):
+        t = body.fused.trunk_output(x)
+        ms = [b[:-1](t) for b in body.fused.branches.values()]
+        fs = [b[-1](m) for b, m in zip(body.fused.branches.values(), ms, strict=True)]
+        w = body.fusion_weights
+        return [t, sum(w[k] * ms[k] for k in range(3)), sum(w[k] * fs[k] for k in range(3))]
+
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        for a, b in zip(body(x).values(), unshared(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        next(body.fused.branches["freeze2"][1].children()).conv1.weight.mul_(1.01)  # other frozen weights
+        assert body.shared_segments()[1] == (0, 1)  # the plan follows the weights, never serves stale maps
+        for a, b in zip(body(x).values(), unshared(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
