@@ -2,13 +2,18 @@
 
 Every model trains on the identical split and budget (epochs, batch, optimiser, augmentation, training
 windows, seed); each checkpoints per epoch into the stage's scratch folder, so a rerun after a kill
-continues. By default (``detect.train_crop``, ``detect.train_backbone``) training sees 256-px windows, most of
-them placed on a lesion, and ours keeps the fused extractor the train stage produced frozen; evaluation and
-serving always see whole breast crops. The sealed folder
-holds ``detection.json`` (the Table 8 contract), ``table8_detection.csv``, ``history.json``, the lesion-size
-figure and a few example figures (named by position, never by image id: CBIS ids carry patient ids), plus
-the final detector (``detector.pt`` + ``detector_config.json``), logged as an MLflow model and registered
-as ``mammo-detector``.
+continues. By default (``detect.train_crop``, ``detect.train_backbone``) training sees windows on a 32-px
+grid, most of them placed on a lesion, and ours keeps the fused extractor the train stage produced frozen;
+evaluation and serving always see whole breast crops. With the extractor frozen (``detect.cache_extractor``)
+it runs once per image and both fused detectors read its cached maps for training, validation and test
+(:mod:`mammo_core.detection.feature_cache`); the best epoch is picked on ``detect.val_images`` fixed
+validation images. The sealed folder holds ``detection.json`` (the Table 8 contract, with 95% bootstrap
+CIs over test images, each detector's initialisation and parameter counts, the training sizes and a
+seconds profile), ``table8_detection.csv``, ``history.json`` (per epoch: train and validation seconds),
+the per-image test detections the CIs are computed from (``test_detections.parquet``,
+``test_truth.parquet``, ``test_images.parquet``), the lesion-size figure and a few example figures (named by
+position, never by image id: CBIS ids carry patient ids), plus the final detector (``detector.pt`` +
+``detector_config.json``), logged as an MLflow model and registered as ``mammo-detector``.
 """
 
 from __future__ import annotations
