@@ -34,7 +34,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mammo_core.config import load_params  # noqa: E402
-from mammo_core.detection import builders, data, engine, evaluate  # noqa: E402
+from mammo_core.detection import builders, data, engine, evaluate, feature_cache  # noqa: E402
 from mammo_core.detection.latency import measure_latency  # noqa: E402
 from mammo_core.model import FusedDenseNet  # noqa: E402
 
@@ -125,19 +125,25 @@ def main() -> None:
         split["train"] = split["train"][: args.max_images]
     test_targets = [i.target() for i in split["test"]]
     rows, models = {}, {}
+    cache = None
     for name in args.models.split(","):
         config = builders.config_from_params(p, name, loaded["classes"], freeze_upto=loaded["freeze_upto"])
         model, tag = builders.build_detector(config, copy.deepcopy(loaded["fused"]) if name != "frcnn_r50" else None,
                                              p.r50_weights, freeze_extractor=not p.train_backbone)
         started = time.perf_counter()
+        features = None
+        if p.cache_extractor and not p.train_backbone and name != "frcnn_r50":  # as the detect stage does
+            cache = cache or feature_cache.FeatureCache(model)
+            cache.add(model, split["train"], device)
+            features = cache
         with tempfile.TemporaryDirectory() as scratch:  # the stage's checkpoint path is exercised too
             result = engine.train_detector(
                 model, split["train"], **(engine.options_from_params(p) | {"epochs": epochs}), device=device,
-                checkpoint_path=Path(scratch) / f"{name}.pt",
+                checkpoint_path=Path(scratch) / f"{name}.pt", features=features,
                 on_epoch=lambda r, name=name: print(f"{name} epoch {r.epoch} loss {r.train_loss:.4f} "
                                                     f"{r.seconds:.1f} s", file=sys.stderr, flush=True))
         seconds = time.perf_counter() - started
-        preds = engine.predict(result.model, split["test"], device)
+        preds = engine.predict(result.model, split["test"], device, features)
         coco = evaluate.coco_metrics(preds, test_targets, loaded["classes"])
         rows[name] = {"map50": coco["map50"], "map": coco["map"],
                       "lesion_ap50": evaluate.lesion_ap50(preds, test_targets),

@@ -227,6 +227,13 @@ class DetectParams(_Section):
                                      description="share of training windows placed on a lesion")
     train_backbone: bool = Field(default=False, description="also train ours' fused extractor (default: "
                                  "frozen, FPN/RPN/box head train; the ResNet-50 baseline keeps torchvision's rule)")
+    cache_extractor: bool = Field(default=True, description="with the extractor frozen: run it once per image "
+                                  "and cut ours' training windows from its cached maps (mammo_core.detection."
+                                  "feature_cache); windows of every detector then lie on a 32-px grid")
+    augment: bool = Field(default=False, description="flip/rotate training windows (every detector alike); "
+                          "refused with cache_extractor on a frozen extractor: cached maps cannot be rotated")
+    val_images: int | None = Field(default=None, ge=1, description="score each epoch on the first N validation "
+                                   "images (fixed subset; None: all); picks the best epoch")
     anchor_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])
     aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
     hash_bits: int = Field(default=48, ge=1, le=512)
@@ -243,7 +250,15 @@ class DetectParams(_Section):
     r50_weights: str = Field(default="imagenet", description="coco | imagenet | none | path to a state dict")
     latency_repeats: int = Field(default=10, ge=1)
     examples: int = Field(default=3, ge=0, le=50, description="example figures of predicted vs true boxes")
+    n_boot: int = Field(default=1000, ge=10, description="bootstrap resamples of the test images for Table 8's CIs")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _cache_without_pixel_augmentation(self) -> DetectParams:
+        if self.cache_extractor and not self.train_backbone and self.augment:
+            raise ValueError("detect.augment true needs the extractor on every augmented window: set "
+                             "detect.cache_extractor false, or detect.augment false")
+        return self
 
 
 BaselineNetwork = Literal["vgg16", "inception_v3", "resnet50", "densenet121"]

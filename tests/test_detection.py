@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mammo_core.detection import builders, data, engine, evaluate, heads, latency
+from mammo_core.detection import bootstrap, builders, data, engine, evaluate, feature_cache, heads, latency, records
 
 CLASSES = ["MASS_BENIGN", "MASS_MALIGNANT", "CALC_BENIGN", "CALC_MALIGNANT"]
 
@@ -366,3 +366,225 @@ def test_latency_is_measured_for_every_model_side_by_side():
     times = latency.measure_latency({"fast": Wrap(torch.nn.Identity()), "slow": Wrap(slow)},
                                     torch.rand(3, 64, 64), repeats=3, warmup=1)
     assert set(times) == {"fast", "slow"} and times["slow"] > times["fast"] > 0
+
+
+# ------------------------------------------------------------------------------ cached extractor maps
+
+
+def _frozen_ours(name: str = "ours"):
+    model, _ = builders.build_detector(_tiny_config(name), freeze_extractor=True)
+    return model
+
+
+def test_windows_on_the_grid_still_hold_their_lesion():
+    image = torch.rand(1, 256, 160)
+    boxes = torch.tensor([[70.0, 150.0, 90.0, 170.0]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        window, out, _, (top, left) = data.random_window(image, boxes, torch.tensor([1]), 96, g, 1.0, grid=32)
+        assert top % 32 == 0 and left % 32 == 0 and window.shape == (1, 96, 96)
+        assert torch.equal(window, image[:, top:top + 96, left:left + 96]) and len(out) == 1
+
+
+def test_cached_maps_are_the_extractors_output_and_windows_are_their_cells():
+    model = _frozen_ours()
+    items = _items(2)
+    cache = feature_cache.FeatureCache(model)
+    cache.add(model, items)
+    with torch.no_grad():
+        images, _ = model.transform([engine.as_input(items[0].image, "cpu")])
+        reference = list(model.backbone.body(images.tensors).values())
+    for cached, ref in zip(cache.full(0), reference, strict=True):
+        assert cached.dtype == torch.float16
+        torch.testing.assert_close(cached.float(), ref[0], rtol=2e-3, atol=2e-3)
+    # a 32 x 48 window at (32, 0) of the 64 x 48 image (padded to 64 wide) is rows 32.. of every map
+    for cut, full, stride in zip(cache.window(0, 32, 0, 32, 48), cache.full(0), model.backbone.body.strides,
+                                 strict=True):
+        assert torch.equal(cut, full[:, 32 // stride:64 // stride, :64 // stride])
+    with pytest.raises(ValueError, match="off the 32-pixel grid"):
+        cache.window(0, 8, 0, 32, 32)
+    other = _frozen_ours()
+    with torch.no_grad():
+        other.backbone.body.fused.trunk[0].conv0.weight.mul_(1.5)
+    with pytest.raises(ValueError, match="another extractor"):
+        cache.check(other)
+
+
+def test_forward_with_given_maps_is_the_models_own_forward():
+    """Losses (training) and detections (eval) with the extractor's maps given equal the model's own."""
+    model = _frozen_ours().train()  # train(): every BatchNorm of the extractor in eval mode, as in training
+    items = _items(2)
+    images = [engine.as_input(i.image, "cpu") for i in items]
+    targets = [i.target() for i in items]
+    with torch.no_grad():
+        batch, _ = model.transform(images)
+        maps = [[m[k] for m in model.backbone.body(batch.tensors).values()] for k in range(len(images))]
+    torch.manual_seed(5)
+    own = model(images, targets)
+    torch.manual_seed(5)
+    given = feature_cache.forward_with_maps(model, images, targets, maps)
+    assert set(own) == set(given) and all(torch.allclose(own[k], given[k]) for k in own)
+    model.eval()
+    with torch.no_grad():
+        single, _ = model.transform(images[:1])
+        one = [list(model.backbone.body(single.tensors).values())]
+        a = model(images[:1])[0]
+        b = feature_cache.forward_with_maps(model, images[:1], None, [[m[0] for m in one[0]]])[0]
+    assert len(a["scores"]) > 0 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_training_sees_the_same_windows_and_matches_within_half_precision(monkeypatch):
+    """The cached path draws the same windows as the pixel path; where the window is the whole image (so
+    both paths see the same pixels' features) the two trainings agree within the cache's half precision."""
+    drawn: list[list] = []
+    real = data.random_window
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        drawn[-1].append((out[3], out[1].tolist(), out[2].tolist()))
+        return out
+
+    monkeypatch.setattr(engine, "random_window", spy)
+    items = _items(3)
+    results = []
+    for cached in (False, True):
+        drawn.append([])
+        model = _frozen_ours("ours_nohash")
+        cache = None
+        if cached:
+            cache = feature_cache.FeatureCache(model)
+            cache.add(model, items)
+        results.append(engine.train_detector(model, items, epochs=1, lr=0.005, batch_size=2, seed=1, crop_size=64,
+                                             window_grid=32, augment_train=False, features=cache))
+    assert drawn[0] == drawn[1] and len(drawn[0]) == 3
+    losses = [[h.train_loss for h in r.history] for r in results]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2)
+    for (k, a), b in zip(results[0].model.state_dict().items(), results[1].model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3, msg=k)
+
+
+def test_the_cache_refuses_pixel_augmentation_and_a_training_extractor():
+    model = _frozen_ours()
+    cache = feature_cache.FeatureCache(model)
+    cache.add(model, _items(2))
+    with pytest.raises(ValueError, match="cannot be flipped or rotated"):
+        engine.train_detector(model, _items(2), epochs=1, lr=0.01, features=cache, augment_train=True)
+    trainable, _ = builders.build_detector(_tiny_config("ours"))
+    with pytest.raises(ValueError, match="cannot be cached"):
+        feature_cache.FeatureCache(trainable)
+
+
+def test_predictions_from_cached_maps_match_the_uncached_ones():
+    model = _frozen_ours()
+    items = _items(2)
+    cache = feature_cache.FeatureCache(model)
+    plain = engine.predict(model, items)
+    cached = engine.predict(model, items, features=cache)
+    assert 0 in cache and 1 in cache
+    for a, b in zip(plain, cached, strict=True):
+        top = a["scores"] > 0.05
+        assert len(a["scores"]) and torch.allclose(a["scores"][top][:5], b["scores"][top][:5], rtol=1e-2, atol=1e-3)
+
+
+def test_parameter_counts_are_what_the_optimiser_trains():
+    model = _frozen_ours()
+    counts = builders.parameter_counts(model)
+    expected = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone.body."))
+    assert counts["trainable"] == expected
+    assert counts["frozen"] == sum(p.numel() for p in model.backbone.body.parameters())
+    r50, _ = builders.build_frcnn_r50(_tiny_config("frcnn_r50"), "none")
+    assert builders.parameter_counts(r50) == {"trainable": sum(p.numel() for p in r50.parameters() if p.requires_grad),
+                                              "frozen": sum(p.numel() for p in r50.parameters()
+                                                            if not p.requires_grad)}
+
+
+# ------------------------------------------------------------------------------ bootstrap intervals
+
+
+def _random_case(n_images: int, seed: int = 0, classes: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    predictions, targets = [], []
+    for _ in range(n_images):
+        k = int(torch.randint(0, 4, (1,), generator=g))
+        xy = torch.rand(k, 2, generator=g) * 200
+        truth = torch.cat([xy, xy + 10 + torch.rand(k, 2, generator=g) * 40], 1)
+        labels = torch.randint(1, classes + 1, (k,), generator=g)
+        m = int(torch.randint(0, 25, (1,), generator=g))
+        source = torch.randint(0, max(k, 1), (m,), generator=g)
+        boxes = (truth[source] if k else torch.rand(m, 4, generator=g) * 200) + torch.randn(m, 4, generator=g) * 6
+        boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 2)
+        scores = torch.round(torch.rand(m, generator=g) * 20) / 20  # tied scores on purpose
+        pred_labels = labels[source] if k else torch.ones(m, dtype=torch.int64)
+        pred_labels = torch.where(torch.rand(m, generator=g) < 0.7, pred_labels,
+                                  torch.randint(1, classes + 1, (m,), generator=g))
+        predictions.append({"boxes": boxes, "scores": scores, "labels": pred_labels})
+        targets.append({"boxes": truth, "labels": labels})
+    return predictions, targets
+
+
+def test_bootstrap_point_values_are_cocoeval_and_froc():
+    for seed in range(3):
+        predictions, targets = _random_case(25, seed)
+        ci = bootstrap.detection_intervals(predictions, targets, 4, n_boot=50)
+        coco = evaluate.coco_metrics(predictions, targets, CLASSES)
+        assert ci["map50"].value == pytest.approx(coco["map50"], abs=1e-12)
+        assert ci["lesion_ap50"].value == pytest.approx(evaluate.lesion_ap50(predictions, targets), abs=1e-12)
+        for rate, value in evaluate.froc(predictions, targets).items():
+            assert ci[f"froc_{rate}"].value == value
+
+
+def test_bootstrap_interval_holds_the_point_and_narrows_with_more_images():
+    predictions, targets = _random_case(20, seed=1)
+    small = bootstrap.detection_intervals(predictions, targets, 4, n_boot=400)
+    large = bootstrap.detection_intervals(predictions * 6, targets * 6, 4, n_boot=400)
+    for key, interval in small.items():
+        assert interval.low <= interval.value <= interval.high, key
+        assert interval.high - interval.low > 0, key
+        assert (large[key].high - large[key].low) < 0.7 * (interval.high - interval.low), key
+    # a patient's images move together: grouping pairs of images widens nothing into nonsense, and is used
+    grouped = bootstrap.detection_intervals(predictions, targets, 4, groups=[k // 2 for k in range(20)], n_boot=400)
+    assert grouped["map50"].value == small["map50"].value and grouped["map50"].low != small["map50"].low
+
+
+def test_intervals_computed_from_the_saved_tables_equal_those_from_memory(tmp_path):
+    predictions, targets = _random_case(12, seed=2)
+    items = [data.DetectionImage(k, "test", torch.zeros(1, 8, 8), t["boxes"], t["labels"], (0, 0), 1.0, 1.0, k // 2)
+             for k, t in enumerate(targets)]
+    by_model = {"ours": predictions, "empty": [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                                                "labels": torch.zeros(0, dtype=torch.int64)}] * 12}
+    truth, images = records.truth_frames(items)
+    records.write_parquet_atomic(records.detections_frame(by_model), tmp_path / "d.parquet")
+    records.write_parquet_atomic(truth, tmp_path / "t.parquet")
+    records.write_parquet_atomic(images, tmp_path / "i.parquet")
+    saved, saved_targets, groups = records.read_back(pd.read_parquet(tmp_path / "d.parquet"),
+                                                     pd.read_parquet(tmp_path / "t.parquet"),
+                                                     pd.read_parquet(tmp_path / "i.parquet"), ["ours", "empty"])
+    assert groups.tolist() == [k // 2 for k in range(12)]
+    assert all(len(p["scores"]) == 0 for p in saved["empty"])
+    a = bootstrap.detection_intervals(predictions, targets, 4, groups=groups, n_boot=100)
+    b = bootstrap.detection_intervals(saved["ours"], saved_targets, 4, groups=groups, n_boot=100)
+    assert a == b
+
+
+def test_freeze1_and_freeze2_share_their_common_frozen_segments_exactly():
+    from mammo_core.detection.backbone import FusedFeatureMaps
+    from mammo_core.model import FusedDenseNet
+
+    body = FusedFeatureMaps(FusedDenseNet(2, seed=0), [0.4, 0.4, 0.3]).eval()
+    assert body.shared_segments() == [(-1, 0), (0, 2), (-1, 0)]  # transition2 + denseblock3 layers 1-19
+
+    def unshared(x):
+        t = body.fused.trunk_output(x)
+        ms = [b[:-1](t) for b in body.fused.branches.values()]
+        fs = [b[-1](m) for b, m in zip(body.fused.branches.values(), ms, strict=True)]
+        w = body.fusion_weights
+        return [t, sum(w[k] * ms[k] for k in range(3)), sum(w[k] * fs[k] for k in range(3))]
+
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        for a, b in zip(body(x).values(), unshared(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        next(body.fused.branches["freeze2"][1].children()).conv1.weight.mul_(1.01)  # other frozen weights
+        assert body.shared_segments()[1] == (0, 1)  # the plan follows the weights, never serves stale maps
+        for a, b in zip(body(x).values(), unshared(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

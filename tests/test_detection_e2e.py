@@ -60,6 +60,34 @@ def test_detect_stage_writes_the_table8_contract(store):
         assert "P_000" not in (folder / name).read_text()  # no patient id anywhere
 
 
+def test_table8_intervals_come_from_the_saved_per_image_detections(store):
+    """Each row states its initialisation, its trainable count and 95% CIs recomputable from the artifacts."""
+    import pandas as pd
+
+    from mammo_core.detection import bootstrap, records
+
+    folder = _detect_folder(store)
+    result = json.loads((folder / "detection.json").read_text())
+    saved, targets, groups = records.read_back(pd.read_parquet(folder / "test_detections.parquet"),
+                                               pd.read_parquet(folder / "test_truth.parquet"),
+                                               pd.read_parquet(folder / "test_images.parquet"), MODELS)
+    assert len(targets) == result["split_images"]["test"]
+    for row in result["rows"]:
+        assert row["parameters"]["trainable"] > 0 and row["parameters"]["frozen"] >= 0
+        assert row["initialisation"]["source"] in ("train stage fused DenseNet", "random", "imagenet")
+        again = bootstrap.detection_intervals(saved[row["model"]], targets, len(result["classes"]), groups,
+                                              n_boot=result["bootstrap"]["n_boot"], seed=0)
+        assert {k: v.to_dict() for k, v in again.items()} == row["ci95"]
+        ci = row["ci95"]["map50"]
+        assert ci["value"] == pytest.approx(row["map50"], abs=1e-9)
+        if ci["low"] is not None:
+            assert ci["low"] <= ci["value"] <= ci["high"]
+    ours = result["rows"][0]
+    assert ours["initialisation"]["file"] == "weights.pt" and len(ours["initialisation"]["sha256"]) == 64
+    assert ours["extractor"].startswith("cached maps") and result["training"]["cache_extractor"] is True
+    assert set(result["profile_seconds"]["models"]) == set(MODELS)
+
+
 def test_detect_metrics_are_run_metrics_and_the_detector_is_registered(store):
     folder = _detect_folder(store)
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -23,6 +23,14 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from mammo_core.model import FusedDenseNet
 
 
+def _same_frozen(a: nn.Module, b: nn.Module) -> bool:
+    """Both modules frozen, of one type, with equal parameters and buffers (then they compute the same)."""
+    if type(a) is not type(b) or any(p.requires_grad for p in (*a.parameters(), *b.parameters())):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
 class FusedFeatureMaps(nn.Module):
     """Trunk output and fused branch maps at two depths, as an ordered dict of feature maps."""
 
@@ -37,14 +45,54 @@ class FusedFeatureMaps(nn.Module):
         with torch.no_grad():
             probe = self._maps(torch.zeros(1, 3, 64, 64))
         self.channels = [int(m.shape[1]) for m in probe.values()]
+        self.strides = [64 // int(m.shape[-1]) for m in probe.values()]
+
+    def _segment_state_key(self) -> tuple:
+        """Identity of every branch tensor's storage, version and trainability: a plan is valid while it holds."""
+        return tuple((t.data_ptr(), t._version, t.requires_grad) for branch in self.fused.branches.values()
+                     for t in (*branch.parameters(), *branch.buffers()))
+
+    def shared_segments(self) -> list[tuple[int, int]]:
+        """Per branch, (earlier branch to reuse, number of leading segments reused); (-1, 0) when none.
+
+        Why: Freeze1 and Freeze2 both keep the pretrained transition2 and denseblock3 layers 1-19 frozen, so
+        those segments hold the same weights in both branches and compute the same maps: running them once
+        is exact and saves about a sixth of the extractor's work. A segment is shared only when it is frozen
+        in both branches and every parameter and buffer is equal; the plan is recomputed whenever a weight
+        changes (storage or in-place version), so loading other weights can never reuse a stale plan.
+        """
+        key = self._segment_state_key()
+        if getattr(self, "_plan_key", None) == key:
+            return self._plan
+        branches = [list(b.children())[:-1] for b in self.fused.branches.values()]
+        plan = []
+        for b, segments in enumerate(branches):
+            best = (-1, 0)
+            for a in range(b):
+                n = 0
+                while n < min(len(segments), len(branches[a])) and _same_frozen(segments[n], branches[a][n]):
+                    n += 1
+                if n > best[1]:
+                    best = (a, n)
+            plan.append(best)
+        self._plan, self._plan_key = plan, key
+        return plan
 
     def _maps(self, x: Tensor) -> OrderedDict[str, Tensor]:
         t = self.fused.trunk_output(x)
         middle: Tensor | None = None
         final: Tensor | None = None
-        for w, branch in zip(self.fusion_weights, self.fused.branches.values(), strict=True):
-            m = branch[:-1](t)
-            f = branch[-1](m)
+        plan = self.shared_segments()
+        steps: list[list[Tensor]] = []  # each branch's maps after each of its segments
+        for (source, reused), w, branch in zip(plan, self.fusion_weights, self.fused.branches.values(), strict=True):
+            segments = list(branch.children())
+            outputs = steps[source][:reused] if reused else []
+            m = outputs[-1] if outputs else t
+            for segment in segments[len(outputs):-1]:
+                m = segment(m)
+                outputs.append(m)
+            steps.append(outputs)
+            f = segments[-1](m)
             middle = w * m if middle is None else middle + w * m
             final = w * f if final is None else final + w * f
         return OrderedDict([("trunk", t), ("middle", middle), ("final", final)])
@@ -74,6 +122,9 @@ class FusedBackbone(nn.Module):
     def num_levels(self) -> int:
         return len(self.body.channels) + 1
 
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        maps = self.body(x)
+    def fpn_from_maps(self, maps: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
+        """The FPN levels from the extractor's maps (given, e.g. cached, or computed by :meth:`forward`)."""
         return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps.values())))
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return self.fpn_from_maps(self.body(x))

@@ -254,6 +254,12 @@ def build_detector(config: DetectorConfig, fused: FusedDenseNet | None = None, r
     return model, tag
 
 
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """{"trainable", "frozen"}: parameters the optimiser updates (``requires_grad``) and the rest (Table 8)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "frozen": sum(p.numel() for p in model.parameters()) - trainable}
+
+
 def parameter_millions(model: nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 

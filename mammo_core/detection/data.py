@@ -65,7 +65,9 @@ class DetectionImage:
     """One detector input: image (1, H, W) float in [0, 1], boxes (K, 4) xyxy and 1-based labels (K,).
 
     ``crop`` (x0, y0) and ``scale`` map input pixels back to the cached image: cache = input / scale + crop;
-    ``cache_to_original`` maps the cache to the original full image.
+    ``cache_to_original`` maps the cache to the original full image. ``group``: an ordinal of the image's
+    patient (never the patient id), so that a bootstrap draws both views of a patient together; None when
+    unknown.
     """
 
     index: int
@@ -76,6 +78,7 @@ class DetectionImage:
     crop: tuple[int, int]
     scale: float
     cache_to_original: float
+    group: int | None = None
 
     def target(self) -> dict[str, Tensor]:
         return {"boxes": self.boxes, "labels": self.labels}
@@ -164,6 +167,8 @@ def load_detection_data(curate_dir: str | Path, kind: str, max_size: int, max_im
         if missing:
             raise ValueError(f"{curate_dir / name}: missing columns {missing}")
     by_image = {k: g for k, g in lesions.groupby("image_id", sort=False)}
+    patients = ({pid: k for k, pid in enumerate(sorted(images["patient_id"].astype(str).unique()))}
+                if "patient_id" in images.columns else {})
     dropped: Counter = Counter()
     out: list[DetectionImage] = []
     for split in splits:
@@ -192,7 +197,8 @@ def load_detection_data(curate_dir: str | Path, kind: str, max_size: int, max_im
             keep, boxes = clean_boxes(raw, tensor.shape[1], tensor.shape[2], dropped)
             out.append(DetectionImage(len(out), split, tensor, boxes,
                                       torch.tensor([labels[i] for i in keep], dtype=torch.int64),
-                                      (cx, cy), scale, 1.0 / float(row.scale)))
+                                      (cx, cy), scale, 1.0 / float(row.scale),
+                                      patients.get(str(getattr(row, "patient_id", "")))))
     return DetectionData(out, names, dropped)
 
 
@@ -241,17 +247,25 @@ def rotate(image: Tensor, boxes: Tensor, angle_deg: float) -> tuple[Tensor, Tens
     return rotated, rotate_boxes(boxes, angle_deg, h, w)
 
 
-def random_crop(image: Tensor, boxes: Tensor, labels: Tensor, size: int, generator: torch.Generator,
-                positive_fraction: float = 0.75, min_visible: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
-    """A ``size`` x ``size`` window (smaller where the image is) and the boxes that stay mostly inside it.
+def _on_grid(value: float, lo: float, hi: float, limit: int, grid: int) -> int:
+    """``value`` rounded to a multiple of ``grid``, inside [lo, hi] when a multiple lies there, in [0, limit]."""
+    if grid <= 1:
+        return int(round(value))
+    snapped = grid * round(value / grid)
+    first, last = grid * math.ceil(lo / grid), grid * math.floor(hi / grid)
+    if first <= last:
+        snapped = min(max(snapped, first), last)
+    return int(min(max(snapped, 0), limit // grid * grid))
 
-    Why crops: lesions are small, so most of a full mammogram's pixels teach the detector only
-    "background"; a window placed on a lesion (``positive_fraction`` of the draws, when the image has
-    boxes) spends the training budget where the boxes are, at the input resolution, while the other draws
-    land anywhere and keep the negatives. A box keeps its label when at least ``min_visible`` of its area
-    stays in the window (clipped to it); the rest are dropped, as a cut-off finding is not a finding.
-    The window around a lesion is placed uniformly among positions that hold the whole box (or centred
-    on it when the box is larger than the window), so lesions are not always in the middle.
+
+def random_window(image: Tensor, boxes: Tensor, labels: Tensor, size: int, generator: torch.Generator,
+                  positive_fraction: float = 0.75, min_visible: float = 0.5, grid: int = 1
+                  ) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+    """:func:`random_crop` that also says where the window lies: (window, boxes, labels, (top, left)).
+
+    ``grid`` > 1 puts the window's corner on multiples of ``grid`` (a lesion window still holds its
+    lesion where a grid position allows it), so that the window is whole cells of a feature map of that
+    stride (:mod:`mammo_core.detection.feature_cache`).
     """
     h, w = image.shape[-2:]
     ch, cw = min(size, h), min(size, w)
@@ -264,14 +278,14 @@ def random_crop(image: Tensor, boxes: Tensor, labels: Tensor, size: int, generat
             lo_x = hi_x = min(max((x0 + x1 - cw) / 2, 0.0), w - cw)
         if hi_y < lo_y:
             lo_y = hi_y = min(max((y0 + y1 - ch) / 2, 0.0), h - ch)
-        left = int(round(lo_x + draws[2] * (hi_x - lo_x)))
-        top = int(round(lo_y + torch.rand(1, generator=generator).item() * (hi_y - lo_y)))
+        left = _on_grid(lo_x + draws[2] * (hi_x - lo_x), lo_x, hi_x, w - cw, grid)
+        top = _on_grid(lo_y + torch.rand(1, generator=generator).item() * (hi_y - lo_y), lo_y, hi_y, h - ch, grid)
     else:
-        left = int(draws[1] * (w - cw + 1))
-        top = int(draws[2] * (h - ch + 1))
+        left = int(draws[1] * (w - cw + 1)) if grid <= 1 else _on_grid(draws[1] * (w - cw), 0, w - cw, w - cw, grid)
+        top = int(draws[2] * (h - ch + 1)) if grid <= 1 else _on_grid(draws[2] * (h - ch), 0, h - ch, h - ch, grid)
     window = image[..., top:top + ch, left:left + cw]
     if not len(boxes):
-        return window, boxes.clone(), labels.clone()
+        return window, boxes.clone(), labels.clone(), (top, left)
     shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
     clipped = shifted.clone()
     clipped[:, 0::2] = clipped[:, 0::2].clamp(0, cw)
@@ -279,7 +293,23 @@ def random_crop(image: Tensor, boxes: Tensor, labels: Tensor, size: int, generat
     area = (shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])
     kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
     ok = (kept >= min_visible * area) & ((clipped[:, 2] - clipped[:, 0]) >= 1) & ((clipped[:, 3] - clipped[:, 1]) >= 1)
-    return window, clipped[ok], labels[ok]
+    return window, clipped[ok], labels[ok], (top, left)
+
+
+def random_crop(image: Tensor, boxes: Tensor, labels: Tensor, size: int, generator: torch.Generator,
+                positive_fraction: float = 0.75, min_visible: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """A ``size`` x ``size`` window (smaller where the image is) and the boxes that stay mostly inside it.
+
+    Why crops: lesions are small, so most of a full mammogram's pixels teach the detector only
+    "background"; a window placed on a lesion (``positive_fraction`` of the draws, when the image has
+    boxes) spends the training budget where the boxes are, at the input resolution, while the other draws
+    land anywhere and keep the negatives. A box keeps its label when at least ``min_visible`` of its area
+    stays in the window (clipped to it); the rest are dropped, as a cut-off finding is not a finding.
+    The window around a lesion is placed uniformly among positions that hold the whole box (or centred
+    on it when the box is larger than the window), so lesions are not always in the middle.
+    """
+    window, boxes, labels, _ = random_window(image, boxes, labels, size, generator, positive_fraction, min_visible)
+    return window, boxes, labels
 
 
 def augment(image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator,

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from mammo_core import checkpoint, faults, stop_request
-from mammo_core.detection.data import DetectionImage, augment, random_crop
+from mammo_core.detection.data import DetectionImage, augment, random_window
+from mammo_core.detection.feature_cache import WINDOW_GRID, FeatureCache, forward_with_maps
 
 if TYPE_CHECKING:
     from mammo_core.config import DetectParams
@@ -31,14 +32,18 @@ if TYPE_CHECKING:
 
 @dataclass
 class EpochRecord:
+    """One epoch: loss, validation score, and where its seconds went (training steps vs validation)."""
+
     epoch: int
     train_loss: float
     val_score: float | None
     seconds: float
+    train_seconds: float | None = None
+    eval_seconds: float | None = None
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "train_loss": self.train_loss, "val_score": self.val_score,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds}
 
 
 @dataclass
@@ -66,7 +71,8 @@ def options_from_params(params: DetectParams) -> dict[str, Any]:
     return {"epochs": params.epochs, "lr": params.lr, "momentum": params.momentum,
             "weight_decay": params.weight_decay, "batch_size": params.batch_size, "seed": params.seed,
             "max_rotation": params.max_rotation, "crop_size": params.train_crop,
-            "positive_fraction": params.positive_fraction}
+            "positive_fraction": params.positive_fraction, "augment_train": params.augment,
+            "window_grid": WINDOW_GRID}
 
 
 def train_detector(
@@ -85,6 +91,8 @@ def train_detector(
     max_rotation: float = 10.0,
     crop_size: int | None = None,
     positive_fraction: float = 0.75,
+    window_grid: int = 1,
+    features: FeatureCache | None = None,
     scorer: Callable[[nn.Module], float] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     stop_after: int | None = None,
@@ -93,9 +101,23 @@ def train_detector(
 
     ``crop_size``: train on windows of that side (see :func:`random_crop`) instead of whole images; an
     epoch is still one window per training image. Only parameters with ``requires_grad`` are optimised.
+    ``window_grid``: window corners on multiples of it (the same windows for every detector given the same
+    seed). ``features``: the fused extractor's cached maps (:mod:`~mammo_core.detection.feature_cache`);
+    the model then reads its windows from them instead of running its frozen extractor, and pixel
+    augmentation is refused (it would need the extractor again).
     """
     if not items:
         raise ValueError("no training images for the detector")
+    if features is not None:
+        if augment_train:
+            raise ValueError("cached extractor maps cannot be flipped or rotated like pixels: train with "
+                             "augment_train False (detect.augment: false) or without the cache")
+        if crop_size and window_grid % WINDOW_GRID:
+            raise ValueError(f"cached maps need windows on the {WINDOW_GRID}-pixel grid, got grid {window_grid}")
+        features.check(model)
+        missing = [item.index for item in items if item.index not in features]
+        if missing:
+            raise ValueError(f"feature cache lacks {len(missing)} training image(s), e.g. index {missing[0]}")
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -128,16 +150,19 @@ def train_detector(
             stop_request.check(f"detector training epoch {epoch}")  # between batches: last checkpoint stays valid
             faults.at("detect:batch")
             batch = [items[i] for i in order[b:b + batch_size]]
-            images, targets = [], []
+            images, targets, maps = [], [], []
             for item in batch:
-                image, boxes, labels = item.image, item.boxes, item.labels
+                image, boxes, labels, (top, left) = item.image, item.boxes, item.labels, (0, 0)
                 if crop_size:
-                    image, boxes, labels = random_crop(image, boxes, labels, crop_size, generator, positive_fraction)
+                    image, boxes, labels, (top, left) = random_window(image, boxes, labels, crop_size, generator,
+                                                                      positive_fraction, grid=window_grid)
                 if augment_train:
                     image, boxes, labels = augment(image, boxes, labels, generator, max_rotation)
                 images.append(as_input(image, device))
                 targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
-            losses = model(images, targets)
+                if features is not None:
+                    maps.append(features.window(item.index, top, left, *image.shape[-2:]))
+            losses = model(images, targets) if features is None else forward_with_maps(model, images, targets, maps)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"detector loss is {loss.item()} at epoch {epoch}, batch {b // batch_size}: "
@@ -149,8 +174,11 @@ def train_detector(
             scheduler.step()
             total += float(loss.detach()) * len(batch)
             count += len(batch)
+        trained = time.perf_counter()
         score = scorer(model) if scorer is not None else None
-        record = EpochRecord(epoch, total / max(count, 1), score, time.perf_counter() - started)
+        finished = time.perf_counter()
+        record = EpochRecord(epoch, total / max(count, 1), score, finished - started, trained - started,
+                             finished - trained)
         history.append(record)
         current = score if score is not None else float(epoch)
         if current > best_score or best_state is None:
@@ -172,12 +200,19 @@ def train_detector(
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, items: Sequence[DetectionImage], device: torch.device | str = "cpu"
-            ) -> list[dict[str, Tensor]]:
-    """Boxes, scores and labels per image (CPU tensors), in input pixels."""
+def predict(model: nn.Module, items: Sequence[DetectionImage], device: torch.device | str = "cpu",
+            features: FeatureCache | None = None) -> list[dict[str, Tensor]]:
+    """Boxes, scores and labels per image (CPU tensors), in input pixels.
+
+    ``features``: the fused extractor's cached whole-image maps (missing images are computed and kept).
+    """
     model.eval().to(device)
+    if features is not None:
+        features.add(model, items, device)
     out = []
     for item in items:
-        result = model([as_input(item.image, device)])[0]
+        image = as_input(item.image, device)
+        result = (model([image]) if features is None
+                  else forward_with_maps(model, [image], None, [features.full(item.index)]))[0]
         out.append({k: v.detach().cpu() for k, v in result.items()})
     return out

@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
+
+from mammo_core.detection import bootstrap
 
 FROC_RATES = (0.5, 1.0, 2.0)
 
@@ -91,39 +92,16 @@ def lesion_ap50(predictions: Sequence[Mapping[str, Tensor]], targets: Sequence[M
 
 def froc(predictions: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]],
          rates: Sequence[float] = FROC_RATES, iou: float = 0.5) -> dict[str, float]:
-    """Sensitivity at each rate of false positives per image, keyed ``"0.5"``, ``"1"``, ``"2"``."""
+    """Sensitivity at each rate of false positives per image, keyed ``"0.5"``, ``"1"``, ``"2"``.
+
+    The matching is :func:`mammo_core.detection.bootstrap.froc_outcomes`, the one its bootstrap intervals use.
+    """
     keys = [f"{r:g}" for r in rates]
-    n_images = len(targets)
-    n_lesions = sum(len(t["boxes"]) for t in targets)
-    if n_images == 0 or n_lesions == 0:
+    if len(targets) == 0 or sum(len(t["boxes"]) for t in targets) == 0:
         return {k: float("nan") for k in keys}
-    entries = []
-    for i, pred in enumerate(predictions):
-        for j, s in enumerate(pred["scores"].tolist()):
-            entries.append((-s, i, j))
-    entries.sort()
-    found = [torch.zeros(len(t["boxes"]), dtype=torch.bool) for t in targets]
-    overlaps = [box_iou(p["boxes"].float(), t["boxes"].float()) if len(t["boxes"]) and len(p["boxes"])
-                else torch.zeros((len(p["boxes"]), len(t["boxes"]))) for p, t in zip(predictions, targets,
-                                                                                     strict=True)]
-    tp = fp = 0
-    curve = [(0.0, 0.0)]
-    for _, i, j in entries:
-        hits = overlaps[i][j] >= iou if overlaps[i].numel() else torch.zeros(0, dtype=torch.bool)
-        new = hits & ~found[i]
-        if new.any():
-            k = int(torch.argmax(torch.where(new, overlaps[i][j], torch.tensor(-1.0))))
-            found[i][k] = True
-            tp += 1
-        elif hits.any():
-            continue
-        else:
-            fp += 1
-        curve.append((fp / n_images, tp / n_lesions))
-    out = {}
-    for key, rate in zip(keys, rates, strict=True):
-        out[key] = max(s for f, s in curve if f <= rate + 1e-12)
-    return out
+    outcomes = bootstrap.froc_outcomes(predictions, targets, iou)
+    ones = np.ones((1, len(targets)))
+    return {key: float(bootstrap.weighted_froc(outcomes, ones, rate)[0]) for key, rate in zip(keys, rates, strict=True)}
 
 
 def finite_or_none(value: float) -> float | None:
