@@ -82,7 +82,8 @@ def _run(ctx: runtime.StageContext) -> None:
         class_names=class_names,
         patches_train=training.load_tensor_data(patches_file, split=SPLIT_CODES["train"]),
     )
-    # Patient ids only group the bootstrap by patient; they are never written or logged.
+    # Patient ids group the bootstrap by patient; they are never logged (and written only to the per-patch
+    # predictions kept in the store, as classify's predictions.csv, for paired comparisons).
     columns = h5io.read_datasets(patches_file, ["split", "patient_id"])
     groups = np.asarray(columns["patient_id"])[columns["split"] == SPLIT_CODES["test"]]
     y_val, y_test = data.val.labels.numpy(), data.test.labels.numpy()
@@ -236,6 +237,7 @@ def _freeze3_fusions(ctx: runtime.StageContext, outcomes: dict[str, units.Networ
     head = "standardised features + ridge classifier (mammo_core.fusion.linear_probe), fitted on the patches' " \
            "train split; Freeze3's weight in each pair chosen on validation; pairs summed in whitened PCA space"
     write_json_atomic(ctx.workdir / FREEZE3_FUSION, rows)
+    # Kept in the store only (never logged to MLflow): it names the dataset's patient ids.
     pd.concat(parts, ignore_index=True).to_csv(ctx.workdir / FREEZE3_PREDICTIONS, index=False)
     ctx.logger.info("baselines: section 4.7 fusions (%s): %s", head,
                     {r["name"]: round(r["accuracy"], 3) for r in rows})
