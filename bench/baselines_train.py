@@ -91,10 +91,10 @@ def _per_row(fn, rows: int) -> float:
     return (time.perf_counter() - start) / rows
 
 
-def profile(network: str, size: int, batch: int, batches: int, split_rows: dict[str, int]) -> dict:
+def profile(network: str, size: int, batch: int, batches: int, split_rows: dict[str, int], freeze: str) -> dict:
     x = _data(batch, size, 1)
     eval_rows = _data(64, size, 2)
-    fresh = networks.build_baseline(network, len(CLASSES), size, vgg_classifier="pooled").eval()
+    fresh = networks.build_baseline(network, len(CLASSES), size, vgg_classifier="pooled", freeze=freeze).eval()
     full_row = _per_row(lambda: fresh(prepare_images(eval_rows.images, "cpu")), 64)
     prefix_row = _per_row(lambda: fresh.prefix(prepare_images(eval_rows.images, "cpu")), 64)
     h = fresh.prefix(prepare_images(x.images, "cpu"))
@@ -121,12 +121,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--freeze", default="deep", choices=networks.FREEZE_LEVELS)
     ap.add_argument("--full", action="store_true", help="also run the new training for real (default schedule)")
     args = ap.parse_args()
     split_rows = {"val": 80, "test": 180, "patches_train": 540}
     cpu0, wall0 = _cpu(), time.perf_counter()
-    per_network = {n: profile(n, args.size, args.batch, args.batches, split_rows) for n in args.networks}
-    out = {"bench": "baselines_train", "threads": torch.get_num_threads(), "size": args.size,
+    per_network = {n: profile(n, args.size, args.batch, args.batches, split_rows, args.freeze) for n in args.networks}
+    out = {"bench": "baselines_train", "threads": torch.get_num_threads(), "size": args.size, "freeze": args.freeze,
            "per_network": per_network,
            "old_protocol_projected_s": round(sum(v["old_protocol_projected_s"] for v in per_network.values()), 1),
            "new_protocol_projected_s": round(sum(v["new_protocol_projected_s"] for v in per_network.values()), 1),
@@ -142,7 +143,7 @@ def main() -> None:
             cpu1, wall1 = _cpu(), time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 units.train_network(n, data, sched, weights="none", vgg_classifier="pooled", keep_weights=False,
-                                    checkpoint_dir=Path(tmp))
+                                    checkpoint_dir=Path(tmp), freeze=args.freeze)
             real[n] = {"wall_s": round(time.perf_counter() - wall1, 1), "cpu_s": round(_cpu() - cpu1, 1)}
         out["new_protocol_measured"] = real
         out["new_protocol_measured_wall_s"] = round(sum(v["wall_s"] for v in real.values()), 1)

@@ -266,6 +266,10 @@ class BaselinesParams(_Section):
         "pooled: global average pooling + one linear layer (CPU-sized, 14.7M instead of 134M parameters)"
     )
     keep_weights: bool = Field(default=True, description="store each network's best weights in its unit")
+    freeze: Literal["shallow", "deep"] = Field(
+        default="shallow", description="frozen prefix of each network (mammo_core.baselines.networks.FROZEN_PREFIX): "
+        "shallow = the early stages (paper 4.7); deep = every stage but the last (CPU-sized)"
+    )
     latency_repeats: int = Field(default=10, ge=1)
     n_boot: int = Field(default=1000, ge=0, le=100_000)
     sift_image_size: int = Field(default=128, ge=16, le=1024, description="patches are resized to this for SIFT")

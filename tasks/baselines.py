@@ -55,7 +55,7 @@ def baseline_schedule(params: Params) -> schedule.Schedule:
 def _unit_settings(p: BaselinesParams, network: str, sched: schedule.Schedule) -> dict[str, Any]:
     """What changes one network's training (the unit key); the VGG head only matters to VGG."""
     settings = {"schedule": sched.fingerprint(), "epochs": sched.epochs, "weights": p.weights,
-                "keep_weights": p.keep_weights}
+                "keep_weights": p.keep_weights, "freeze": p.freeze}
     if network == "vgg16":
         settings["vgg_classifier"] = p.vgg_classifier
     return settings
@@ -101,7 +101,7 @@ def _run(ctx: runtime.StageContext) -> None:
 
         def produce(network: str = network, key: str = key):
             return units.train_network(
-                network, data, sched, weights=p.weights, vgg_classifier=p.vgg_classifier,
+                network, data, sched, weights=p.weights, vgg_classifier=p.vgg_classifier, freeze=p.freeze,
                 keep_weights=p.keep_weights, checkpoint_dir=ctx.scratch / f"{network}-{key}",
                 on_epoch=lambda r, n=network: ctx.logger.info("baselines: %s epoch %d val_acc %.3f (%.1f s)",
                                                               n, r.epoch, r.val_acc, r.seconds),

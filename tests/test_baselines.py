@@ -62,16 +62,17 @@ def test_builders_give_class_logits_and_head_features_at_the_patch_size(network,
     assert model.weights_tag == networks.RANDOM_INIT_TAG
 
 
-@pytest.mark.parametrize("network", networks.NETWORKS)
-def test_frozen_prefix_then_rest_is_torchvisions_forward_and_the_prefix_stays_fixed(network):
-    model = networks.build_baseline(network, 3, 32, vgg_classifier="pooled", seed=1)
+@pytest.mark.parametrize(("network", "freeze"), [(n, level) for level in networks.FREEZE_LEVELS
+                                                 for n in networks.NETWORKS])
+def test_frozen_prefix_then_rest_is_torchvisions_forward_and_the_prefix_stays_fixed(network, freeze):
+    model = networks.build_baseline(network, 3, 32, vgg_classifier="pooled", freeze=freeze, seed=1)
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(model.eval()(x), model.net(model.adapt(x)))  # same arithmetic, cut in two
     split = model.parameter_split()
     assert split["frozen"] > 0 and split["trainable"] > 0
     assert split["frozen"] + split["trainable"] == sum(p.numel() for p in model.parameters())
-    prefix = [model.net.get_submodule(path) for path in networks.FROZEN_PREFIX[network].paths]
+    prefix = [model.net.get_submodule(path) for path in model.frozen_prefix.paths]
     assert split["frozen"] == sum(p.numel() for m in prefix for p in m.parameters())
     model.train()
     assert all(not m.training for m in prefix) and model.head.training  # frozen batch-norm statistics

@@ -183,7 +183,7 @@ class BaselineData:
 
 
 def train_network(network: str, data: BaselineData, sched: schedule.Schedule, *, weights: str,
-                  vgg_classifier: str, keep_weights: bool, checkpoint_dir: Path,
+                  vgg_classifier: str, keep_weights: bool, checkpoint_dir: Path, freeze: str = "shallow",
                   on_epoch: Callable[[EpochRecord], None] | None = None,
                   on_batch: Callable[[int, int], None] | None = None,
                   ) -> tuple[NetworkOutcome, dict[str, torch.Tensor] | None]:
@@ -193,7 +193,7 @@ def train_network(network: str, data: BaselineData, sched: schedule.Schedule, *,
     split go through the prefix once each.
     """
     model = networks.build_baseline(network, len(data.class_names), data.patch_size, weights=weights,
-                                    vgg_classifier=vgg_classifier, seed=sched.seed)
+                                    vgg_classifier=vgg_classifier, freeze=freeze, seed=sched.seed)
     result = baseline_train.train_baseline(model, data.train, data.val, sched, checkpoint_dir=checkpoint_dir,
                                            class_names=data.class_names, on_epoch=on_epoch, on_batch=on_batch)
     trained, batch, device = result.model, sched.batch_size, sched.resolve_device()
