@@ -235,7 +235,7 @@ def _freeze3_fusions(ctx: runtime.StageContext, outcomes: dict[str, units.Networ
                                    "y_pred": r.test_predictions,
                                    **{f"proba_{c}": r.test_scores[:, i] for i, c in enumerate(class_names)}}))
     head = "standardised features + ridge classifier (mammo_core.fusion.linear_probe), fitted on the patches' " \
-           "train split; Freeze3's weight in each pair chosen on validation; pairs summed in whitened PCA space"
+           "train split; Freeze3's weight in each pair chosen on validation; pairs summed in one rotated common space"
     write_json_atomic(ctx.workdir / FREEZE3_FUSION, rows)
     # Kept in the store only (never logged to MLflow): it names the dataset's patient ids.
     pd.concat(parts, ignore_index=True).to_csv(ctx.workdir / FREEZE3_PREDICTIONS, index=False)

@@ -406,6 +406,11 @@ def test_freeze3_fusion_sums_both_networks_and_chooses_the_weight_on_validation(
     assert fused.weight in freeze3_fusion.WEIGHT_GRID and alone.weight is None
     assert fused.test_scores.shape == (60, 4) and np.allclose(fused.test_scores.sum(axis=1), 1.0, atol=1e-5)
     assert np.array_equal(fused.test_scores.argmax(axis=1), fused.test_predictions)
+    rotation = freeze3_fusion.Rotation.seeded(18, seed=3)  # one isometry, both blocks in every coordinate
+    x, z = rng.normal(size=(5, 6)).astype(np.float32), rng.normal(size=(5, 12)).astype(np.float32)
+    summed = freeze3_fusion.weighted_sum(x, z, 0.3, rotation)
+    assert np.allclose(np.linalg.norm(summed, axis=1), np.linalg.norm(np.c_[0.3 * x, 0.7 * z], axis=1), atol=1e-4)
+    assert np.count_nonzero(np.abs(freeze3_fusion.weighted_sum(x, 0 * z, 1.0, rotation)) > 1e-6) > 12
     short = agnet.FeatureSplits(b.train[:10], b.val, b.test)
     with pytest.raises(ValueError, match="train: 120 Freeze3 rows but 10 rows"):
         freeze3_fusion.fuse_with_freeze3("Freeze3+VGG16", a, short, labels["train"], labels["val"], 4)
