@@ -264,8 +264,13 @@ class DetectParams(_Section):
 BaselineNetwork = Literal["vgg16", "inception_v3", "resnet50", "densenet121"]
 
 
-class BaselinesParams(_Schedule):
-    """Single-network classifiers and classic baselines (mammo_core.baselines); schedule as the train stage's."""
+class BaselinesParams(_Section):
+    """Single-network classifiers and classic baselines (mammo_core.baselines).
+
+    No schedule or row budget of their own: every network trains on the train stage's rows under the
+    ``train:`` section's schedule (epochs, batch, lr, warm-up, roll-back, seed), so a comparison with the
+    branches cannot drift into an unequal budget (tasks.baselines.baseline_schedule).
+    """
 
     networks: list[BaselineNetwork] = Field(
         default_factory=lambda: ["vgg16", "inception_v3", "resnet50", "densenet121"]
@@ -280,8 +285,10 @@ class BaselinesParams(_Schedule):
         "pooled: global average pooling + one linear layer (CPU-sized, 14.7M instead of 134M parameters)"
     )
     keep_weights: bool = Field(default=True, description="store each network's best weights in its unit")
-    max_train_rows: int | None = Field(default=None, ge=1, description="CPU budget for smoke runs: train every "
-                                       "method on at most this many training rows, classes taking turns; None = all")
+    freeze: Literal["shallow", "deep"] = Field(
+        default="shallow", description="frozen prefix of each network (mammo_core.baselines.networks.FROZEN_PREFIX): "
+        "shallow = the early stages (paper 4.7); deep = every stage but the last (CPU-sized)"
+    )
     latency_repeats: int = Field(default=10, ge=1)
     n_boot: int = Field(default=1000, ge=0, le=100_000)
     sift_image_size: int = Field(default=128, ge=16, le=1024, description="patches are resized to this for SIFT")

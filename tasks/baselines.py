@@ -1,12 +1,19 @@
-"""baselines: single-network classifiers (Table 6, Figure 10) and the classic baselines of Table 1.
+"""baselines: single-network classifiers (Table 6, Figure 10), Freeze3 + network fusions (section 4.7)
+and the classic baselines of Table 1.
 
-Each network is trained under the train stage's protocol and cached as its own sealed unit
+Each network is trained under the train stage's protocol: the same rows (the augmented training set),
+the ``train:`` section's schedule (:func:`baseline_schedule`: epochs, batch, lr, warm-up, roll-back,
+seed; the baselines section has no schedule of its own, so the two cannot drift apart), its shallow
+layers frozen and their outputs cached once (:mod:`mammo_core.baselines.train`). Each is cached as its own sealed unit
 (:mod:`mammo_core.baselines.units`), so adding a network to ``baselines.networks`` trains only that one;
 checkpoints go to the stage's scratch folder (per network and unit key), so a killed run resumes from
 the last finished epoch. The stage then measures every network's latency side by side in this process,
 the bootstrap intervals by patient, SIFT-BoVW + SVM and the AGNet-style fusion, and writes the artifact
 contract the report reads: ``baselines.json``, ``table6_single_networks.csv``, ``table1_baselines.csv``,
-``val_curves.json`` and ``figure10_val_curves.png``.
+``val_curves.json``, ``figure10_val_curves.png``, ``freeze3_fusion.json`` and
+``freeze3_fusion_predictions.csv`` (per test patch, kept in the store only: it names patient ids).
+The Freeze3 and three-branch fused features are the features stage's (``features.h5``: the train
+stage's branches read out on every patch).
 """
 
 from __future__ import annotations
@@ -16,13 +23,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mammo_core import figures, h5io, metrics, model, schedule, training
-from mammo_core.baselines import agnet, latency, networks, sift_bovw, units
+from mammo_core import features, figures, h5io, metrics, model, schedule, training
+from mammo_core.baselines import agnet, freeze3_fusion, latency, networks, sift_bovw, units
 from mammo_core.config import BaselinesParams, Params
 from mammo_core.store import write_json_atomic
 from mammo_core.weight_sources import resolved_source
 from tasks import runtime
 from tasks.augment import FILE as AUGMENTED_FILE
+from tasks.features import FILE as FEATURES_FILE
 from tasks.patches import FILE as PATCHES_FILE
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -32,12 +40,22 @@ TABLE1 = "table1_baselines.csv"
 CURVES = "val_curves.json"
 FIGURE10 = "figure10_val_curves.png"
 FUSED = "fused"
+FREEZE3_FUSION = "freeze3_fusion.json"
+FREEZE3_PREDICTIONS = "freeze3_fusion_predictions.csv"
+THREE_BRANCH = "Freeze1+Freeze2+Freeze3"
+FREEZE3_ALONE = "Freeze3"
+PAIR_NAMES = {"vgg16": "Freeze3+VGG16", "inception_v3": "Freeze3+InceptionV3", "resnet50": "Freeze3+ResNet50"}
+
+
+def baseline_schedule(params: Params) -> schedule.Schedule:
+    """The schedule every baseline network trains under: the ``train:`` section's, as the branches'."""
+    return schedule.Schedule.from_params({**params.train.model_dump(), "device": params.run.device})
 
 
 def _unit_settings(p: BaselinesParams, network: str, sched: schedule.Schedule) -> dict[str, Any]:
     """What changes one network's training (the unit key); the VGG head only matters to VGG."""
     settings = {"schedule": sched.fingerprint(), "epochs": sched.epochs, "weights": p.weights,
-                "keep_weights": p.keep_weights, "max_train_rows": p.max_train_rows}
+                "keep_weights": p.keep_weights, "freeze": p.freeze}
     if network == "vgg16":
         settings["vgg_classifier"] = p.vgg_classifier
     return settings
@@ -62,12 +80,14 @@ def _run(ctx: runtime.StageContext) -> None:
         val=training.load_tensor_data(patches_file, split=SPLIT_CODES["val"]),
         test=training.load_tensor_data(patches_file, split=SPLIT_CODES["test"]),
         class_names=class_names,
-    ).with_train_rows(p.max_train_rows, p.seed)
-    # Patient ids only group the bootstrap by patient; they are never written or logged.
+        patches_train=training.load_tensor_data(patches_file, split=SPLIT_CODES["train"]),
+    )
+    # Patient ids group the bootstrap by patient; they are never logged (and written only to the per-patch
+    # predictions kept in the store, as classify's predictions.csv, for paired comparisons).
     columns = h5io.read_datasets(patches_file, ["split", "patient_id"])
     groups = np.asarray(columns["patient_id"])[columns["split"] == SPLIT_CODES["test"]]
     y_val, y_test = data.val.labels.numpy(), data.test.labels.numpy()
-    sched = schedule.Schedule.from_params({**p.model_dump(), "device": ctx.params.run.device})
+    sched = baseline_schedule(ctx.params)
     device = sched.resolve_device()
     upstream = {s: ctx.upstream[s].key for s in ("augment", "patches")}
     ctx.set_tags({"baselines.device": str(device)})
@@ -81,7 +101,7 @@ def _run(ctx: runtime.StageContext) -> None:
 
         def produce(network: str = network, key: str = key):
             return units.train_network(
-                network, data, sched, weights=p.weights, vgg_classifier=p.vgg_classifier,
+                network, data, sched, weights=p.weights, vgg_classifier=p.vgg_classifier, freeze=p.freeze,
                 keep_weights=p.keep_weights, checkpoint_dir=ctx.scratch / f"{network}-{key}",
                 on_epoch=lambda r, n=network: ctx.logger.info("baselines: %s epoch %d val_acc %.3f (%.1f s)",
                                                               n, r.epoch, r.val_acc, r.seconds),
@@ -107,8 +127,11 @@ def _run(ctx: runtime.StageContext) -> None:
         pred = outcome.test_probabilities.argmax(axis=1) if len(y_test) else np.zeros(0, np.int64)
         row = {"network": network, **_with_ci(y_test, pred, groups, p.n_boot, p.seed),
                "balanced_acc": metrics.BALANCED_ACCURACY(y_test, pred) if len(y_test) else float("nan"),
+               "macro_auc": _macro_auc(y_test, pred, outcome.test_probabilities, class_names),
                "latency_ms": ms[network], "params_m": outcome.params_m, "weights": outcome.weights,
-               "input_size": outcome.input_size, "epochs": outcome.epochs}
+               "input_size": outcome.input_size, "epochs": outcome.epochs, "train_rows": len(data.train),
+               "frozen_layers": outcome.frozen_layers, "frozen_params": outcome.frozen_params,
+               "trainable_params": outcome.trainable_params}
         rows.append(row)
         metric_values[f"baselines/{network}/test_acc"] = row["test_acc"]
         metric_values[f"baselines/{network}/latency_ms"] = row["latency_ms"]
@@ -133,12 +156,18 @@ def _run(ctx: runtime.StageContext) -> None:
                         "detail": fused.detail()})
     for row in classic:
         metric_values[f"baselines/{row['method']}/test_acc"] = row["test_acc"]
+
+    fusion_rows = _freeze3_fusions(ctx, outcomes, data, class_names)
+    for row in fusion_rows:
+        metric_values[f"baselines/freeze3_fusion/{_slug(row['name'])}/test_acc"] = row["accuracy"]
     ctx.log_metrics(metric_values)
 
     counts = np.bincount(y_test, minlength=len(class_names))
     majority = float(counts.max() / counts.sum()) if counts.sum() else float("nan")
+    protocol = {"schedule_from": "train", "epochs": sched.epochs, "schedule": sched.fingerprint(),
+                "train_rows": len(data.train)}
     write_json_atomic(ctx.workdir / RESULTS, {"classes": class_names, "majority_rate": majority, "rows": rows,
-                                              "classic": classic})
+                                              "classic": classic, "protocol": protocol})
     pd.DataFrame(rows).to_csv(ctx.workdir / TABLE6, index=False)
     pd.DataFrame(classic, columns=["method", "test_acc", "ci_low", "ci_high", "detail"]).to_csv(
         ctx.workdir / TABLE1, index=False)
@@ -148,8 +177,71 @@ def _run(ctx: runtime.StageContext) -> None:
     fig = figures.curves_figure({n: [r["val_acc"] for r in c] for n, c in curves.items()},
                                 "Figure 10: validation accuracy per backbone", ctx.workdir / FIGURE10)
     ctx.log_artifact(fig, "figures")
-    for name in (RESULTS, TABLE6, TABLE1, CURVES):
+    for name in (RESULTS, TABLE6, TABLE1, CURVES, FREEZE3_FUSION):
         ctx.log_artifact(ctx.workdir / name, "tables")
+
+
+def _slug(name: str) -> str:
+    """An MLflow-safe metric name part ("Freeze3+VGG16" -> "freeze3_vgg16")."""
+    return name.lower().replace("+", "_")
+
+
+def _macro_auc(y: np.ndarray, pred: np.ndarray, proba: np.ndarray, class_names: list[str]) -> float:
+    if len(y) == 0:
+        return float("nan")
+    return float(metrics.classification_report_dict(y, pred, proba, class_names).get("auc_ovr_macro", np.nan))
+
+
+def _freeze3_fusions(ctx: runtime.StageContext, outcomes: dict[str, units.NetworkOutcome],
+                     data: units.BaselineData, class_names: list[str]) -> list[dict[str, Any]]:
+    """Section 4.7: Freeze3 + VGG16 / InceptionV3 / ResNet50 beside Freeze3 alone and the three-branch
+    fusion, one head for all (:mod:`mammo_core.baselines.freeze3_fusion`); writes the JSON and the
+    per-patch predictions; returns the JSON rows."""
+    p = ctx.params.baselines
+    path = ctx.upstream["features"].file(FEATURES_FILE)
+    split = {s: features.read_branch_features(path, code) for s, code in SPLIT_CODES.items()}
+    for s, rows in (("train", data.patches_train), ("val", data.val), ("test", data.test)):
+        if rows is None or not np.array_equal(split[s]["labels"], rows.labels.numpy()):
+            raise ValueError(f"{path}: the {s} rows' labels differ from the patches' {s} split; "
+                             f"features and patches come from different runs")
+
+    def block(name: str) -> agnet.FeatureSplits:
+        return agnet.FeatureSplits(*(split[s][name].astype(np.float32) for s in ("train", "val", "test")))
+
+    y_train, y_val, y_test = (split[s]["labels"] for s in ("train", "val", "test"))
+    k = len(class_names)
+    results = [freeze3_fusion.probe_fused(THREE_BRANCH, block("fused"), y_train, y_val, k, p.seed),
+               freeze3_fusion.probe_fused(FREEZE3_ALONE, block("freeze3"), y_train, y_val, k, p.seed)]
+    for network, name in PAIR_NAMES.items():
+        if network in outcomes:
+            o = outcomes[network]
+            other = agnet.FeatureSplits(o.patches_train_features, o.features.val, o.features.test)
+            results.append(freeze3_fusion.fuse_with_freeze3(name, block("freeze3"), other, y_train, y_val, k,
+                                                            seed=p.seed))
+    groups = np.array([g.decode() if isinstance(g, bytes) else str(g) for g in split["test"]["patient_id"]])
+    patch_ids = np.array([g.decode() if isinstance(g, bytes) else str(g) for g in split["test"]["source_id"]])
+    rows, parts = [], []
+    for r in results:
+        if len(y_test):
+            rep = metrics.report_with_ci(y_test, r.test_predictions, r.test_scores, class_names, groups,
+                                         n_boot=p.n_boot, seed=p.seed)
+            acc, ci = float(rep["accuracy"]), [float(v) for v in rep["ci"]["accuracy"]]
+            bal, auc = float(rep["balanced_accuracy"]), float(rep.get("auc_ovr_macro", np.nan))
+        else:
+            acc, ci, bal, auc = float("nan"), [float("nan")] * 2, float("nan"), float("nan")
+        rows.append({"name": r.name, "accuracy": acc, "accuracy_ci": ci, "balanced_accuracy": bal, "macro_auc": auc,
+                     "n_test": int(len(y_test)), "val_accuracy": r.val_acc, "weight_freeze3": r.weight})
+        parts.append(pd.DataFrame({"name": r.name, "patch_id": patch_ids, "patient_id": groups, "y_true": y_test,
+                                   "y_pred": r.test_predictions,
+                                   **{f"proba_{c}": r.test_scores[:, i] for i, c in enumerate(class_names)}}))
+    head = "standardised features + ridge classifier (mammo_core.fusion.linear_probe), fitted on the patches' " \
+           "train split; Freeze3's weight in each pair chosen on validation; pairs summed in one rotated common space"
+    write_json_atomic(ctx.workdir / FREEZE3_FUSION, rows)
+    # Kept in the store only (never logged to MLflow): it names the dataset's patient ids.
+    pd.concat(parts, ignore_index=True).to_csv(ctx.workdir / FREEZE3_PREDICTIONS, index=False)
+    ctx.logger.info("baselines: section 4.7 fusions (%s): %s", head,
+                    {r["name"]: round(r["accuracy"], 3) for r in rows})
+    return rows
 
 
 def key_inputs(params: Params) -> dict[str, Any]:
@@ -162,8 +254,8 @@ def key_inputs(params: Params) -> dict[str, Any]:
 
 SPEC = runtime.StageSpec(
     name="baselines",
-    upstream=("augment", "patches"),
-    sections=("baselines",),
+    upstream=("augment", "patches", "features"),
+    sections=("baselines", "train"),
     run=_run,
     key_inputs=key_inputs,
 )

@@ -1,5 +1,6 @@
-"""Baselines library: network builders and input adaptation, resumable training, per-network units,
-SIFT-BoVW + SVM, the AGNet-style fusion and side-by-side latency (all on CPU, tiny inputs)."""
+"""Baselines library: network builders and input adaptation, frozen prefixes, resumable training from the
+cached prefix, per-network units, SIFT-BoVW + SVM, the AGNet-style fusion, the Freeze3 + network fusion,
+side-by-side latency and the shared protocol with the branches (all on CPU, tiny inputs)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from mammo_core.baselines import agnet, latency, networks, sift_bovw, units
+from mammo_core.baselines import agnet, freeze3_fusion, latency, networks, sift_bovw, units
 from mammo_core.baselines import train as baseline_train
 from mammo_core.checkpoint import CHECKPOINT_NAME, load_safely
 from mammo_core.config import Params, load_params
@@ -59,6 +60,27 @@ def test_builders_give_class_logits_and_head_features_at_the_patch_size(network,
     assert model.input_size == input_size
     assert logits.shape == (2, 7) and features.shape == (2, feature_dim) == (2, model.feature_dim)
     assert model.weights_tag == networks.RANDOM_INIT_TAG
+
+
+@pytest.mark.parametrize(("network", "freeze"), [(n, level) for level in networks.FREEZE_LEVELS
+                                                 for n in networks.NETWORKS])
+def test_frozen_prefix_then_rest_is_torchvisions_forward_and_the_prefix_stays_fixed(network, freeze):
+    model = networks.build_baseline(network, 3, 32, vgg_classifier="pooled", freeze=freeze, seed=1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model.eval()(x), model.net(model.adapt(x)))  # same arithmetic, cut in two
+    split = model.parameter_split()
+    assert split["frozen"] > 0 and split["trainable"] > 0
+    assert split["frozen"] + split["trainable"] == sum(p.numel() for p in model.parameters())
+    prefix = [model.net.get_submodule(path) for path in model.frozen_prefix.paths]
+    assert split["frozen"] == sum(p.numel() for m in prefix for p in m.parameters())
+    model.train()
+    assert all(not m.training for m in prefix) and model.head.training  # frozen batch-norm statistics
+    h = model.prefix(x)
+    assert not h.requires_grad
+    logits, _ = model.training_logits_from_prefix(h)
+    logits.sum().backward()
+    assert all(p.grad is None for m in prefix for p in m.parameters()) and model.head.weight.grad is not None
 
 
 def test_vgg_pooled_classifier_is_one_linear_layer_over_the_last_convolution():
@@ -134,18 +156,26 @@ def test_unknown_network_is_named():
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """(result, checkpoint folder) of one uninterrupted DenseNet-121 training on TRAIN/VAL with SCHEDULE.
+    """(weights before, result, checkpoint folder) of one uninterrupted DenseNet-121 training on TRAIN/VAL.
 
     Module-scoped: the best-so-far test reads it and the resume test compares against it, one training.
     """
     folder = tmp_path_factory.mktemp("uninterrupted")
-    result = baseline_train.train_baseline(networks.build_baseline("densenet121", 3, 32), TRAIN, VAL, SCHEDULE,
-                                           checkpoint_dir=folder, class_names=CLASSES)
-    return result, folder
+    model = networks.build_baseline("densenet121", 3, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = baseline_train.train_baseline(model, TRAIN, VAL, SCHEDULE, checkpoint_dir=folder, class_names=CLASSES)
+    return before, result, folder
 
 
 def test_training_learns_and_stores_best_so_far(uninterrupted):
-    result, folder = uninterrupted
+    before, result, folder = uninterrupted
+    after = result.model.state_dict()
+    frozen = ("net.features.conv0.", "net.features.norm0.", "net.features.denseblock2.")
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith(frozen))  # incl. BN stats
+    assert not torch.equal(after["net.classifier.weight"], before["net.classifier.weight"])
+    assert not torch.equal(after["net.features.denseblock4.denselayer1.conv1.weight"],
+                           before["net.features.denseblock4.denselayer1.conv1.weight"])
+    assert result.cached["train"].shape == (12, 512, 4, 4)  # computed once: 32 px -> 4 x 4 after denseblock2
     assert [r.epoch for r in result.history] == [1, 2, 3]
     assert result.best_val_acc == max(r.val_acc for r in result.history)
     assert result.history[result.best_epoch - 1].val_acc == result.best_val_acc
@@ -205,7 +235,8 @@ def _outcome(network: str, value: float) -> units.NetworkOutcome:
         network=network, history=[baseline_train.EpochRecord(1, 1.5, 0.5, 0.01, 0.1)], best_epoch=1,
         best_val_acc=0.5, val_probabilities=np.full((2, 3), 1 / 3, np.float32),
         test_probabilities=np.eye(3, dtype=np.float32), features=feats, params_m=7.0, weights="none (random init)",
-        input_size=32, epochs=1)
+        input_size=32, epochs=1, patches_train_features=np.full((3, 2), value, np.float32), frozen_layers="conv0..",
+        frozen_params=5, trainable_params=2)
 
 
 def test_a_unit_is_produced_once_then_reused_from_the_store(tmp_path):
@@ -225,6 +256,8 @@ def test_a_unit_is_produced_once_then_reused_from_the_store(tmp_path):
                               upstream={})
     assert calls == ["densenet121"] and not first.reused and again.reused
     assert np.array_equal(again.features.train, np.full((4, 2), 2.0)) and again.history == first.history
+    assert np.array_equal(again.patches_train_features, np.full((3, 2), 2.0))
+    assert (again.frozen_layers, again.frozen_params, again.trainable_params) == ("conv0..", 5, 2)
     assert (tmp_path / "units" / "baselines" / key_a / "manifest.json").is_file()
     key_b = units.unit_key("resnet50", settings, {"augment": "a" * 24, "patches": "p" * 24})
     units.obtain_unit(tmp_path, "resnet50", key_b, produce("resnet50", 3.0), params=settings, upstream={})
@@ -254,30 +287,37 @@ def test_a_damaged_unit_is_trained_again_and_replaced(tmp_path):
 
 
 def test_adding_a_network_leaves_the_other_unit_keys_alone():
-    from tasks.baselines import _unit_settings
+    from tasks.baselines import _unit_settings, baseline_schedule
 
-    small = Params.model_validate({"baselines": {"networks": ["densenet121"], "classic": []}}).baselines
+    small = Params.model_validate({"baselines": {"networks": ["densenet121"], "classic": []}})
     large = Params.model_validate({"baselines": {"networks": ["densenet121", "resnet50"], "classic": [],
-                                                 "latency_repeats": 3, "n_boot": 10}}).baselines
-    longer = Params.model_validate({"baselines": {"networks": ["densenet121"], "classic": [], "epochs": 3}}).baselines
+                                                 "latency_repeats": 3, "n_boot": 10}})
+    longer = Params.model_validate({"baselines": {"networks": ["densenet121"], "classic": []}, "train": {"epochs": 3}})
     up = {"augment": "a" * 24, "patches": "p" * 24}
 
-    def key(p):
-        return units.unit_key("densenet121", _unit_settings(p, "densenet121", Schedule.from_params(p)), up)
+    def key(p, upstream=up):
+        return units.unit_key("densenet121", _unit_settings(p.baselines, "densenet121", baseline_schedule(p)), upstream)
 
     assert key(small) == key(large) != key(longer)
-    assert key(small) != units.unit_key("densenet121", _unit_settings(small, "densenet121",
-                                                                     Schedule.from_params(small)),
-                                        {**up, "augment": "b" * 24})
+    assert key(small) != key(small, {**up, "augment": "b" * 24})
 
 
-def test_balanced_subset_keeps_every_class():
-    labels = np.array([0] * 50 + [1] * 3 + [2] * 20)
-    rows = units.balanced_subset(labels, 10, seed=1)
-    assert len(rows) == 10 and list(rows) == sorted(rows)
-    assert np.bincount(labels[rows]).tolist() == [4, 3, 3]
-    assert np.array_equal(rows, units.balanced_subset(labels, 10, seed=1))
-    assert np.array_equal(units.balanced_subset(labels, 100), np.arange(73))
+@pytest.mark.parametrize("params_file", sorted((Path(__file__).resolve().parents[1] / "params").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_baselines_share_rows_epochs_and_schedule_with_the_branches(params_file):
+    from tasks import baselines as stage
+
+    params = load_params(params_file)
+    branches = Schedule.from_params({**params.train.model_dump(), "device": params.run.device})
+    assert stage.baseline_schedule(params) == branches
+    assert stage.baseline_schedule(params).epochs == params.train.epochs
+    # rows: both stages read the augment stage's file whole; the baselines have no row budget of their own
+    assert "augment" in stage.SPEC.upstream and "train" in stage.SPEC.sections
+    assert not {"epochs", "lr", "batch_size", "warmup_epochs", "rollback_every", "max_train_rows"} \
+        & set(params.baselines.model_dump())
+    for key in ("epochs=3", "max_train_rows=10"):  # a params file cannot give the baselines another budget
+        with pytest.raises(ParamsError, match=key.split("=")[0]):
+            load_params(params_file, [f"baselines.{key}"])
 
 
 def test_a_broken_unit_is_named(tmp_path):
@@ -354,6 +394,35 @@ def test_agnet_fusion_uses_both_networks_features():
     short = agnet.FeatureSplits(b.train[:10], b.val, b.test)
     with pytest.raises(ValueError, match="train: the two networks' features have 90 and 10 rows"):
         agnet.fuse_features(a, short)
+
+
+# ---------------------------------------------------------------------------------------------- Freeze3 + network
+
+
+def test_freeze3_fusion_sums_both_networks_and_chooses_the_weight_on_validation():
+    rng = np.random.default_rng(0)
+    n = {"train": 120, "val": 60, "test": 60}
+    labels = {s: rng.integers(0, 4, k) for s, k in n.items()}
+    # Freeze3 knows bit 0 of the class, the other network bit 1 (and is wider): only together all four.
+    a = agnet.FeatureSplits(*(np.c_[labels[s] % 2, rng.normal(size=(n[s], 5))] + 0.05 * rng.normal(size=(n[s], 6))
+                              for s in n))
+    b = agnet.FeatureSplits(*(np.c_[labels[s] // 2, rng.normal(size=(n[s], 11))] + 0.05 * rng.normal(size=(n[s], 12))
+                              for s in n))
+    fused = freeze3_fusion.fuse_with_freeze3("Freeze3+VGG16", a, b, labels["train"], labels["val"], 4)
+    alone = freeze3_fusion.probe_fused("Freeze3", a, labels["train"], labels["val"], 4)
+    acc = float((fused.test_predictions == labels["test"]).mean())
+    assert acc > 0.9 > 0.6 > float((alone.test_predictions == labels["test"]).mean())
+    assert fused.weight in freeze3_fusion.WEIGHT_GRID and alone.weight is None
+    assert fused.test_scores.shape == (60, 4) and np.allclose(fused.test_scores.sum(axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(fused.test_scores.argmax(axis=1), fused.test_predictions)
+    rotation = freeze3_fusion.Rotation.seeded(18, seed=3)  # one isometry, both blocks in every coordinate
+    x, z = rng.normal(size=(5, 6)).astype(np.float32), rng.normal(size=(5, 12)).astype(np.float32)
+    summed = freeze3_fusion.weighted_sum(x, z, 0.3, rotation)
+    assert np.allclose(np.linalg.norm(summed, axis=1), np.linalg.norm(np.c_[0.3 * x, 0.7 * z], axis=1), atol=1e-4)
+    assert np.count_nonzero(np.abs(freeze3_fusion.weighted_sum(x, 0 * z, 1.0, rotation)) > 1e-6) > 12
+    short = agnet.FeatureSplits(b.train[:10], b.val, b.test)
+    with pytest.raises(ValueError, match="train: 120 Freeze3 rows but 10 rows"):
+        freeze3_fusion.fuse_with_freeze3("Freeze3+VGG16", a, short, labels["train"], labels["val"], 4)
 
 
 # ---------------------------------------------------------------------------------------------- latency, params

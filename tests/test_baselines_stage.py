@@ -11,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -18,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from mammo_core.config import load_params
 from tasks import baselines as stage
 from tasks import runtime, tracking
+from tasks.augment import FILE as AUGMENTED_FILE
 from tests.smoke_store import copy_store
 from tests.test_pipeline_e2e import SMOKE
 
@@ -41,7 +44,7 @@ def world(smoke_store, tmp_path_factory):
     experiment = tracking.ensure_experiment(client, "baselines-test", root / "artifacts")
     parent = tracking.start_run(client, experiment, "mammo run", tags={})
     upstream = {}
-    for name in ("patches", "augment"):
+    for name in ("patches", "augment", "features"):
         (folder,) = [p for p in (store / "stages" / name).iterdir() if not p.name.startswith(".")]
         upstream[name] = runtime.StageResult(stage=name, key=folder.name, path=str(folder), metrics={},
                                              mlflow_run_id=None, parent_run_id=None, seconds=0.0, ran=False)
@@ -52,7 +55,7 @@ def world(smoke_store, tmp_path_factory):
                              flow_run_id="flow", git_commit="abc")
     key = stage.SPEC.key(params, {s: r.key for s, r in upstream.items()})
     full = runtime.execute(stage.SPEC, ctx, key, upstream)
-    return {"store": store, "client": client, "first": first, "full": full}
+    return {"store": store, "client": client, "first": first, "full": full, "upstream": upstream}
 
 
 def test_stage_writes_the_artifact_contract(world):
@@ -63,11 +66,20 @@ def test_stage_writes_the_artifact_contract(world):
     assert data["classes"][0] == "NORMAL" and len(data["classes"]) == 7
     assert 0 < data["majority_rate"] <= 1
     assert [r["network"] for r in data["rows"]] == NETWORKS
+    params = load_params(SMOKE)
+    with h5py.File(Path(world["upstream"]["augment"].path) / AUGMENTED_FILE, "r") as fh:
+        branch_rows = len(fh["labels"])  # what the train stage trains the branches on
+    assert data["protocol"]["train_rows"] == branch_rows and data["protocol"]["epochs"] == params.train.epochs == 2
     for row in data["rows"]:
-        assert set(row) == {"network", "test_acc", "ci_low", "ci_high", "balanced_acc", "latency_ms", "params_m",
-                            "weights", "input_size", "epochs"}
-        assert row["ci_low"] <= row["test_acc"] <= row["ci_high"]
-        assert row["latency_ms"] > 0 and row["epochs"] == 1 and row["weights"] == "none (random init)"
+        assert set(row) == {"network", "test_acc", "ci_low", "ci_high", "balanced_acc", "macro_auc", "latency_ms",
+                            "params_m", "weights", "input_size", "epochs", "train_rows", "frozen_layers",
+                            "frozen_params", "trainable_params"}
+        assert row["ci_low"] <= row["test_acc"] <= row["ci_high"] and 0 <= row["macro_auc"] <= 1
+        assert row["latency_ms"] > 0 and row["epochs"] == 2 and row["weights"] == "none (random init)"
+        assert row["train_rows"] == branch_rows
+        assert row["frozen_params"] + row["trainable_params"] == round(row["params_m"] * 1e6)
+        assert row["frozen_params"] > 0 and row["trainable_params"] > 0
+    assert {r["network"]: r["frozen_layers"] for r in data["rows"]}["resnet50"] == "conv1+layer1..layer3"  # deep
     sizes = {r["network"]: (r["input_size"], round(r["params_m"], 1)) for r in data["rows"]}
     assert sizes == {"vgg16": (32, 14.7), "inception_v3": (75, 21.8), "resnet50": (32, 23.5),
                      "densenet121": (32, 7.0)}
@@ -77,6 +89,7 @@ def test_stage_writes_the_artifact_contract(world):
     assert all(0 <= c["ci_low"] <= c["test_acc"] <= c["ci_high"] <= 1 for c in data["classic"])
     table6 = pd.read_csv(folder / stage.TABLE6)
     assert table6["network"].tolist() == NETWORKS
+    assert table6["frozen_params"].tolist() == [r["frozen_params"] for r in data["rows"]]
     assert pd.read_csv(folder / stage.TABLE1)["method"].tolist() == ["sift_bovw_svm", "agnet"]
     curves = json.loads((folder / stage.CURVES).read_text())
     assert sorted(curves) == sorted(NETWORKS)
@@ -88,6 +101,29 @@ def test_stage_writes_the_artifact_contract(world):
     assert "patient" not in json.dumps(manifest).lower()
 
 
+def test_freeze3_fusions_sit_beside_freeze3_and_the_three_branch_fusion(world):
+    folder = Path(world["full"].path)
+    rows = json.loads((folder / stage.FREEZE3_FUSION).read_text())
+    names = ["Freeze1+Freeze2+Freeze3", "Freeze3", "Freeze3+VGG16", "Freeze3+InceptionV3", "Freeze3+ResNet50"]
+    assert [r["name"] for r in rows] == names
+    features = json.loads((Path(world["upstream"]["features"].path) / "manifest.json").read_text())["metrics"]
+    predictions = pd.read_csv(folder / stage.FREEZE3_PREDICTIONS)
+    classes = json.loads((folder / "baselines.json").read_text())["classes"]
+    assert list(predictions.columns) == ["name", "patch_id", "patient_id", "y_true", "y_pred",
+                                         *[f"proba_{c}" for c in classes]]
+    for row in rows:
+        assert {"accuracy", "accuracy_ci", "balanced_accuracy", "macro_auc", "n_test"} <= set(row)
+        mine = predictions[predictions["name"] == row["name"]]
+        assert len(mine) == row["n_test"] > 0
+        assert row["accuracy"] == pytest.approx(float((mine["y_true"] == mine["y_pred"]).mean()))
+        assert row["accuracy_ci"][0] <= row["accuracy"] <= row["accuracy_ci"][1]
+        assert np.allclose(mine[[f"proba_{c}" for c in classes]].sum(axis=1), 1.0, atol=1e-5)
+    # the same head on the same rows as the features stage's probe: the three-branch row is that number
+    assert rows[0]["accuracy"] == pytest.approx(features["features/fused/test_acc"])
+    assert rows[1]["accuracy"] == pytest.approx(features["features/freeze3/test_acc"])
+    assert all(0 < r["weight_freeze3"] < 1 for r in rows[2:])
+
+
 def test_mlflow_carries_the_named_metrics(world):
     result = world["full"]
     run = world["client"].get_run(result.mlflow_run_id)
@@ -97,7 +133,7 @@ def test_mlflow_carries_the_named_metrics(world):
                 f"baselines/{network}/val_acc"} <= names
     assert {"baselines/sift_bovw_svm/test_acc", "baselines/agnet/test_acc"} <= names
     history = world["client"].get_metric_history(result.mlflow_run_id, "baselines/resnet50/val_acc")
-    assert [m.step for m in history] == [1]
+    assert [m.step for m in history] == [1, 2]  # the train: section's 2 smoke epochs
 
 
 def test_adding_a_network_trains_only_that_one(world):

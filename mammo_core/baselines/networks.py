@@ -18,6 +18,21 @@ InceptionV3's auxiliary classifier needs a 17x17 ``Mixed_6e`` map, i.e. inputs o
 :data:`INCEPTION_AUX_MIN_INPUT` it is removed (and its pretrained weights skipped), at or above it it is
 kept and trained with torchvision's reference weight (``loss + AUX_LOSS_WEIGHT * aux_loss``).
 
+Frozen shallow layers (paper section 4.7: the networks are "initialized by the corresponding
+pre-trained model on ImageNet and their shallow layers are frozen while training"): each network is cut
+into a frozen ``prefix`` (input adaptation + early layers, eval mode, no gradients) and a trainable
+``rest`` (:data:`FROZEN_PREFIX`, level ``baselines.freeze``). ``shallow``: VGG16 conv1-3, InceptionV3
+up to ``Mixed_5b``, ResNet50 conv1 + layer1 + layer2, DenseNet-121 up to denseblock2 (the Freeze3
+branch's point, :data:`mammo_core.model.DEFAULT_FREEZE_UPTO`): the high-resolution, generic
+edge/texture stages. ``deep``: every stage but the last (VGG16 conv1-4, InceptionV3 up to
+``Mixed_6e``, ResNet50 up to layer3, DenseNet-121 up to denseblock3 as Freeze1), for CPU runs: under
+the branches' budget (2160 rows x 10 epochs on the default) the ``shallow`` rests cost about 10.7
+CPU-seconds per batch of 32 for the four networks together, the ``deep`` ones 0.66 (bench/
+baselines_train.py), the difference between hours and minutes on two cores; the trained last stage
+and head still hold most of the parameters of VGG16, InceptionV3 and ResNet50. Since the augmented
+training set is fixed, the prefix outputs are the same every epoch, so training computes them once
+(:mod:`mammo_core.baselines.train`) and runs only the rest per batch.
+
 Weights: ``"imagenet"`` reads torchvision's file for the network from the local torch hub cache
 (``torch.hub.get_dir()/checkpoints/<file>``) with ``weights_only=True``; nothing is downloaded. When the
 file is absent the network is randomly initialised and :attr:`SingleNetClassifier.weights_tag` says so
@@ -145,6 +160,53 @@ def _replace_head(net: nn.Module, network: str, num_classes: int, vgg_classifier
             net.AuxLogits.fc = nn.Linear(net.AuxLogits.fc.in_features, num_classes)
 
 
+@dataclass(frozen=True)
+class FrozenPrefix:
+    """A network's cut: the torchvision submodules (paths, in forward order) its frozen prefix runs, and
+    those the trainable rest runs before the network's own pooling and head."""
+
+    label: str  # what Table 6 prints
+    paths: tuple[str, ...]
+    rest: tuple[str, ...]
+
+
+def _vgg_features(lo: int, hi: int) -> tuple[str, ...]:
+    return tuple(f"features.{i}" for i in range(lo, hi))
+
+
+def _dense(*names: str) -> tuple[str, ...]:
+    return tuple(f"features.{n}" for n in names)
+
+
+_INCEPTION_TO_5B = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+                    "Conv2d_4a_3x3", "maxpool2", "Mixed_5b")
+_INCEPTION_5C_TO_6E = ("Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e")
+_INCEPTION_TOP = ("Mixed_7a", "Mixed_7b", "Mixed_7c")  # after the auxiliary head's tap
+_DENSENET_TO_2 = ("conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1", "denseblock2")
+_RESNET_STEM = ("conv1", "bn1", "relu", "maxpool", "layer1")
+FREEZE_LEVELS = ("shallow", "deep")
+FROZEN_PREFIX: Mapping[str, Mapping[str, FrozenPrefix]] = {
+    # The early, high-resolution stages only (the paper's wording; what paper.yaml uses on a GPU).
+    "shallow": {
+        "vgg16": FrozenPrefix("conv1-conv3 (features.0-16)", _vgg_features(0, 17), _vgg_features(17, 31)),
+        "inception_v3": FrozenPrefix("Conv2d_1a..Mixed_5b", _INCEPTION_TO_5B, _INCEPTION_5C_TO_6E),
+        "resnet50": FrozenPrefix("conv1+layer1+layer2", (*_RESNET_STEM, "layer2"), ("layer3", "layer4")),
+        "densenet121": FrozenPrefix("conv0..denseblock2 (Freeze3's point)", _dense(*_DENSENET_TO_2),
+                                    _dense("transition2", "denseblock3", "transition3", "denseblock4", "norm5")),
+    },
+    # Every stage but the last frozen (the last stage + head train: still most of the parameters of VGG16,
+    # InceptionV3 and ResNet50); DenseNet-121 at Freeze1's point. CPU-sized: see the module docstring.
+    "deep": {
+        "vgg16": FrozenPrefix("conv1-conv4 (features.0-23)", _vgg_features(0, 24), _vgg_features(24, 31)),
+        "inception_v3": FrozenPrefix("Conv2d_1a..Mixed_6e", _INCEPTION_TO_5B + _INCEPTION_5C_TO_6E, ()),
+        "resnet50": FrozenPrefix("conv1+layer1..layer3", (*_RESNET_STEM, "layer2", "layer3"), ("layer4",)),
+        "densenet121": FrozenPrefix("conv0..denseblock3 (Freeze1's point)",
+                                    _dense(*_DENSENET_TO_2, "transition2", "denseblock3"),
+                                    _dense("transition3", "denseblock4", "norm5")),
+    },
+}
+
+
 _HEAD_PREFIX = {"vgg16": "classifier.6.", "inception_v3": "fc.", "resnet50": "fc.", "densenet121": "classifier."}
 
 
@@ -170,11 +232,14 @@ class SingleNetClassifier(nn.Module):
     """A torchvision network with a new head, fed 3-channel normalised patches of any side.
 
     ``forward`` returns the class logits (the auxiliary ones never leave ``training_logits``);
-    ``features`` returns the pooled penultimate features the head reads (AGNet fuses these).
+    ``features`` returns the pooled penultimate features the head reads (AGNet fuses these). Every
+    forward is ``prefix`` (frozen: no gradients, eval mode whatever ``train()`` says) then ``rest``, the
+    same arithmetic as torchvision's own forward (tested), so outputs of :meth:`prefix` can be cached and
+    fed to :meth:`features_and_logits_from_prefix` / :meth:`training_logits_from_prefix`.
     """
 
     def __init__(self, network: str, num_classes: int, *, input_size: int, weights: str = "none",
-                 vgg_classifier: str = "full", seed: int = 0):
+                 vgg_classifier: str = "full", freeze: str = "shallow", seed: int = 0):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
@@ -182,6 +247,8 @@ class SingleNetClassifier(nn.Module):
             raise ValueError(f"{network} needs inputs of at least {min_input_size(network)} px, got {input_size}")
         if weights not in ("imagenet", "none"):
             raise ValueError(f"baselines.weights must be 'imagenet' or 'none', got {weights!r}")
+        if freeze not in FREEZE_LEVELS:
+            raise ValueError(f"baselines.freeze must be one of {', '.join(FREEZE_LEVELS)}, got {freeze!r}")
         if vgg_classifier not in ("full", "pooled"):
             raise ValueError(f"baselines.vgg_classifier must be 'full' or 'pooled', got {vgg_classifier!r}")
         self.vgg_classifier = vgg_classifier if network == "vgg16" else "full"
@@ -201,6 +268,65 @@ class SingleNetClassifier(nn.Module):
             _load_imagenet(net, network, imagenet_file(network), self.vgg_classifier)
             self.weights_tag = IMAGENET_TAG
         self.net = net
+        self.frozen_prefix = FROZEN_PREFIX[freeze][network]
+        for module in self._modules_at(self.frozen_prefix.paths):
+            module.requires_grad_(False)
+        self.train()
+
+    def _modules_at(self, paths: tuple[str, ...]) -> list[nn.Module]:
+        return [self.net.get_submodule(path) for path in paths]
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        super().train(mode)
+        for module in self._modules_at(self.frozen_prefix.paths):
+            module.eval()  # frozen batch-norm statistics too: the prefix is a fixed function
+        return self
+
+    def parameter_split(self) -> dict[str, int]:
+        """Frozen and trainable parameter counts (Table 6)."""
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"frozen": frozen, "trainable": trainable}
+
+    def prefix(self, x: Tensor) -> Tensor:
+        """Input adaptation + the frozen shallow layers, without a graph (fixed for fixed inputs)."""
+        with torch.no_grad():
+            h = self.adapt(x)
+            if self.network == "inception_v3" and self.net.transform_input:
+                h = self.net._transform_input(h)
+            for module in self._modules_at(self.frozen_prefix.paths):
+                h = module(h)
+        return h
+
+    def _rest(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(pooled features the head reads, auxiliary logits or None) from a prefix output."""
+        aux = None
+        for module in self._modules_at(self.frozen_prefix.rest):
+            h = module(h)
+        net = self.net
+        if self.network == "inception_v3":
+            if self.has_aux and self.training:
+                aux = net.AuxLogits(h)
+            for module in self._modules_at(_INCEPTION_TOP):
+                h = module(h)
+            return torch.flatten(net.dropout(net.avgpool(h)), 1), aux
+        if self.network == "densenet121":
+            return torch.flatten(F.adaptive_avg_pool2d(F.relu(h), (1, 1)), 1), aux
+        h = torch.flatten(net.avgpool(h), 1)
+        if self.network == "vgg16" and self.vgg_classifier == "full":
+            for module in list(net.classifier)[:6]:
+                h = module(h)
+        return h, aux
+
+    def training_logits_from_prefix(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(logits, auxiliary logits or None) from a :meth:`prefix` output: what the training loss needs."""
+        features, aux = self._rest(h)
+        return self.head(features), aux
+
+    def features_and_logits_from_prefix(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(pooled penultimate features, logits) from a :meth:`prefix` output."""
+        features, _ = self._rest(h)
+        return features, self.head(features)
 
     @property
     def has_aux(self) -> bool:
@@ -215,28 +341,14 @@ class SingleNetClassifier(nn.Module):
 
     def training_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(logits, auxiliary logits or None): what the training loss needs in train mode."""
-        out = self.net(self.adapt(x))
-        if isinstance(out, tuple):  # InceptionOutputs in train mode with the aux head
-            return out[0], out[1]
-        return out, None
+        return self.training_logits_from_prefix(self.prefix(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.net(self.adapt(x))
-        return out[0] if isinstance(out, tuple) else out
+        return self.features_and_logits(x)[1]
 
     def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(pooled penultimate features (N, feature_dim), logits (N, C)) from one forward pass.
-
-        The features are the new head's input, caught by a forward hook, so each architecture's own
-        forward (pooling, dropout, Inception's input transform) stays exactly torchvision's.
-        """
-        captured: list[Tensor] = []
-        handle = self.head.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
-        try:
-            logits = self.forward(x)
-        finally:
-            handle.remove()
-        return captured[0].flatten(1), logits
+        """(pooled penultimate features (N, feature_dim), logits (N, C)) from one forward pass."""
+        return self.features_and_logits_from_prefix(self.prefix(x))
 
     def features(self, x: Tensor) -> Tensor:
         """The pooled penultimate features (N, feature_dim): the input of the new head."""
@@ -256,10 +368,10 @@ class SingleNetClassifier(nn.Module):
 
 
 def build_baseline(network: str, num_classes: int, patch_size: int, *, weights: str = "none",
-                   vgg_classifier: str = "full", seed: int = 0) -> SingleNetClassifier:
+                   vgg_classifier: str = "full", freeze: str = "shallow", seed: int = 0) -> SingleNetClassifier:
     """``network`` with a ``num_classes`` head, sized for ``patch_size`` patches (upsampled to its minimum)."""
     return SingleNetClassifier(network, num_classes, input_size=input_size_for(network, patch_size),
-                               weights=weights, vgg_classifier=vgg_classifier, seed=seed)
+                               weights=weights, vgg_classifier=vgg_classifier, freeze=freeze, seed=seed)
 
 
 def parameter_millions(model: nn.Module) -> float:

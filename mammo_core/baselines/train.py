@@ -8,16 +8,22 @@ weights every ``rollback_every`` epochs) and the same checkpoint contract (:mod:
 weights, optimizer, scheduler, RNG states, best-so-far and history, written atomically after every
 epoch; a rerun continues after the last completed epoch and ends where an uninterrupted run would).
 
+Frozen prefix cached, as the branches' trunk is (``cached`` mode of :mod:`mammo_core.training`): each
+network's shallow layers are frozen (:data:`~mammo_core.baselines.networks.FROZEN_PREFIX`, eval mode)
+and the augmented training set is fixed, so the prefix output of every training and validation patch
+is the same in every epoch. It is computed once (:func:`prefix_outputs`, fp32, in memory, in chunks of
+the batch size) and each batch trains only the rest of the network from the cached rows.
+
 Why a loop of its own: the branch loop works on the shared-trunk models' branch views; a torchvision
-network is one module whose InceptionV3 variant may return auxiliary logits, so the generic loop here
-treats the whole network as the single trainable part.
+network is one module whose InceptionV3 variant may return auxiliary logits, so the loop here handles
+that head and the network's own prefix/rest cut.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +71,8 @@ class BaselineTrainResult:
     best_epoch: int
     best_val_acc: float
     resumed_from_epoch: int
+    cache_seconds: float = 0.0
+    cached: dict[str, Tensor] = field(default_factory=dict)  # "train"/"val" prefix outputs, when computed
 
 
 def predict(model: SingleNetClassifier, data: TensorData, *, batch_size: int = 64,
@@ -83,15 +91,31 @@ def read_out(model: SingleNetClassifier, data: TensorData, *, batch_size: int = 
              device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(class probabilities (N, C), pooled features (N, feature_dim)) from one eval-mode pass."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    return read_out_prefix(model, prefix_outputs(model, data, batch_size, device), batch_size=batch_size)
+
+
+def prefix_outputs(model: SingleNetClassifier, data: TensorData, chunk: int,
+                   device: torch.device | str) -> Tensor:
+    """The frozen prefix's output for every row of ``data`` (fp32, on ``device``), computed in chunks."""
+    device = torch.device(device)
     model.to(device)
+    outputs = [model.prefix(prepare_images(data.images[s:s + chunk], device)) for s in range(0, len(data), chunk)]
+    if not outputs:
+        return torch.zeros((0, 1), device=device)
+    return torch.cat(outputs)
+
+
+def read_out_prefix(model: SingleNetClassifier, cached: Tensor, *,
+                    batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities, pooled features) in eval and inference mode from cached prefix outputs."""
     was_training = model.training
     model.eval()
     probabilities: list[Tensor] = []
     features: list[Tensor] = []
     try:
         with torch.inference_mode():
-            for start in range(0, len(data), batch_size):
-                f, logits = model.features_and_logits(prepare_images(data.images[start:start + batch_size], device))
+            for start in range(0, len(cached), batch_size):
+                f, logits = model.features_and_logits_from_prefix(cached[start:start + batch_size])
                 probabilities.append(torch.softmax(logits.float(), dim=1).cpu())
                 features.append(f.float().cpu())
     finally:
@@ -101,11 +125,11 @@ def read_out(model: SingleNetClassifier, data: TensorData, *, batch_size: int = 
     return torch.cat(probabilities).numpy(), torch.cat(features).numpy()
 
 
-def _accuracy(model: SingleNetClassifier, data: TensorData, batch_size: int, device: torch.device) -> float:
-    if len(data) == 0:
+def _accuracy(model: SingleNetClassifier, cached: Tensor, labels: Tensor, batch_size: int) -> float:
+    if len(labels) == 0:
         return float("nan")
-    proba = predict(model, data, batch_size=batch_size, device=device)
-    return float((proba.argmax(axis=1) == data.labels.numpy()).mean())
+    proba = read_out_prefix(model, cached, batch_size=batch_size)[0]
+    return float((proba.argmax(axis=1) == labels.numpy()).mean())
 
 
 def _state_copy(model: SingleNetClassifier) -> dict[str, Tensor]:
@@ -123,7 +147,7 @@ def train_baseline(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> BaselineTrainResult:
-    """Fine-tune every parameter of ``model``; resume from ``checkpoint_dir/checkpoint.pt`` when present.
+    """Train ``model``'s trainable rest from its cached frozen prefix; resume from ``checkpoint_dir/checkpoint.pt``.
 
     ``on_epoch`` sees each epoch after its checkpoint is written; ``on_batch(epoch, batch)`` runs before
     each training batch (fault injection in tests).
@@ -158,6 +182,13 @@ def train_baseline(
         history = [EpochRecord(**d) for d in saved["history"]]
         start = int(saved["epoch"])
 
+    cached: dict[str, Tensor] = {}
+    cache_seconds = 0.0
+    if start < schedule.epochs:
+        began = time.perf_counter()
+        cached = {"train": prefix_outputs(model, train, schedule.batch_size, device),
+                  "val": prefix_outputs(model, val, schedule.batch_size, device)}
+        cache_seconds = time.perf_counter() - began
     for epoch in range(start, schedule.epochs):
         began = time.perf_counter()
         model.train()
@@ -168,10 +199,9 @@ def train_baseline(
             stop_request.check(f"baseline training epoch {epoch + 1}")  # between batches: checkpoints stay valid
             if on_batch is not None:
                 on_batch(epoch + 1, i)
-            x = prepare_images(train.images[idx], device)
             y = train.labels[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
-            logits, aux = model.training_logits(x)
+            logits, aux = model.training_logits_from_prefix(cached["train"][idx.to(device)])
             loss = F.cross_entropy(logits, y)
             if aux is not None:
                 loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux, y)
@@ -182,7 +212,7 @@ def train_baseline(
             loss_sum += float(loss.detach()) * len(idx)
             seen += len(idx)
         scheduler.step()
-        val_acc = _accuracy(model, val, schedule.batch_size, device)
+        val_acc = _accuracy(model, cached["val"], val.labels, schedule.batch_size)
         if val_acc > best_acc:
             best_epoch, best_acc, best_state = epoch + 1, val_acc, _state_copy(model)
         rolled = schedule.is_rollback_epoch(epoch) and best_acc > val_acc
@@ -209,4 +239,4 @@ def train_baseline(
             on_epoch(record)
     model.load_state_dict(best_state)
     model.eval()
-    return BaselineTrainResult(model, history, best_epoch, best_acc, start)
+    return BaselineTrainResult(model, history, best_epoch, best_acc, start, cache_seconds, cached)

@@ -1,10 +1,12 @@
 """Per-network sealed units: each trained baseline is cached on its own, so adding a network retrains nothing.
 
 Layout: ``<store>/units/baselines/<unit_key>/`` with ``unit.json`` (history, best epoch, size, weights
-tag), ``outputs.h5`` (validation/test class probabilities and the pooled features of every split, which
-the AGNet fusion reads), optionally ``weights.pt`` (best weights, ``keep_weights``), and ``manifest.json``
-written last. Units are produced and sealed with :class:`mammo_core.store.ArtifactStore`'s temporary
-folder + rename, so a unit folder without manifest never exists.
+tag, frozen layers and frozen/trainable parameter counts), ``outputs.h5`` (validation/test class
+probabilities and the pooled features of every split, which the AGNet fusion reads, and of the patches'
+own training split, which the Freeze3 + network fusion reads), optionally ``weights.pt`` (best weights,
+``keep_weights``), and ``manifest.json`` written last. Units are produced and sealed with
+:class:`mammo_core.store.ArtifactStore`'s temporary folder + rename, so a unit folder without manifest
+never exists.
 
 The unit key hashes the network name, the settings that change its training (schedule, epochs,
 weights, VGG classifier), the keys of the data it was trained on (augment, patches), the code that
@@ -67,6 +69,10 @@ class NetworkOutcome:
     weights: str  # "imagenet" | "none (random init)"
     input_size: int
     epochs: int
+    patches_train_features: np.ndarray  # the (not augmented) train split of the patches: Freeze3 + X fusion
+    frozen_layers: str
+    frozen_params: int
+    trainable_params: int
     resumed_from_epoch: int = 0
     unit_key: str = ""
     reused: bool = False
@@ -90,13 +96,15 @@ def _write(folder: Path, outcome: NetworkOutcome, weights_state: Mapping[str, to
         "network": outcome.network, "history": [r.to_dict() for r in outcome.history],
         "best_epoch": outcome.best_epoch, "best_val_acc": outcome.best_val_acc, "params_m": outcome.params_m,
         "weights": outcome.weights, "input_size": outcome.input_size, "epochs": outcome.epochs,
-        "resumed_from_epoch": outcome.resumed_from_epoch,
+        "resumed_from_epoch": outcome.resumed_from_epoch, "frozen_layers": outcome.frozen_layers,
+        "frozen_params": outcome.frozen_params, "trainable_params": outcome.trainable_params,
     })
     with h5py.File(folder / OUTPUTS_FILE, "w") as fh:
         fh.create_dataset("val/probabilities", data=outcome.val_probabilities)
         fh.create_dataset("test/probabilities", data=outcome.test_probabilities)
         for split in ("train", "val", "test"):
             fh.create_dataset(f"{split}/features", data=getattr(outcome.features, split))
+        fh.create_dataset("patches_train/features", data=outcome.patches_train_features)
     if weights_state is not None:
         checkpoint.save_atomic(dict(weights_state), folder / WEIGHTS_FILE)
 
@@ -108,14 +116,17 @@ def read_unit(folder: Path) -> NetworkOutcome:
         meta = json.loads((folder / UNIT_FILE).read_text(encoding="utf-8"))
         with h5io.open_for_reading(folder / OUTPUTS_FILE) as fh:
             arrays = {k: fh[k][:] for k in ("val/probabilities", "test/probabilities", "train/features",
-                                            "val/features", "test/features")}
+                                            "val/features", "test/features", "patches_train/features")}
         return NetworkOutcome(
             network=meta["network"], history=[EpochRecord(**d) for d in meta["history"]],
             best_epoch=int(meta["best_epoch"]), best_val_acc=float(meta["best_val_acc"]),
             val_probabilities=arrays["val/probabilities"], test_probabilities=arrays["test/probabilities"],
             features=FeatureSplits(arrays["train/features"], arrays["val/features"], arrays["test/features"]),
             params_m=float(meta["params_m"]), weights=meta["weights"], input_size=int(meta["input_size"]),
-            epochs=int(meta["epochs"]), resumed_from_epoch=int(meta.get("resumed_from_epoch", 0)),
+            epochs=int(meta["epochs"]), patches_train_features=arrays["patches_train/features"],
+            frozen_layers=meta["frozen_layers"], frozen_params=int(meta["frozen_params"]),
+            trainable_params=int(meta["trainable_params"]),
+            resumed_from_epoch=int(meta.get("resumed_from_epoch", 0)),
             unit_key=folder.name, reused=True,
         )
     except (OSError, KeyError, json.JSONDecodeError) as exc:
@@ -155,68 +166,56 @@ def obtain_unit(store_root: str | Path, network: str, key: str,
     return outcome
 
 
-def balanced_subset(labels: np.ndarray, max_rows: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of at most ``max_rows`` rows, drawn class by class in turn (seeded), every class kept.
-
-    A CPU budget for smoke runs (``baselines.max_train_rows``): a plain random subset of a small
-    training set can lose a whole class, which training refuses. Classes take turns, each giving its
-    next row in a seeded random order, until ``max_rows`` rows are taken or every row is.
-    """
-    labels = np.asarray(labels)
-    if max_rows < 1:
-        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
-    if len(labels) <= max_rows:
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    queues = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
-    taken: list[int] = []
-    while len(taken) < max_rows:
-        for queue in queues:
-            if queue and len(taken) < max_rows:
-                taken.append(int(queue.pop(0)))
-    return np.sort(np.asarray(taken, dtype=np.int64))
-
-
 @dataclass(frozen=True)
 class BaselineData:
-    """The three splits under the branches' protocol: augmented train set, validation and test patches."""
+    """The branches' data: augmented train set, validation and test patches (and the patches' own train
+    split, whose features the Freeze3 + network fusion fits on, as the features stage's probe does)."""
 
     train: training.TensorData
     val: training.TensorData
     test: training.TensorData
     class_names: list[str]
+    patches_train: training.TensorData | None = None
 
     @property
     def patch_size(self) -> int:
         return int(self.train.images.shape[-1])
 
-    def with_train_rows(self, max_rows: int | None, seed: int = 0) -> BaselineData:
-        """The same data with the training set cut to :func:`balanced_subset` (``None``: unchanged)."""
-        if max_rows is None or len(self.train) <= max_rows:
-            return self
-        rows = torch.from_numpy(balanced_subset(self.train.labels.numpy(), max_rows, seed))
-        subset = training.TensorData(self.train.images[rows], self.train.labels[rows])
-        return BaselineData(subset, self.val, self.test, self.class_names)
-
 
 def train_network(network: str, data: BaselineData, sched: schedule.Schedule, *, weights: str,
-                  vgg_classifier: str, keep_weights: bool, checkpoint_dir: Path,
+                  vgg_classifier: str, keep_weights: bool, checkpoint_dir: Path, freeze: str = "shallow",
                   on_epoch: Callable[[EpochRecord], None] | None = None,
                   on_batch: Callable[[int, int], None] | None = None,
                   ) -> tuple[NetworkOutcome, dict[str, torch.Tensor] | None]:
-    """Build, train (resumable), and read out one network: probabilities and pooled features per split."""
+    """Build, train (resumable), and read out one network: probabilities and pooled features per split.
+
+    The read-out reuses the prefix outputs training cached (train, val); test and the patches' train
+    split go through the prefix once each.
+    """
     model = networks.build_baseline(network, len(data.class_names), data.patch_size, weights=weights,
-                                    vgg_classifier=vgg_classifier, seed=sched.seed)
+                                    vgg_classifier=vgg_classifier, freeze=freeze, seed=sched.seed)
     result = baseline_train.train_baseline(model, data.train, data.val, sched, checkpoint_dir=checkpoint_dir,
                                            class_names=data.class_names, on_epoch=on_epoch, on_batch=on_batch)
-    trained, batch = result.model, sched.batch_size
-    (_, f_train), (p_val, f_val), (p_test, f_test) = (
-        baseline_train.read_out(trained, getattr(data, s), batch_size=batch) for s in ("train", "val", "test"))
+    trained, batch, device = result.model, sched.batch_size, sched.resolve_device()
+    patches_train = data.patches_train if data.patches_train is not None else data.train
+
+    def read(split: str, rows: training.TensorData) -> tuple[np.ndarray, np.ndarray]:
+        cached = result.cached.get(split)
+        if cached is None:
+            cached = baseline_train.prefix_outputs(trained, rows, batch, device)
+        return baseline_train.read_out_prefix(trained, cached, batch_size=batch)
+
+    (_, f_train), (p_val, f_val), (p_test, f_test) = (read(s, getattr(data, s)) for s in ("train", "val", "test"))
+    result.cached.clear()  # the prefix outputs (hundreds of MB at default sizes) go before the next network
+    _, f_patches_train = read("patches_train", patches_train)
+    split = trained.parameter_split()
     outcome = NetworkOutcome(
         network=network, history=result.history, best_epoch=result.best_epoch, best_val_acc=result.best_val_acc,
         val_probabilities=p_val, test_probabilities=p_test, features=FeatureSplits(f_train, f_val, f_test),
         params_m=networks.parameter_millions(trained), weights=trained.weights_tag,
-        input_size=trained.input_size, epochs=sched.epochs, resumed_from_epoch=result.resumed_from_epoch,
+        input_size=trained.input_size, epochs=sched.epochs, patches_train_features=f_patches_train,
+        frozen_layers=trained.frozen_prefix.label, frozen_params=split["frozen"],
+        trainable_params=split["trainable"], resumed_from_epoch=result.resumed_from_epoch,
     )
     state = {k: v.detach().cpu() for k, v in trained.state_dict().items()} if keep_weights else None
     return outcome, state
