@@ -266,3 +266,21 @@ def test_hashing_stage_reports_every_seed_and_keeps_the_first_seeds_codes(smoke_
     per_seed = by_seed.set_index(["bits", "seed"])["hash_map"]
     assert score == pytest.approx(per_seed.loc[(48, seeds[0])])
     assert per_seed.loc[48].nunique() > 1  # the seeds really trained different decoders
+
+
+def test_last_epoch_diagnostics_only_leave_training_unchanged():
+    """The stage skips the per-epoch diagnostic pass: same decoder, same final row, fewer fields before."""
+    train_x, train_y = _clusters(200, seed=4)
+    val = (train_x[:40], train_y[:40])
+
+    def run(every):
+        decoder = hashing.FCDecoder(64, 12, seed=0)
+        history = hashing.train_decoder(decoder, train_x, train_y, epochs=3, batch_size=50, seed=2, val=val,
+                                        every_epoch_diagnostics=every)
+        return history, decoder.state_dict()
+
+    (h_all, s_all), (h_last, s_last) = run(True), run(False)
+    assert all(torch.equal(s_all[k], s_last[k]) for k in s_all)
+    assert h_last[-1] == h_all[-1] and "fraction_not_binary" in h_last[-1] and "val_map" in h_last[-1]
+    assert "fraction_not_binary" not in h_last[0] and "val_map" not in h_last[0]
+    assert [r["loss"] for r in h_last] == [r["loss"] for r in h_all]
