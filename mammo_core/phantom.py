@@ -24,11 +24,10 @@ each breast. The same seed gives byte-identical CSVs and DICOM files (no timesta
 from __future__ import annotations
 
 import io
-import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -521,11 +520,8 @@ def generate_phantom(out: Path, *, n_patients: int, seed: int, image_shape: tupl
                      workers: int | None = None) -> PhantomSummary:
     """Write a CBIS-DDSM twin under ``out`` (four CSVs + ``CBIS-DDSM/`` DICOM tree); same seed, same bytes.
 
-    ``progress(done, total)`` is called after each physical mammogram. ``workers`` processes render in
-    parallel (default: one per CPU, at most 4); the result does not depend on it (every image draws from
-    its own seeded generator). Why processes, not threads: rendering is mostly scipy.ndimage and small
-    numpy steps that hold the GIL, so threads ran the default's 297 images at about one core; ``spawn``
-    (not fork) because the caller may be a multi-threaded Prefect worker.
+    ``progress(done, total)`` is called after each physical mammogram. ``workers`` threads render in
+    parallel (default: up to 4, bounded by the CPU count); the result does not depend on it.
     """
     if n_patients < 1:
         raise ValueError(f"n_patients must be >= 1, got {n_patients}")
@@ -535,21 +531,14 @@ def generate_phantom(out: Path, *, n_patients: int, seed: int, image_shape: tupl
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images = _plan(n_patients, seed)
-    n_workers = min(workers or max(1, min(4, os.cpu_count() or 1)), len(images))
+    n_workers = workers or max(1, min(4, os.cpu_count() or 1))
     files = 0
-    if n_workers <= 1:
-        for done, img in enumerate(images, start=1):
-            files += _write_image(out, img, seed, (h, w))
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        futures = [pool.submit(_write_image, out, img, seed, (h, w)) for img in images]
+        for done, fut in enumerate(futures, start=1):
+            files += fut.result()
             if progress is not None:
                 progress(done, len(images))
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
-            futures = [pool.submit(_write_image, out, img, seed, (h, w)) for img in images]
-            for done, fut in enumerate(futures, start=1):
-                files += fut.result()
-                if progress is not None:
-                    progress(done, len(images))
     rows = _csv_rows(images, seed)
     for (kind, split), name in CSV_NAMES.items():
         _atomic_write(out / name, _csv_bytes(kind, rows[(kind, split)]))
