@@ -215,12 +215,32 @@ def _vessels(rng: np.random.Generator, shape: tuple[int, int], nipple: tuple[flo
         ys = y0 + (y1 - y0) * t + bend * np.sin(np.pi * t)
         xs = x1 * t
         ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
-        img = np.zeros(shape, np.float32)
-        img[ys[ok].astype(int), xs[ok].astype(int)] = 1.0
+        rows, cols = ys[ok].astype(int), xs[ok].astype(int)
         width = max(0.6, 0.0012 * h * rng.uniform(0.7, 1.3))
+        gain = rng.uniform(0.02, 0.04)
+        if not len(rows):
+            continue  # nothing inside the image: the whole-image filter gave zeros, adding nothing
+        win = _blur_window(shape, rows, cols, width)
+        img = np.zeros((win[0].stop - win[0].start, win[1].stop - win[1].start), np.float32)
+        img[rows - win[0].start, cols - win[1].start] = 1.0
         img = ndimage.gaussian_filter(img, width)
-        out += rng.uniform(0.02, 0.04) * img / (img.max() + 1e-6)
+        out[win] += gain * img / (img.max() + 1e-6)
     return out
+
+
+def _blur_window(shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray, sigma: float) -> tuple[slice, slice]:
+    """The box around the marked pixels, widened by twice the Gaussian's reach, where blurring them matters.
+
+    Why: filtering the whole 1024 x 640 image for a thin line cost about a tenth of the phantom's render
+    time. Farther than the reach from a marked pixel the whole-image result is exactly zero, and within the
+    box every tap sees the same values in the same order (zeros where the box edge reflects, since the
+    margin is twice the reach; the image's own edges reflect as before), so the result is bit-identical.
+    """
+    reach = int(4.0 * float(sigma) + 0.5)  # gaussian_filter's default truncate=4.0 radius
+    margin = 2 * reach + 2
+    h, w = shape
+    return (slice(max(0, int(rows.min()) - margin), min(h, int(rows.max()) + margin + 1)),
+            slice(max(0, int(cols.min()) - margin), min(w, int(cols.max()) + margin + 1)))
 
 
 def px_per_mm(shape: tuple[int, int]) -> float:

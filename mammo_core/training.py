@@ -199,13 +199,15 @@ class _Net:
             raise TypeError(f"cannot train a {type(model).__name__}: expected FusedDenseNet or SingleBranchDenseNet")
         self.model = model
         self.frozen: dict[str, list[nn.Module]] = {}  # leading frozen segments of each continuation
+        self.frozen_names: dict[str, list[str]] = {}
         self.rest: dict[str, list[nn.Module]] = {}
         for b, (continuation, _) in self.parts.items():
-            children = list(continuation.children())
+            named = list(continuation.named_children())
             k = 0
-            while k < len(children) and not any(p.requires_grad for p in children[k].parameters()):
+            while k < len(named) and not any(p.requires_grad for p in named[k][1].parameters()):
                 k += 1
-            self.frozen[b], self.rest[b] = children[:k], children[k:]
+            self.frozen_names[b] = [name for name, _ in named[:k]]
+            self.frozen[b], self.rest[b] = [m for _, m in named[:k]], [m for _, m in named[k:]]
 
     @property
     def branches(self) -> list[str]:
@@ -222,6 +224,34 @@ class _Net:
                 trunk_out = module(trunk_out)
         return trunk_out
 
+    def frozen_source(self, branch: str) -> tuple[str, int] | None:
+        """Another branch whose frozen segments are a leading part of ``branch``'s, and how many they are.
+
+        Why: Freeze1 freezes everything Freeze2 freezes and more (same segments, same unchanging
+        weights), so Freeze1's frozen output is Freeze2's carried through the few extra segments:
+        computing it from there runs each frozen layer once instead of once per branch. The longest such
+        prefix is chosen; segments count only when their names and every weight and buffer are equal, so
+        the result is bit-identical to :meth:`frozen_output`.
+        """
+        best: tuple[str, int] | None = None
+        mine = self.frozen_names[branch]
+        for other in self.branches:
+            theirs = self.frozen_names[other]
+            if other == branch or not theirs or len(theirs) >= len(mine) or mine[: len(theirs)] != theirs:
+                continue
+            if best is not None and len(theirs) <= best[1]:
+                continue
+            if all(_same_state(a, b) for a, b in zip(self.frozen[branch], self.frozen[other], strict=False)):
+                best = (other, len(theirs))
+        return best
+
+    def frozen_output_from(self, branch: str, source_out: Tensor, start: int) -> Tensor:
+        """:meth:`frozen_output` given the output of the branch's first ``start`` frozen segments."""
+        with torch.no_grad():
+            for module in self.frozen[branch][start:]:
+                source_out = module(source_out)
+        return source_out
+
     def logits_after_frozen(self, branch: str, frozen_out: Tensor) -> Tensor:
         """Same as :meth:`logits` given :meth:`frozen_output` (the continuation is a plain sequence)."""
         h = frozen_out
@@ -237,6 +267,11 @@ class _Net:
 
     def load_branch_state(self, branch: str, state: Mapping[str, Tensor]) -> None:
         self.parts[branch].load_state_dict(state)
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,11 +295,19 @@ class _FrozenCache:
         self.key = {b: (b if net.frozen[b] else "trunk") for b in net.branches}
         keys = sorted(set(self.key.values()))
         n = len(data)
+        # Shortest frozen paths first, so a branch can start from another's output (each frozen layer once).
+        order = sorted((k for k in keys if k != "trunk"), key=lambda k: len(net.frozen[k]))
+        sources = {k: net.frozen_source(k) for k in order}
 
         def compute(s: slice) -> dict[str, Tensor]:
             stop_request.check("the frozen-trunk cache")
-            t = model.trunk_output(prepare_images(data.images[s], device))
-            return {k: t if k == "trunk" else net.frozen_output(k, t) for k in keys}
+            with torch.inference_mode():
+                out = {"trunk": model.trunk_output(prepare_images(data.images[s], device))}
+                for k in order:
+                    source = sources[k]
+                    out[k] = (net.frozen_output(k, out["trunk"]) if source is None
+                              else net.frozen_output_from(k, out[source[0]], source[1]))
+            return {k: out[k] for k in keys}
 
         shapes = {k: tuple(v.shape[1:]) for k, v in compute(slice(0, 1)).items()}
         nbytes = n * sum(int(np.prod(shape)) for shape in shapes.values()) * 4

@@ -53,7 +53,7 @@ def _train_one(kind: str, q: int, seed: int, p, in_dim: int, by_split: dict, sou
     hashing.train_decoder(
         decoder, by_split["train"][source], by_split["train"]["labels"], objective=p.objective,
         epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, margin=p.margin,
-        quantization_weight=p.quantization_weight, seed=seed,
+        quantization_weight=p.quantization_weight, seed=seed, every_epoch_diagnostics=False,
     )
     packed = {split: retrieval.pack_codes(decoder.encode(data[source])) for split, data in by_split.items()}
     args = (packed["test"], by_split["test"]["labels"], packed["train"], by_split["train"]["labels"])

@@ -284,3 +284,21 @@ def test_hashing_stage_trains_the_same_decoders_on_freeze3_alone(smoke_store):
                                                  fh["freeze3/hash/48/train"][()], fh["labels/train"][()])
         assert not np.array_equal(fh["freeze3/hash/48/train"][()], fh["hash/48/train"][()])
     assert score == pytest.approx(single.set_index(["bits", "seed"]).loc[(48, first), "hash_map"])
+
+
+def test_last_epoch_diagnostics_only_leave_training_unchanged():
+    """The stage skips the per-epoch diagnostic pass: same decoder, same final row, fewer fields before."""
+    train_x, train_y = _clusters(200, seed=4)
+    val = (train_x[:40], train_y[:40])
+
+    def run(every):
+        decoder = hashing.FCDecoder(64, 12, seed=0)
+        history = hashing.train_decoder(decoder, train_x, train_y, epochs=3, batch_size=50, seed=2, val=val,
+                                        every_epoch_diagnostics=every)
+        return history, decoder.state_dict()
+
+    (h_all, s_all), (h_last, s_last) = run(True), run(False)
+    assert all(torch.equal(s_all[k], s_last[k]) for k in s_all)
+    assert h_last[-1] == h_all[-1] and "fraction_not_binary" in h_last[-1] and "val_map" in h_last[-1]
+    assert "fraction_not_binary" not in h_last[0] and "val_map" not in h_last[0]
+    assert [r["loss"] for r in h_last] == [r["loss"] for r in h_all]

@@ -177,10 +177,19 @@ def test_shared_run_learns_checkpoints_and_keeps_frozen_parts(base, reference, t
 
 def test_cached_mode_gives_identical_weights(base, reference, tmp_path):
     model = copy.deepcopy(base)
+    # Freeze1 freezes denselayer23 like Freeze2 does: the cache computes that frozen layer once (Freeze2's
+    # copy) and carries Freeze2's output on through Freeze1's own extra frozen layer 24.
+    calls = {"freeze1": 0, "freeze2": 0}
+    for b in calls:
+        model.branches[b].get_submodule("denseblock3_23to23").register_forward_hook(
+            lambda *_, b=b: calls.__setitem__(b, calls[b] + 1))
     result = train_branches(model, TRAIN, VAL, SCHEDULE, mode="cached", class_names=CLASSES, checkpoint_dir=tmp_path)
     _assert_same_weights(model, reference[0].model)
     assert result.history[-1].train_loss == reference[0].history[-1].train_loss
+    assert [r.val_acc for r in result.history] == [r.val_acc for r in reference[0].history]
     assert result.trunk_cache_seconds > 0
+    chunks = sum(1 + -(-len(d) // SCHEDULE.batch_size) for d in (TRAIN, VAL))  # a shape probe + the chunks
+    assert calls == {"freeze1": 0, "freeze2": chunks}
 
 
 def test_cached_mode_through_scratch_hdf5_gives_identical_weights(base, reference, tmp_path):
