@@ -37,13 +37,12 @@ PURPOSE: dict[str, str] = {
     "report": "write report.html: the paper's tables and figures from this run's numbers",
 }
 
-# Seconds per stage of the embedded default run (params/default.yaml) on a 2-core CPU, measured before the
-# speed work of issue 18 (acquire..detect from its measurement; baselines and report, not measured on the
-# default, from the smoke run's ratios to train: baselines 3.2x, report a few seconds). Only the proportions
+# Seconds per stage of the embedded default run (params/default.yaml) on an idle 2-core CPU, from the `done in`
+# lines of `mammo run -p params/default.yaml` on a fresh store (1272 s in all, 2026-12-03). Only the proportions
 # matter: they are rescaled by the stages already finished, and a store's own history replaces them.
 REFERENCE_SECONDS: dict[str, float] = {
-    "acquire": 73.0, "curate": 20.0, "patches": 8.0, "augment": 4.0, "train": 534.0, "features": 19.0,
-    "hashing": 53.0, "classify": 17.0, "detect": 2820.0, "baselines": 1700.0, "report": 10.0,
+    "acquire": 18.0, "curate": 9.0, "patches": 4.0, "augment": 1.0, "train": 216.0, "features": 8.0,
+    "hashing": 111.0, "classify": 16.0, "detect": 489.0, "baselines": 392.0, "report": 1.0,
 }
 
 

@@ -536,6 +536,13 @@ def test_the_smoke_reports_first_lines_say_what_was_measured_on_what(smoke_store
     assert len(pd.read_csv(folder / "tables" / "table4_map_single_freeze3.csv")) == 4  # smoke: 12, 24, 32, 48 bits
     latency = pd.read_csv(folder / "tables" / "table6_single_networks.csv").set_index("method")
     assert latency.loc["fusion", "ms/image batch 32"] > 0 and latency.loc["vgg16", "ms/image batch 1"] > 0
+    # Table 6 says which shallow layers each single network froze and how many parameters trained
+    (baselines_folder,) = (smoke_store / "stages" / "baselines").iterdir()
+    for row in json.loads((baselines_folder / "baselines.json").read_text())["rows"]:
+        shown = latency.loc[row["network"]]
+        assert shown["frozen layers"] == row["frozen_layers"] and shown["train rows"] == row["train_rows"]
+        assert shown["frozen params"] == row["frozen_params"] > 0
+        assert shown["trainable params"] == row["trainable_params"] > 0
     page = (folder / "report.html").read_text(encoding="utf-8")
     assert page.index("<h2>What this report measured") < page.index("<nav>") < page.index("<h2>Run: stages")
     assert "not run in this pipeline version" not in md
