@@ -1217,10 +1217,13 @@ def _header(art: _Artifacts, run_info: Mapping[str, Any]) -> Section:
         budget.append(f"branches (train): {train.get('epochs', '?')} epochs, batch {train.get('batch_size', '?')}, "
                       f"lr {train.get('lr', '?')} stepped every {train.get('lr_step', '?')} epochs, warm-up "
                       f"{train.get('warmup_epochs', '?')}")
-    base = params.get("baselines") or {}
-    if base:
-        budget.append(f"single networks (baselines): {base.get('epochs', '?')} epochs, batch "
-                      f"{base.get('batch_size', '?')}, at most {base.get('max_train_rows') or 'all'} training rows")
+    protocol = ((reader.json("baselines", "baselines.json") or {}).get("protocol") or {}
+                if _given(art, "baselines") else {})
+    if protocol:  # the baselines take the branches' schedule (train:), so their budget is read from their output
+        schedule = protocol.get("schedule") or {}
+        budget.append(f"single networks (baselines): {protocol.get('epochs', '?')} epochs, batch "
+                      f"{schedule.get('batch_size', '?')}, {protocol.get('train_rows', '?')} training rows (the "
+                      f"{protocol.get('schedule_from', '?')} section's schedule)")
     hashing = params.get("hashing") or {}
     if hashing:
         budget.append(f"hash decoders: {hashing.get('epochs', '?')} epochs x {hashing.get('seeds', 1)} seed(s), "
