@@ -192,7 +192,7 @@ class _Killed(RuntimeError):
 
 
 def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(uninterrupted, tmp_path):
-    reference = uninterrupted[0]
+    _, reference, _ = uninterrupted
 
     def kill(epoch: int, batch: int) -> None:
         if epoch == 3 and batch == 1:
