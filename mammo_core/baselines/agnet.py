@@ -45,7 +45,11 @@ class AgnetResult:
                 f"C={self.chosen_c:g} chosen on validation (val acc {self.val_acc:.3f})")
 
 
-def _standardise(block: FeatureSplits) -> FeatureSplits:
+def standardised(block: FeatureSplits) -> FeatureSplits:
+    """Training-row standardisation, scaled by ``1/sqrt(width)`` so each block has unit total variance.
+
+    Shared by AGNet's concatenation and the Freeze3 + X fusion: neither block may dominate by its width.
+    """
     mean = block.train.mean(axis=0)
     std = block.train.std(axis=0)
     std = np.where(std > 1e-8, std, 1.0)  # a constant feature carries nothing; keep it at zero
@@ -63,7 +67,7 @@ def fuse_features(a: FeatureSplits, b: FeatureSplits) -> FeatureSplits:
         if len(getattr(a, name)) != len(getattr(b, name)):
             raise ValueError(f"{name}: the two networks' features have {len(getattr(a, name))} and "
                              f"{len(getattr(b, name))} rows; they must describe the same patches")
-    sa, sb = _standardise(a), _standardise(b)
+    sa, sb = standardised(a), standardised(b)
     return FeatureSplits(*(np.concatenate([getattr(sa, n), getattr(sb, n)], axis=1) for n in ("train", "val", "test")))
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.fft import dct
 
+from mammo_core.baselines import agnet
 from mammo_core.baselines.agnet import FeatureSplits
 from mammo_core.fusion import linear_probe
 
@@ -63,16 +64,9 @@ def class_scores(probe, x: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def standardised(block: FeatureSplits) -> FeatureSplits:
-    """Training-row standardisation, scaled by ``1/sqrt(width)`` so each block has unit total variance."""
-    mean = block.train.mean(axis=0)
-    std = block.train.std(axis=0)
-    std = np.where(std > 1e-8, std, 1.0)  # a constant feature carries nothing; keep it at zero
-    scale = 1.0 / np.sqrt(block.train.shape[1])
-
-    def f(x: np.ndarray) -> np.ndarray:
-        return ((x - mean) / std * scale).astype(np.float32)
-
-    return FeatureSplits(f(block.train), f(block.val), f(block.test))
+    """:func:`agnet.standardised` in float32 (the fusion mixes the two blocks in one float32 space)."""
+    scaled = agnet.standardised(block)
+    return FeatureSplits(*(x.astype(np.float32) for x in (scaled.train, scaled.val, scaled.test)))
 
 
 @dataclass(frozen=True)
