@@ -10,14 +10,16 @@ checkpoints go to the stage's scratch folder (per network and unit key), so a ki
 the last finished epoch. The stage then measures every network's latency side by side in this process,
 the bootstrap intervals by patient, SIFT-BoVW + SVM and the AGNet-style fusion, and writes the artifact
 contract the report reads: ``baselines.json``, ``table6_single_networks.csv``, ``table1_baselines.csv``,
-``val_curves.json``, ``figure10_val_curves.png``, ``freeze3_fusion.json`` and
-``freeze3_fusion_predictions.csv`` (per test patch, kept in the store only: it names patient ids).
+``val_curves.json``, ``figure10_val_curves.png``, ``freeze3_fusion.json``, and per test patch (kept in the
+store only: they name patient ids) ``predictions.csv`` (every single network) and
+``freeze3_fusion_predictions.csv``.
 The Freeze3 and three-branch fused features are the features stage's (``features.h5``: the train
 stage's branches read out on every patch).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,7 @@ FIGURE10 = "figure10_val_curves.png"
 FUSED = "fused"
 FREEZE3_FUSION = "freeze3_fusion.json"
 FREEZE3_PREDICTIONS = "freeze3_fusion_predictions.csv"
+PREDICTIONS = "predictions.csv"  # every single network's test predictions: the report's intervals and pairings
 THREE_BRANCH = "Freeze1+Freeze2+Freeze3"
 FREEZE3_ALONE = "Freeze3"
 PAIR_NAMES = {"vgg16": "Freeze3+VGG16", "inception_v3": "Freeze3+InceptionV3", "resnet50": "Freeze3+ResNet50"}
@@ -84,8 +87,10 @@ def _run(ctx: runtime.StageContext) -> None:
     )
     # Patient ids group the bootstrap by patient; they are never logged (and written only to the per-patch
     # predictions kept in the store, as classify's predictions.csv, for paired comparisons).
-    columns = h5io.read_datasets(patches_file, ["split", "patient_id"])
-    groups = np.asarray(columns["patient_id"])[columns["split"] == SPLIT_CODES["test"]]
+    columns = h5io.read_datasets(patches_file, ["split", "patient_id", "source_id"])
+    is_test = columns["split"] == SPLIT_CODES["test"]
+    groups = np.asarray(columns["patient_id"])[is_test]
+    test_patch_ids = np.asarray(columns["source_id"])[is_test]
     y_val, y_test = data.val.labels.numpy(), data.test.labels.numpy()
     sched = baseline_schedule(ctx.params)
     device = sched.resolve_device()
@@ -137,6 +142,8 @@ def _run(ctx: runtime.StageContext) -> None:
         metric_values[f"baselines/{network}/latency_ms"] = row["latency_ms"]
         metric_values[f"baselines/{network}/best_epoch"] = outcome.best_epoch
 
+    _write_predictions(ctx.workdir / PREDICTIONS, outcomes, test_patch_ids, groups, y_test, class_names)
+
     classic = []
     if "sift_bovw_svm" in p.classic:
         settings = sift_bovw.BovwSettings(image_size=p.sift_image_size, max_keypoints=p.sift_max_keypoints,
@@ -179,6 +186,25 @@ def _run(ctx: runtime.StageContext) -> None:
     ctx.log_artifact(fig, "figures")
     for name in (RESULTS, TABLE6, TABLE1, CURVES, FREEZE3_FUSION):
         ctx.log_artifact(ctx.workdir / name, "tables")
+
+
+def _as_text(values: np.ndarray) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values])
+
+
+def _write_predictions(path: Path, outcomes: dict[str, units.NetworkOutcome], patch_ids: np.ndarray, groups: np.ndarray,
+                       y_test: np.ndarray, class_names: list[str]) -> None:
+    """One row per (network, test patch), columns as ``freeze3_fusion_predictions.csv``: the report draws the
+    single networks' balanced-accuracy and macro-AUC intervals from it. Kept in the store only (never logged
+    to MLflow): it names the dataset's patient ids."""
+    parts = []
+    for network, outcome in outcomes.items():
+        proba = outcome.test_probabilities
+        parts.append(pd.DataFrame({"name": network, "patch_id": _as_text(patch_ids), "patient_id": _as_text(groups),
+                                   "y_true": y_test, "y_pred": proba.argmax(axis=1) if len(y_test) else y_test,
+                                   **{f"proba_{c}": proba[:, i] for i, c in enumerate(class_names)}}))
+    # In the stage's work folder, sealed with the rest of the stage's outputs.
+    (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()).to_csv(path, index=False)
 
 
 def _slug(name: str) -> str:

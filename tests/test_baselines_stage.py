@@ -99,6 +99,18 @@ def test_stage_writes_the_artifact_contract(world):
     assert manifest["metrics"]["baselines/densenet121/test_acc"] == data["rows"][3]["test_acc"]
     assert manifest["metrics"]["baselines/fused/latency_ms"] > 0
     assert "patient" not in json.dumps(manifest).lower()
+    # every single network's test predictions, per patch, for the report's balanced-accuracy and AUC intervals
+    predictions = pd.read_csv(folder / stage.PREDICTIONS)
+    with h5py.File(Path(world["upstream"]["patches"].path) / "patches.h5", "r") as fh:
+        test_ids = [s.decode() for s in fh["source_id"][()][fh["split"][()] == 2]]
+    for row in data["rows"]:
+        mine = predictions[predictions["name"] == row["network"]]
+        assert mine["patch_id"].astype(str).tolist() == test_ids
+        assert (mine["y_pred"] == mine["y_true"]).mean() == pytest.approx(row["test_acc"])
+        proba = mine[[f"proba_{c}" for c in data["classes"]]].to_numpy()
+        assert np.array_equal(proba.argmax(axis=1), mine["y_pred"].to_numpy())
+    logged = {Path(a.path).name for a in world["client"].list_artifacts(result.mlflow_run_id, "tables")}
+    assert stage.RESULTS in logged and stage.PREDICTIONS not in logged  # ids stay in the store
 
 
 def test_freeze3_fusions_sit_beside_freeze3_and_the_three_branch_fusion(world):

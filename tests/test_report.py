@@ -548,6 +548,9 @@ def test_the_smoke_reports_first_lines_say_what_was_measured_on_what(smoke_store
         assert shown["frozen layers"] == row["frozen_layers"] and shown["train rows"] == row["train_rows"]
         assert shown["frozen params"] == row["frozen_params"] > 0
         assert shown["trainable params"] == row["trainable_params"] > 0
+        # intervals from the baselines stage's per-patch predictions (baselines/predictions.csv)
+        assert shown["balanced_acc ci_low"] <= shown["balanced_acc"] <= shown["balanced_acc ci_high"]
+        assert shown["macro AUC ci_low"] <= shown["macro AUC"] <= shown["macro AUC ci_high"]
     page = (folder / "report.html").read_text(encoding="utf-8")
     assert page.index("<h2>What this report measured") < page.index("<nav>") < page.index("<h2>Run: stages")
     assert "not run in this pipeline version" not in md
