@@ -123,10 +123,27 @@ def rebuild_report(root: Path, client, run: PipelineRun, out: Path) -> dict[str,
         if path is None:
             console.print(f"[yellow]warning:[/] run {run.run_id} has no sealed {stage} folder "
                           f"(key {keys.get(stage, 'not recorded')}); the report marks it missing")
-    run_info = {"params": run_params(client, run),
+    params = run_params(client, run)
+    run_info = {"params": params,
                 "code_version": run.run.data.tags.get("git_commit") or "not recorded",
                 "stage_keys": {s: keys[s] for s in given if s in keys}, "report_key": keys.get("report", "")}
+    initialisation = _initialisation(params)
+    if initialisation is not None:
+        run_info["initialisation"] = initialisation
     return build_report(given, out, run_info)
+
+
+def _initialisation(params: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The header's initialisation table, resolved as the report stage resolves it (the weight files the
+    stages' keys name); None for a run whose params file is not available (flat MLflow params only)."""
+    from mammo_core.config import Params
+    from tasks.report import initialisation
+
+    try:
+        typed = Params.model_validate(params)
+    except ValueError:
+        return None
+    return initialisation(typed)
 
 
 def report(

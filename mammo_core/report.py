@@ -713,8 +713,8 @@ def _table6(art: _Artifacts) -> Section:
         add(str(row["network"]), "single network", row, single_cis.get(str(row["network"]), {}),
             "baselines/baselines.json",
             {"params_m": row.get("params_m", np.nan), "input_size": row.get("input_size", np.nan),
-             "epochs": row.get("epochs", np.nan), "train rows": row.get("train_rows", np.nan),
-             "weights": row.get("weights", ""), "frozen layers": row.get("frozen_layers", ""),
+             "epochs": row.get("epochs", np.nan), "weights": row.get("weights", ""),
+             "train rows": row.get("train_rows", np.nan), "frozen layers": row.get("frozen_layers", ""),
              "frozen params": row.get("frozen_params", np.nan),
              "trainable params": row.get("trainable_params", np.nan)})
     f3_rows, f3_predictions = _freeze3_fusion(reader)
