@@ -189,6 +189,7 @@ def _run(ctx: runtime.StageContext) -> None:
 
 
 def _as_text(values: np.ndarray) -> np.ndarray:
+    """HDF5 id columns (bytes or str) as str, as the predictions files spell them."""
     return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values])
 
 
@@ -244,8 +245,7 @@ def _freeze3_fusions(ctx: runtime.StageContext, outcomes: dict[str, units.Networ
             other = agnet.FeatureSplits(o.patches_train_features, o.features.val, o.features.test)
             results.append(freeze3_fusion.fuse_with_freeze3(name, block("freeze3"), other, y_train, y_val, k,
                                                             seed=p.seed))
-    groups = np.array([g.decode() if isinstance(g, bytes) else str(g) for g in split["test"]["patient_id"]])
-    patch_ids = np.array([g.decode() if isinstance(g, bytes) else str(g) for g in split["test"]["source_id"]])
+    groups, patch_ids = _as_text(split["test"]["patient_id"]), _as_text(split["test"]["source_id"])
     rows, parts = [], []
     for r in results:
         if len(y_test):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
@@ -35,6 +34,7 @@ from flows.cli import app
 from mammo_core.served_inputs import ENV_MAX_PIXELS, ENV_MAX_ROWS, ENV_ROOT, REFUSED_PATH, ServeLimits
 from mammo_core.store import ArtifactStore
 from tasks import model_trust, serving
+from tests import environment_guard
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -55,12 +55,9 @@ class _Planted(mlflow.pyfunc.PythonModel):
 
 @pytest.fixture(autouse=True)
 def restored_environment():
-    """``mammo predict`` sets MLflow/Prefect variables for its process; in-process runs must not leak them."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    mlflow.set_tracking_uri(None)
+    """``mammo`` commands set MLflow/Prefect variables for their process; in-process runs must not leak them."""
+    with environment_guard.restored_environment():
+        yield
 
 
 def _mammo(store: Path, *args: str):

@@ -9,7 +9,6 @@ minutes a full pipeline run to classify would cost.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tests import environment_guard
 
 MODEL = "mammo-classifier"
 
@@ -67,11 +67,9 @@ def _pipeline_run(client: MlflowClient, experiment: str, folder: Path, test_acc:
 
 @pytest.fixture(autouse=True)
 def restored_environment():
-    """The command sets Prefect/MLflow variables for its process; in-process runs must not leak them."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+    """``mammo`` commands set MLflow/Prefect variables for their process; in-process runs must not leak them."""
+    with environment_guard.restored_environment():
+        yield
 
 
 def mammo(store: Path, *args: str, check: bool = True) -> SimpleNamespace:
