@@ -186,9 +186,8 @@ def _run_checked(typed_params, params: Path, set_: list[str], from_: str | None,
                   f"minute) and MLflow (records every stage; {root / 'mlflow.db'})", soft_wrap=True, highlight=False)
     if server is not None:
         console.print(f"Starting temporary server on http://127.0.0.1:{server.port}", highlight=False)
-        server.go()
         try:
-            server.wait_ready(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")),
+            server.serve_when_alone(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")),
                               give_up=stop_request.requested)
         except prefect_server.ServerFailed as exc:
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)

@@ -23,6 +23,7 @@ a run refused by its checks leaves the store as it was.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import signal
 import socket
@@ -69,6 +70,31 @@ class LocalServer:
             preexec_fn=lambda: die_with_parent(parent),
         )
         atexit.register(self.stop)
+
+    def serve_when_alone(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> None:
+        """:meth:`go`, then :meth:`wait_ready`, while no other run of this store is starting its server.
+
+        Why: every run's server opens the same database (``PREFECT_HOME`` is in the store) and migrates it
+        on start; two migrating one fresh SQLite file at once fail (one exits with code 3). An flock on
+        ``server-start.lock`` beside the log serialises the starts; the kernel drops it if we die. Polled, so
+        that ``give_up()`` (a stop request) ends the wait at once.
+        """
+        lock_path = self._log_path.parent / "server-start.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if give_up():
+                        return
+                    time.sleep(0.1)
+            self.go()
+            self.wait_ready(timeout_s, give_up)
+        finally:
+            os.close(fd)  # releases the lock
 
     def go(self) -> None:
         """Let the server open its database and serve (it has been importing meanwhile)."""
