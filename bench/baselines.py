@@ -4,7 +4,7 @@ The paper's Table 6 column. Every model is built once (random weights: the cost 
 architecture) and fed the same patch-sized input; each network's own upsampling (InceptionV3 to 75 px
 at least) counts as part of its cost. The models run interleaved in every repeat after a warm-up, in
 one process, so machine noise hits all alike; the median is reported in ms per image. "fused" is our
-Freeze1..3 model on the shared trunk (``mammo_core.model.FusedDenseNet``, all three branch heads).
+Freeze1..3 model on the shared trunk (``mammo_core.models.fused.FusedDenseNet``, all three branch heads).
 
 Usage: python bench/baselines.py [--size 224] [--repeats 20] [--vgg-classifier full] [--device auto]
        [--threads N] [--classes 7]
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mammo_core.baselines.latency import latency_ms  # noqa: E402
 from mammo_core.baselines.networks import NETWORKS, build_baseline, parameter_millions  # noqa: E402
-from mammo_core.model import DEFAULT_FREEZE_UPTO, FusedDenseNet  # noqa: E402
+from mammo_core.models.fused import DEFAULT_FREEZE_UPTO, FusedDenseNet  # noqa: E402
 
 
 def main() -> None:

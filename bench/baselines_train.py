@@ -34,8 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mammo_core.baselines import networks, units  # noqa: E402
-from mammo_core.schedule import Schedule  # noqa: E402
-from mammo_core.training import TensorData, prepare_images  # noqa: E402
+from mammo_core.training.loop import TensorData, prepare_images  # noqa: E402
+from mammo_core.training.schedule import Schedule  # noqa: E402
 
 CLASSES = [f"c{k}" for k in range(7)]
 OLD = {"rows": 840, "epochs": 4}

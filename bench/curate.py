@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mammo_core import curation, layouts  # noqa: E402
-from mammo_core.phantom import generate_phantom  # noqa: E402
+from mammo_core.data import curation, layouts  # noqa: E402
+from mammo_core.sources.phantom import generate_phantom  # noqa: E402
 
 
 def main() -> None:

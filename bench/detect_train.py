@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mammo_core.config import load_params  # noqa: E402
 from mammo_core.detection import builders, data, engine, evaluate, feature_cache  # noqa: E402
 from mammo_core.detection.latency import measure_latency  # noqa: E402
-from mammo_core.model import FusedDenseNet  # noqa: E402
+from mammo_core.models.fused import FusedDenseNet  # noqa: E402
 
 
 def _newest_stage(store: Path, name: str) -> Path:
@@ -47,7 +47,7 @@ def _newest_stage(store: Path, name: str) -> Path:
 
 
 def from_store(store: Path, detect: object, max_images: int | None) -> dict:
-    from tasks.train import load_trained
+    from tasks.stages.train import load_trained
 
     dataset = data.load_detection_data(_newest_stage(store, "curate"), detect.classes, detect.max_size, max_images)
     fused, config = load_trained(_newest_stage(store, "train"))

@@ -1,7 +1,7 @@
 """Feature export throughput next to the pure forward pass on the same batches (goal: ratio >= 0.95).
 
 A synthetic ``patches.h5`` (smooth random patches, written like the patches stage writes: chunked, gzip)
-is exported by :func:`mammo_core.features.export_features` with an untrained ``FusedDenseNet``; the
+is exported by :func:`mammo_core.codes.features.export_features` with an untrained ``FusedDenseNet``; the
 baseline runs ``model.features`` on the same batches, already in memory, in inference mode, writing
 nothing. The difference is what export adds: reading and decompressing blocks, copying features off the
 device, and the background HDF5 writer. Runs are interleaved (export, forward, export, ...) after one
@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mammo_core import features, h5io  # noqa: E402
-from mammo_core.model import FusedDenseNet  # noqa: E402
-from mammo_core.training import prepare_images  # noqa: E402
+from mammo_core.codes import features  # noqa: E402
+from mammo_core.models.fused import FusedDenseNet  # noqa: E402
+from mammo_core.storage import h5io  # noqa: E402
+from mammo_core.training.loop import prepare_images  # noqa: E402
 
 N_CLASSES = 7
 

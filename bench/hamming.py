@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mammo_core import retrieval  # noqa: E402
+from mammo_core.codes import retrieval  # noqa: E402
 
 
 def pin_to_one_core() -> int | None:

@@ -6,7 +6,7 @@ built before the one-crop-policy change (lesion crops zero-padded, NORMAL crops 
 
 Prints one JSON line: per kind (lesion / NORMAL), the number of patches, the share with more than 5 %
 padded pixels, the share with any, the mean padded share; and the probe's test accuracy and balanced
-accuracy per target and model (:mod:`mammo_core.shortcut_probe`).
+accuracy per target and model (:mod:`mammo_core.evaluation.shortcut_probe`).
 Usage: python bench/patch_padding.py STORE/stages/patches/KEY [--n-boot 1000] (its curate folder is the one
 its manifest names upstream, in the same store)
 """
@@ -23,7 +23,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mammo_core import h5io, labels, patches, shortcut_probe  # noqa: E402
+from mammo_core.data import labels, patches  # noqa: E402
+from mammo_core.evaluation import shortcut_probe  # noqa: E402
+from mammo_core.storage import h5io  # noqa: E402
 
 
 def _curate_dir(patch_dir: Path) -> Path:

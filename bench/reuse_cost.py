@@ -4,7 +4,7 @@ Reports, for the params' stage keys: the key computation (first call in a proces
 import graph, and a repeat), and the verification of every sealed folder those keys name (of every sealed
 folder in the store when they name none): sizes only (the old check), full sha256 with no hash cache (the
 first rerun after sealing elsewhere or copying a store), and sha256 through a warm
-:class:`mammo_core.verified_files.VerifiedFiles` (every later rerun). The store is only read: the hash
+:class:`mammo_core.storage.verified_files.VerifiedFiles` (every later rerun). The store is only read: the hash
 cache used here lives in a temporary folder. With ``--rerun`` it also times a whole ``mammo run`` on the
 store (everything cached), for the fraction; that adds MLflow runs to the store.
 
@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mammo_core.config import load_params  # noqa: E402
-from mammo_core.store import ArtifactStore  # noqa: E402
-from mammo_core.verified_files import VerifiedFiles  # noqa: E402
+from mammo_core.storage.store import ArtifactStore  # noqa: E402
+from mammo_core.storage.verified_files import VerifiedFiles  # noqa: E402
 from tasks import registry  # noqa: E402
 
 

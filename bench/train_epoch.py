@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mammo_core.model import DEFAULT_FREEZE_UPTO, FusedDenseNet, build_single  # noqa: E402
-from mammo_core.schedule import Schedule  # noqa: E402
-from mammo_core.training import TensorData, train_branches, train_separate  # noqa: E402
+from mammo_core.models.fused import DEFAULT_FREEZE_UPTO, FusedDenseNet, build_single  # noqa: E402
+from mammo_core.training.loop import TensorData, train_branches, train_separate  # noqa: E402
+from mammo_core.training.schedule import Schedule  # noqa: E402
 
 
 def _data(n: int, size: int, classes: int, seed: int) -> TensorData:

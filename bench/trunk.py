@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mammo_core.model import DEFAULT_FREEZE_UPTO, FusedDenseNet, build_single  # noqa: E402
+from mammo_core.models.fused import DEFAULT_FREEZE_UPTO, FusedDenseNet, build_single  # noqa: E402
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:

@@ -24,13 +24,13 @@ from rich.progress import (
 from rich.table import Table
 
 from flows import environment
-from flows.compare_cmd import compare
-from flows.predict_cmd import predict
-from flows.promote_cmd import promote
-from flows.report_cmd import report
-from flows.serve_cmd import serve
-from flows.similar_cmd import similar
-from flows.weights_cmd import weights_app
+from flows.commands.compare_cmd import compare
+from flows.commands.predict_cmd import predict
+from flows.commands.promote_cmd import promote
+from flows.commands.report_cmd import report
+from flows.commands.serve_cmd import serve
+from flows.commands.similar_cmd import similar
+from flows.commands.weights_cmd import weights_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -163,7 +163,7 @@ def _run_checked(typed_params, params: Path, set_: list[str], from_: str | None,
     from rich.markup import escape
 
     from flows.reuse_check import verify_reusable
-    from mammo_core.store import IntegrityError
+    from mammo_core.storage.store import IntegrityError
 
     try:
         verify_reusable(typed_params, root, stages, list(force))
@@ -172,7 +172,7 @@ def _run_checked(typed_params, params: Path, set_: list[str], from_: str | None,
         raise typer.Exit(2) from None
     from flows import failures
     from flows.pipeline import PipelineFailed, pipeline
-    from mammo_core import stop_request
+    from mammo_core.runtime import stop_request
     from tasks.registry import stage_keys
     from tasks.tracking import default_tracking_uri
 
@@ -253,7 +253,7 @@ def _print_resume(parent_run_id: str | None, store: Path | None) -> None:
 
 def _stop_now(server, store: Path | None) -> None:
     """The interrupt's hard stop: the stages did not stop in time, or Ctrl-C came twice."""
-    from mammo_core import stop_request
+    from mammo_core.runtime import stop_request
 
     tracking = sys.modules.get("tasks.tracking")  # not imported yet: no run was opened
     parent = tracking.latest_parent_run() if tracking is not None else None
@@ -298,7 +298,7 @@ def status(
     p = environment.load_params_or_exit(params, set_)
     root = environment.store_root(store)
     environment.configure(root)
-    from mammo_core.store import ArtifactStore
+    from mammo_core.storage.store import ArtifactStore
     from tasks.registry import stage_keys
 
     art = ArtifactStore(root)
@@ -367,7 +367,7 @@ def phantom(
     width: int = typer.Option(640, "--width"),
 ) -> None:
     """Write a phantom CBIS-DDSM twin (CSVs + classic NBIA DICOM layout)."""
-    from mammo_core.phantom import generate_phantom
+    from mammo_core.sources.phantom import generate_phantom
 
     with _bar("rendering mammograms") as (bar, task):
         summary = generate_phantom(
@@ -389,7 +389,7 @@ def download(
     ),
 ) -> None:
     """Download CBIS-DDSM from TCIA's public NBIA API (resumable, checksummed, https only)."""
-    from mammo_core.tcia import DownloadFolderBusy, check_url, download_collection
+    from mammo_core.sources.tcia import DownloadFolderBusy, check_url, download_collection
 
     try:
         check_url(base_url, allow_http_loopback=allow_http_loopback)

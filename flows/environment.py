@@ -19,7 +19,7 @@ def store_root(explicit: str | Path | None = None) -> Path:
 
 
 def configure(store: Path) -> None:
-    from mammo_core.store import make_private
+    from mammo_core.storage.store import make_private
 
     make_private(store)  # the store holds patient-derived images: private from its first file on
     prefect_home = store / "prefect"

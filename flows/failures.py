@@ -82,7 +82,7 @@ def check_prefect_api(timeout_s: float = 5.0) -> None:
 
 def check_final_paths(store_root: Path, keys: dict[str, str], stages: Iterable[str]) -> None:
     """No folder without a manifest sits at the final path of a stage this run may write."""
-    from mammo_core.store import ArtifactStore, UnsealedFolder
+    from mammo_core.storage.store import ArtifactStore, UnsealedFolder
 
     art = ArtifactStore(store_root)
     for stage in stages:
@@ -108,7 +108,7 @@ def preflight(store_root: Path, tracking_uri: str, keys: dict[str, str], stages:
 
 def explain(exc: BaseException, store_root: Path, resume_hint: str) -> str | None:
     """One line (cause; fix) for an environment failure met during a run, else None (a stage's own error)."""
-    from mammo_core.store import UnsealedFolder
+    from mammo_core.storage.store import UnsealedFolder
 
     seen: BaseException | None = exc
     while seen is not None:

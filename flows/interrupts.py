@@ -1,6 +1,6 @@
 """Ctrl-C and SIGTERM during ``mammo run``: stop at a clean point within seconds, never mid-write.
 
-The first SIGINT or SIGTERM sets the process-wide stop request (:mod:`mammo_core.stop_request`); the
+The first SIGINT or SIGTERM sets the process-wide stop request (:mod:`mammo_core.runtime.stop_request`); the
 running stage notices it between two batches (or two images), removes its temporary folder, keeps its
 checkpoints for the resume and marks its MLflow run KILLED; the flow then marks the parent run KILLED and
 the CLI prints the resume command. Nothing is killed mid-write, so the store stays consistent.
@@ -19,7 +19,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from mammo_core import stop_request
+from mammo_core.runtime import stop_request
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 GRACE_S = 7.0  # the issue's bound is 10 s from the signal to the exit; the hard stop itself takes < 1 s

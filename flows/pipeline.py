@@ -15,12 +15,12 @@ from prefect import flow
 from flows import interrupts, progress
 from flows.run_clock import PlannedStage, previous_seconds
 from flows.runners import build_task_runner, ensure_gpu_limits, gpu_slots
-from mammo_core import stop_request
 from mammo_core.config import Params
-from mammo_core.store import ArtifactStore
+from mammo_core.runtime import stop_request
+from mammo_core.storage.store import ArtifactStore
 from tasks import registry, runtime
-from tasks.report import report_task
 from tasks.run_tracking import close_run, open_run
+from tasks.stages.report import report_task
 
 
 class PipelineFailed(RuntimeError):
@@ -52,7 +52,7 @@ def _submit_branch_trainings(ctx: runtime.RunContext, params: Params, key: str, 
     """``separate`` training on Dask: three tasks, each asking the scheduler for one ``GPU`` resource."""
     import dask
 
-    from tasks import train
+    from tasks.stages import train
 
     slots = gpu_slots(params.run)
     if slots:

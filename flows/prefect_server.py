@@ -13,7 +13,7 @@ Why not Prefect's own temporary server (``SubprocessASGIServer``, started on the
 Here the same server (``prefect.server.api.server:create_app`` under uvicorn, with the environment Prefect
 gives its temporary server) runs in its own session, so a Ctrl-C to ``mammo run``'s process group is
 handled by ``mammo run`` alone, which stops the server last, after Prefect's workers have drained. The
-server asks the kernel to kill it when its parent dies (:mod:`mammo_core.process_lifetime`), so a
+server asks the kernel to kill it when its parent dies (:mod:`mammo_core.runtime.process_lifetime`), so a
 SIGKILL leaves nothing behind. It is started before Prefect is imported (``PREFECT_API_URL`` must be set
 by then) and imports its (heavy) modules while this process imports and checks the store; it touches
 its database and log in the store only once told to go (:meth:`LocalServer.go`), after the checks passed:
@@ -35,7 +35,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from mammo_core.process_lifetime import die_with_parent
+from mammo_core.runtime.process_lifetime import die_with_parent
 
 _STOP_WAIT_S = 3.0
 # What Prefect sets for its own temporary server (prefect/server/api/server.py, SubprocessASGIServer).

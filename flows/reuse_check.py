@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mammo_core.config import Params
-from mammo_core.store import ArtifactStore
-from mammo_core.verified_files import VerifiedFiles
+from mammo_core.storage.store import ArtifactStore
+from mammo_core.storage.verified_files import VerifiedFiles
 from tasks import registry
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mammo_core.store import ArtifactStore
+from mammo_core.storage.store import ArtifactStore
 
 PURPOSE: dict[str, str] = {
     "acquire": "get the mammograms (generate the phantom twin, or download / find CBIS-DDSM)",

@@ -85,7 +85,7 @@ class CurateParams(_Section):
 
 
 class PatchesParams(_Section):
-    """ROI-centred and NORMAL patches (mammo_core.patches)."""
+    """ROI-centred and NORMAL patches (mammo_core.data.patches)."""
 
     size: int = Field(default=64, ge=16, le=512)
     context: float = Field(default=0.25, ge=0.0, le=2.0, description="margin around the lesion box, fraction")
@@ -97,7 +97,7 @@ class PatchesParams(_Section):
 
 
 class AugmentParams(_Section):
-    """The paper's augmentation policy, materialised as seeded copies (mammo_core.augment)."""
+    """The paper's augmentation policy, materialised as seeded copies (mammo_core.data.augment)."""
 
     copies: int = Field(default=4, ge=0, le=100)
     seed: int = 0
@@ -105,7 +105,7 @@ class AugmentParams(_Section):
 
 
 class _Schedule(_Section):
-    """The paper's training schedule (mammo_core.schedule), shared by the branches and the single-network
+    """The paper's training schedule (mammo_core.training.schedule), shared by the branches and the single-network
     baselines so that both train under the same protocol. Paper values in paper.yaml."""
 
     epochs: int = Field(default=100, ge=1, le=10_000)
@@ -121,13 +121,13 @@ class _Schedule(_Section):
 
 
 class TrainParams(_Schedule):
-    """Freeze1..3 transfer learning (mammo_core.model, mammo_core.training). Paper values in paper.yaml."""
+    """Freeze1..3 transfer learning (mammo_core.models.fused, mammo_core.training.loop). Paper values in paper.yaml."""
 
     weights: str = Field(default="none", description="imagenet | none | path to a DenseNet-121 state dict")
     freeze_upto: dict[str, str] | None = Field(
         default=None,
         description="branch -> last frozen stage or dense layer (Freeze1 freezes the most); "
-        "None = mammo_core.model.DEFAULT_FREEZE_UPTO",
+        "None = mammo_core.models.fused.DEFAULT_FREEZE_UPTO",
     )
     mode: Literal["shared", "separate"] = "shared"
     cache_trunk: bool = True
@@ -143,7 +143,7 @@ class TrainParams(_Schedule):
 
 
 class FeaturesParams(_Section):
-    """Feature export and the fusion of the three branches (mammo_core.features, mammo_core.fusion)."""
+    """Feature export and the fusion of the three branches (mammo_core.codes.features, mammo_core.codes.fusion)."""
 
     fusion_weights: tuple[float, float, float] | Literal["search"] = "search"
     grid_step: float = Field(default=0.1, gt=0.0, le=0.5)
@@ -158,7 +158,7 @@ class FeaturesParams(_Section):
 
 
 class HashingParams(_Section):
-    """The divide-and-encode hash decoder and its FC ablation (mammo_core.hashing, mammo_core.retrieval)."""
+    """The divide-and-encode hash decoder and its FC ablation (models.hashing, codes.retrieval)."""
 
     bits: list[int] = Field(default_factory=lambda: [12, 24, 32, 48])
     beta: float = Field(default=1.0, gt=0)
@@ -181,7 +181,7 @@ class HashingParams(_Section):
 
 
 class ClassifyParams(_Section):
-    """SVM + kNN + RF on the hash codes and their fusion (mammo_core.classifiers)."""
+    """SVM + kNN + RF on the hash codes and their fusion (mammo_core.codes.classifiers)."""
 
     codes: str = Field(default="hash@48", pattern=r"^(hash|fc)@\d+$", description="decoder@bits from hashing")
     search: bool = False
@@ -269,7 +269,7 @@ class BaselinesParams(_Section):
 
     No schedule or row budget of their own: every network trains on the train stage's rows under the
     ``train:`` section's schedule (epochs, batch, lr, warm-up, roll-back, seed), so a comparison with the
-    branches cannot drift into an unequal budget (tasks.baselines.baseline_schedule).
+    branches cannot drift into an unequal budget (tasks.stages.baselines.baseline_schedule).
     """
 
     networks: list[BaselineNetwork] = Field(

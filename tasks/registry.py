@@ -5,8 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from mammo_core.config import Params
-from tasks import acquire, augment, baselines, classify, curate, detect, features, hashing, patches, report, train
 from tasks.runtime import StageSpec
+from tasks.stages import (
+    acquire,
+    augment,
+    baselines,
+    classify,
+    curate,
+    detect,
+    features,
+    hashing,
+    patches,
+    report,
+    train,
+)
 
 ORDER: tuple[StageSpec, ...] = (
     acquire.SPEC, curate.SPEC, patches.SPEC, augment.SPEC, train.SPEC, features.SPEC, hashing.SPEC, classify.SPEC,

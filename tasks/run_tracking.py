@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mammo_core.config import load_params
-from mammo_core.store import MANIFEST, ArtifactStore, make_private
+from mammo_core.storage.store import MANIFEST, ArtifactStore, make_private
 from tasks import registry, tracking
 from tasks.runtime import RunContext, _log_params
 

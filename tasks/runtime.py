@@ -27,11 +27,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from mammo_core import code_closure, faults, stage_lock, stop_request
 from mammo_core.config import Params
-from mammo_core.library_versions import library_versions
-from mammo_core.store import ArtifactStore, stage_key
-from mammo_core.verified_files import VerifiedFiles
+from mammo_core.runtime import faults, stop_request
+from mammo_core.storage import code_closure, stage_lock
+from mammo_core.storage.library_versions import library_versions
+from mammo_core.storage.store import ArtifactStore, stage_key
+from mammo_core.storage.verified_files import VerifiedFiles
 from tasks import tracking
 
 
@@ -119,7 +120,7 @@ class StageContext:
 @dataclass(frozen=True)
 class StageSpec:
     """A stage. Its key covers its params sections, its upstream keys, the code its module reaches through
-    imports (:mod:`mammo_core.code_closure`), the versions of the libraries that code imports, and
+    imports (:mod:`mammo_core.storage.code_closure`), the versions of the libraries that code imports, and
     ``key_inputs(params)``: what else on disk decides its output (data under ``data.root``, weight files)."""
 
     name: str

@@ -21,7 +21,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Run, RunSta
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
-from mammo_core import faults
+from mammo_core.runtime import faults
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
@@ -206,7 +206,7 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
 
 
 def install_db_write_fault_point() -> None:
-    """Call :func:`mammo_core.faults.at` ("mlflow:db-write") inside every SQL write to an MLflow SQLite file.
+    """Call :func:`mammo_core.runtime.faults.at` ("mlflow:db-write") inside every SQL write to an MLflow SQLite file.
 
     Only when ``MAMMO_FAULT`` names that point (the tests): the point sits after the statement ran and
     before its transaction commits, so a kill there dies inside a database write.

@@ -2,7 +2,7 @@
 
 The paper fuses its best branch (Freeze3) with VGGNet, Inception or ResNet by a weighted sum of
 features and finds the three-branch fusion still better. Here both sides use the classifier head the
-features stage scores the three-branch fusion with (:func:`mammo_core.fusion.linear_probe`: standardised
+features stage scores the three-branch fusion with (:func:`mammo_core.codes.fusion.linear_probe`: standardised
 features, ridge classifier), fitted on the same rows (the patches' train split), the fusion weight
 chosen on validation, scored once on test.
 
@@ -34,7 +34,7 @@ from scipy.fft import dct
 
 from mammo_core.baselines import agnet
 from mammo_core.baselines.agnet import FeatureSplits
-from mammo_core.fusion import linear_probe
+from mammo_core.codes.fusion import linear_probe
 
 WEIGHT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 

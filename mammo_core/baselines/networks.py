@@ -8,7 +8,7 @@ one linear layer (14.7M parameters), the usual small-input variant, for CPU runs
 parameters (and three copies of them in every checkpoint) would cost more than the rest together.
 
 Input adaptation (:class:`SingleNetClassifier`): the grey patch arrives as the three equal,
-ImageNet-normalised channels that :func:`mammo_core.training.prepare_images` makes, and is resized
+ImageNet-normalised channels that :func:`mammo_core.training.loop.prepare_images` makes, and is resized
 bilinearly to the network's input size, ``max(patch size, the network's minimum)``. The minimums are
 torchvision's (``weights.meta["min_size"]``): InceptionV3 needs 75 px, VGG16 32 px (five 2x poolings),
 DenseNet-121 29 px, ResNet50 1 px. Why upsample instead of changing the stem: the pretrained filters
@@ -23,7 +23,7 @@ pre-trained model on ImageNet and their shallow layers are frozen while training
 into a frozen ``prefix`` (input adaptation + early layers, eval mode, no gradients) and a trainable
 ``rest`` (:data:`FROZEN_PREFIX`, level ``baselines.freeze``). ``shallow``: VGG16 conv1-3, InceptionV3
 up to ``Mixed_5b``, ResNet50 conv1 + layer1 + layer2, DenseNet-121 up to denseblock2 (the Freeze3
-branch's point, :data:`mammo_core.model.DEFAULT_FREEZE_UPTO`): the high-resolution, generic
+branch's point, :data:`mammo_core.models.fused.DEFAULT_FREEZE_UPTO`): the high-resolution, generic
 edge/texture stages. ``deep``: every stage but the last (VGG16 conv1-4, InceptionV3 up to
 ``Mixed_6e``, ResNet50 up to layer3, DenseNet-121 up to denseblock3 as Freeze1), for CPU runs: under
 the branches' budget (2160 rows x 10 epochs on the default) the ``shallow`` rests cost about 10.7
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from mammo_core.model import _OLD_DENSELAYER_KEY
+from mammo_core.models.fused import _OLD_DENSELAYER_KEY
 
 NETWORKS = ("vgg16", "inception_v3", "resnet50", "densenet121")
 INCEPTION_AUX_MIN_INPUT = 299

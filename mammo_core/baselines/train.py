@@ -1,14 +1,14 @@
 """Training one single-network baseline under the branches' protocol, resumable from a per-epoch checkpoint.
 
-Same protocol as the Freeze1..3 branches (:mod:`mammo_core.training`): the same data (augmented train
-set, validation patches), the same input preparation (:func:`~mammo_core.training.prepare_images`), the
-same batch order (one seeded generator, :func:`~mammo_core.training._epoch_batches`), the same schedule
-(:class:`~mammo_core.schedule.Schedule`: SGD, step decay, warm-up, roll-back to the best validation
-weights every ``rollback_every`` epochs) and the same checkpoint contract (:mod:`mammo_core.checkpoint`:
+Same protocol as the Freeze1..3 branches (:mod:`mammo_core.training.loop`): the same data (augmented train
+set, validation patches), the same input preparation (:func:`~mammo_core.training.loop.prepare_images`), the
+same batch order (one seeded generator, :func:`~mammo_core.training.loop._epoch_batches`), the same schedule
+(:class:`~mammo_core.training.schedule.Schedule`: SGD, step decay, warm-up, roll-back to the best validation
+weights every ``rollback_every`` epochs) and the same checkpoint contract (:mod:`mammo_core.training.checkpoint`:
 weights, optimizer, scheduler, RNG states, best-so-far and history, written atomically after every
 epoch; a rerun continues after the last completed epoch and ends where an uninterrupted run would).
 
-Frozen prefix cached, as the branches' trunk is (``cached`` mode of :mod:`mammo_core.training`): each
+Frozen prefix cached, as the branches' trunk is (``cached`` mode of :mod:`mammo_core.training.loop`): each
 network's shallow layers are frozen (:data:`~mammo_core.baselines.networks.FROZEN_PREFIX`, eval mode)
 and the augmented training set is fixed, so the prefix output of every training and validation patch
 is the same in every epoch. It is computed once (:func:`prefix_outputs`, fp32, in memory, in chunks of
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mammo_core import stop_request
 from mammo_core.baselines.networks import AUX_LOSS_WEIGHT, SingleNetClassifier
-from mammo_core.checkpoint import (
+from mammo_core.runtime import stop_request
+from mammo_core.training.checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
     capture_rng,
@@ -43,8 +43,14 @@ from mammo_core.checkpoint import (
     restore_rng,
     save_atomic,
 )
-from mammo_core.schedule import Schedule, make_optimizer, make_scheduler
-from mammo_core.training import TensorData, TrainingDiverged, _epoch_batches, check_training_classes, prepare_images
+from mammo_core.training.loop import (
+    TensorData,
+    TrainingDiverged,
+    _epoch_batches,
+    check_training_classes,
+    prepare_images,
+)
+from mammo_core.training.schedule import Schedule, make_optimizer, make_scheduler
 
 
 @dataclass(frozen=True)

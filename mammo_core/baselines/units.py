@@ -5,7 +5,7 @@ tag, frozen layers and frozen/trainable parameter counts), ``outputs.h5`` (valid
 probabilities and the pooled features of every split, which the AGNet fusion reads, and of the patches'
 own training split, which the Freeze3 + network fusion reads), optionally ``weights.pt`` (best weights,
 ``keep_weights``), and ``manifest.json`` written last. Units are produced and sealed with
-:class:`mammo_core.store.ArtifactStore`'s temporary folder + rename, so a unit folder without manifest
+:class:`mammo_core.storage.store.ArtifactStore`'s temporary folder + rename, so a unit folder without manifest
 never exists.
 
 The unit key hashes the network name, the settings that change its training (schedule, epochs,
@@ -29,15 +29,17 @@ import h5py
 import numpy as np
 import torch
 
-from mammo_core import checkpoint, code_closure, h5io, schedule, training
 from mammo_core.baselines import networks
 from mammo_core.baselines import train as baseline_train
 from mammo_core.baselines.agnet import FeatureSplits
 from mammo_core.baselines.train import EpochRecord
-from mammo_core.library_versions import library_versions
-from mammo_core.store import ArtifactStore, IntegrityError, stage_key, write_json_atomic
-from mammo_core.verified_files import VerifiedFiles
-from mammo_core.weight_sources import resolved_source
+from mammo_core.sources.weight_sources import resolved_source
+from mammo_core.storage import code_closure, h5io
+from mammo_core.storage.library_versions import library_versions
+from mammo_core.storage.store import ArtifactStore, IntegrityError, stage_key, write_json_atomic
+from mammo_core.storage.verified_files import VerifiedFiles
+from mammo_core.training import checkpoint, schedule
+from mammo_core.training import loop as training
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class NetworkOutcome:
 def unit_key(network: str, settings: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
     """Content key of one network's unit (see the module docstring for what enters it).
 
-    The code is this module's import closure (:mod:`mammo_core.code_closure`) with its libraries'
+    The code is this module's import closure (:mod:`mammo_core.storage.code_closure`) with its libraries'
     versions, and the ImageNet file the network would start from (its sha256, or ``random`` when the
     builder would fall back to random initialisation).
     """

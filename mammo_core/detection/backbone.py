@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from mammo_core.model import FusedDenseNet
+from mammo_core.models.fused import FusedDenseNet
 
 
 def _same_frozen(a: nn.Module, b: nn.Module) -> bool:

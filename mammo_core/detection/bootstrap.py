@@ -3,7 +3,7 @@
 Why a bootstrap over images (grouped by patient when the caller knows the patients): a test split of a few
 dozen mammograms gives AP values that move by several points when a handful of images change, so a
 detector row without an interval cannot say whether it beats another. Each resample draws the groups with
-replacement (:func:`mammo_core.metrics.patient_bootstrap_weights`, the classification tables' resampler) and
+replacement (:func:`mammo_core.evaluation.metrics.patient_bootstrap_weights`, the classification tables' resampler) and
 recomputes the metric on the drawn images; the percentile interval of those values is reported.
 
 Why not call pycocotools on every resample: one COCOeval call costs a fraction of a second, times three
@@ -25,7 +25,7 @@ import numpy as np
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from mammo_core.metrics import patient_bootstrap_weights
+from mammo_core.evaluation.metrics import patient_bootstrap_weights
 
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's recThrs
 TRUE_POSITIVE, DUPLICATE, FALSE_POSITIVE = 1, 0, -1

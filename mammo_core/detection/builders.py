@@ -31,8 +31,8 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from mammo_core.detection.backbone import FusedBackbone, FusedFeatureMaps
 from mammo_core.detection.heads import HashBoxPredictor, PlainBoxPredictor
-from mammo_core.model import DEFAULT_FREEZE_UPTO, FusedDenseNet
-from mammo_core.training import IMAGENET_MEAN, IMAGENET_STD
+from mammo_core.models.fused import DEFAULT_FREEZE_UPTO, FusedDenseNet
+from mammo_core.training.loop import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     from mammo_core.config import DetectParams
@@ -286,7 +286,7 @@ def load_detector(weights_path: str | os.PathLike, config: DetectorConfig,
                          f"{len(config.classes)} ({', '.join(config.classes)})")
     model, _ = build_detector(config)
     expected = model.state_dict()
-    from mammo_core.checkpoint import check_same_architecture
+    from mammo_core.training.checkpoint import check_same_architecture
 
     check_same_architecture(path, state, expected)
     model.load_state_dict(state)

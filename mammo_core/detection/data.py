@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 
-from mammo_core.patches import breast_mask, to_unit_range
+from mammo_core.data.patches import breast_mask, to_unit_range
 
 CLASS_SETS: dict[str, tuple[str, ...]] = {
     "four": ("MASS_BENIGN", "MASS_MALIGNANT", "CALC_BENIGN", "CALC_MALIGNANT"),

@@ -1,6 +1,6 @@
 """Detector training with per-epoch atomic checkpoints and resume (the train stage's contract).
 
-A checkpoint (``mammo_core.checkpoint``) holds the model, optimizer, scheduler, every RNG state (the
+A checkpoint (``mammo_core.training.checkpoint``) holds the model, optimizer, scheduler, every RNG state (the
 shuffling/augmentation generator included), the per-epoch history and the best-so-far weights, so a rerun
 after a kill continues from the last finished epoch and ends with the same weights as an uninterrupted
 run on CPU. "Best" is the highest validation score when a scorer is given (AP50), else the last epoch.
@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from mammo_core import checkpoint, faults, stop_request
 from mammo_core.detection.data import DetectionImage, augment, random_window
 from mammo_core.detection.feature_cache import WINDOW_GRID, FeatureCache, forward_with_maps
+from mammo_core.runtime import faults, stop_request
+from mammo_core.training import checkpoint
 
 if TYPE_CHECKING:
     from mammo_core.config import DetectParams

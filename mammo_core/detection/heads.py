@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mammo_core.hashing import HashDecoder
+from mammo_core.models.hashing import HashDecoder
 
 
 class HashBoxPredictor(nn.Module):

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from mammo_core.figures import save_figure  # noqa: E402
+from mammo_core.evaluation.figures import save_figure  # noqa: E402
 
 
 def lesion_sizes_figure(sizes: np.ndarray, anchor_sizes: Sequence[int], path: Path) -> Path:

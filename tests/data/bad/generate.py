@@ -40,12 +40,13 @@ if str(REPO) not in sys.path:  # run as a script: make mammo_core and tests impo
 
 import torch  # noqa: E402
 
-from mammo_core import cbis_tables, phantom  # noqa: E402
-from mammo_core.checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, save_atomic  # noqa: E402
-from mammo_core.h5io import ChunkedH5Writer, DatasetSpec  # noqa: E402
-from mammo_core.model import FusedDenseNet  # noqa: E402
-from mammo_core.store import ArtifactStore  # noqa: E402
-from tests import layout_builders as lb  # noqa: E402
+from mammo_core.data import cbis_tables  # noqa: E402
+from mammo_core.models.fused import FusedDenseNet  # noqa: E402
+from mammo_core.sources import phantom  # noqa: E402
+from mammo_core.storage.h5io import ChunkedH5Writer, DatasetSpec  # noqa: E402
+from mammo_core.storage.store import ArtifactStore  # noqa: E402
+from mammo_core.training.checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, save_atomic  # noqa: E402
+from tests.helpers import layout_builders as lb  # noqa: E402
 
 N_PATIENTS, SEED, SHAPE = 14, 5, (256, 160)
 CHECKPOINT_CLASSES, EXPECTED_CLASSES = 5, 7  # a 'five'-class run's checkpoint found by a 'seven'-class run

@@ -1,0 +1,8 @@
+"""Process-level safety: isolation of untrusted work, stop requests, process lifetime, faults.
+
+Modules:
+- ``faults``: Fault injection points, so that tests can kill or fail a run at a named place.
+- ``isolation``: Run one function over many items in worker processes, so that one item cannot take the others down.
+- ``process_lifetime``: Child processes that end with their parent, even when the parent is killed with SIGKILL.
+- ``stop_request``: One process-wide stop request: set when the user interrupts a run, read by long loops between steps.
+"""

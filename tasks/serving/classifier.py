@@ -1,0 +1,442 @@
+"""The end-to-end classifier as an MLflow pyfunc model: patch -> branches -> fusion -> hash codes -> SVM/kNN/RF.
+
+What is served is exactly what the pipeline measured: the train stage's Freeze1..3 weights, the features
+stage's fusion weights, the hashing stage's decoder at ``classify.codes`` (decoder@bits) and the classify
+stage's fused classifier. :class:`ClassifierPipeline` is that chain as plain code (usable without MLflow);
+:class:`ClassifierModel` wraps it for ``mlflow.pyfunc``; :func:`log_and_register` logs it to the classify
+stage's MLflow run and registers it as ``mammo-classifier``.
+
+Intensity (what a caller's patch must look like). The patches stage maps each *whole image* onto 0..255
+(``breast_window``: the image's minimum to its maximum inside the breast; ``global``: a fixed scale) before
+cropping, and stores uint8 patches. A served patch is handled as follows:
+
+- 8-bit input (a uint8 array, an 8-bit PNG, or integer values all within 0..255) is taken to be on that
+  scale already, i.e. a patch as the patches stage writes it; it is only resized. For such patches the
+  served prediction equals the pipeline's own, bit for bit.
+- 16-bit input (a uint16 array, a 16-bit PNG, any DICOM, or integer values above 255) is a raw crop. It
+  goes through the same function the patches stage uses (``mammo_core.data.patches.to_unit_range``) with the
+  patch standing in for its image: ``global`` divides by 257; ``breast_window`` stretches the patch's own
+  minimum..maximum onto 0..255 (the whole image's window is not available from a crop, so this is an
+  approximation: the lesion's contrast against its surroundings is kept, the absolute level is not).
+- Then, as in the patches stage: bilinear antialiased resize to the training patch size (a non-square
+  input is stretched; crop it square first), rounding to uint8, ImageNet normalisation.
+
+MLflow's schema enforcement turns array cells into int64, so the bit depth of arrays that went through
+``pyfunc.load_model(...).predict`` is decided by their values (above 255 means 16-bit).
+
+Safety: nothing is unpickled and nothing from the artifact folder is imported. The model is logged with
+this module as its ``loader_module`` (MLflow imports it from the installed package and calls
+:func:`_load_pyfunc`), torch weights load with ``weights_only=True``, and the skops file loads through
+``mammo_core.codes.model_io.load_model`` after its sha256 is checked against the digest in the MLmodel's
+``model_config``. Registration records the sha256 of every file of the logged model in the registry
+(``tasks.serving.model_trust``), and ``mammo predict`` / ``mammo serve`` check them and the flavor before loading.
+
+Served inputs: the ``path`` column is read only under the root given at serve time and arrays, images and
+requests are capped (``mammo_core.inference.served_inputs``); with no root configured only arrays are served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+
+from mammo_core.codes import features, model_io
+from mammo_core.data import patches
+from mammo_core.errors import BadItem
+from mammo_core.inference.served_inputs import ServeLimits, without_path
+from mammo_core.models.fused import FusedDenseNet
+from mammo_core.storage.store import ArtifactStore, write_json_atomic
+from mammo_core.training.loop import prepare_images
+
+REGISTERED_NAME = "mammo-classifier"
+LOGGED_NAME = "mammo-classifier"
+DATA_FOLDER = "mammo-classifier"  # the model's files, under data/ of the logged model
+PREPROCESSING_FILE = "preprocessing.json"
+PREDICTED = "predicted_class"
+ERROR = "error"
+BATCH = 64
+
+# artifact name -> file name inside its stage folder (the decoder's is filled in from classify.codes)
+ARTIFACT_FILES: dict[str, str | None] = {
+    "weights": "weights.pt",
+    "model_config": "model_config.json",
+    "fusion": "fusion.json",
+    "decoder": None,
+    "hashing": "hashing.json",
+    "classifier_model": "fusion.skops",
+    "classifier": "classifier.json",
+    "preprocessing": PREPROCESSING_FILE,
+}
+# artifact name -> file name inside the logged model's data folder
+SERVED_FILES = {name: (file or "decoder.pt") for name, file in ARTIFACT_FILES.items()}
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def _bit_depth(array: np.ndarray) -> int:
+    if array.dtype == np.uint8:
+        return 8
+    if array.dtype == np.uint16:
+        return 16
+    return 8 if array.size == 0 or int(array.max()) <= 255 else 16
+
+
+def as_patch_array(value: Any, item: str) -> np.ndarray:
+    """A 2-D integer patch (uint8 or uint16) from an array or nested lists; BadItem when it is not one."""
+    try:
+        array = np.asarray(value)
+        if array.dtype == object:  # a column of lists may come back as an object array of 1-D arrays
+            array = np.stack([np.asarray(row) for row in value])
+    except (ValueError, TypeError) as exc:
+        raise BadItem(item, f"image is not a rectangular array: {exc}") from None
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise BadItem(item, f"image must be a non-empty 2-D array, got shape {array.shape}")
+    if array.dtype.kind not in "ui":
+        if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.rint(array)):
+            array = array.astype(np.int64)
+        else:
+            raise BadItem(item, f"image must hold integers (uint8 or uint16 values), got {array.dtype}")
+    if int(array.min()) < 0 or int(array.max()) > 65535:
+        raise BadItem(item, f"image values outside 0..65535 ({int(array.min())}..{int(array.max())})")
+    return array.astype(np.uint8 if _bit_depth(array) == 8 else np.uint16, copy=False)
+
+
+def read_patch_file(path: str | os.PathLike) -> np.ndarray:
+    """A PNG/JPEG/DICOM patch as uint8 (8-bit sources) or uint16 (16-bit PNG, DICOM in display orientation).
+
+    Reading goes through ``mammo_core.data.dicom_io.read_image_file``, which lets no DICOM header value out.
+    """
+    from mammo_core.data.dicom_io import read_image_file
+
+    image, meta = read_image_file(Path(path))
+    if meta.get("source_bits") == 8:  # read_image_file scaled 8-bit values by 257; undo it exactly
+        return (image // 257).astype(np.uint8)
+    return image
+
+
+def preprocess_patch(patch: np.ndarray, size: int, intensity: patches.Intensity) -> np.ndarray:
+    """uint8 (size, size) on the patches stage's scale (see the module docstring for the rules)."""
+    if patch.dtype == np.uint8:
+        unit = patch.astype(np.float32)
+    else:
+        unit = patches.to_unit_range(patch, np.ones(patch.shape, dtype=bool), intensity)
+    return np.clip(np.rint(patches.resize_square(unit, size)), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class ClassifierPipeline:
+    """The served chain, as plain objects (no MLflow): what :class:`ClassifierModel` runs."""
+
+    network: FusedDenseNet
+    fusion_weights: tuple[float, ...]
+    decoder: torch.nn.Module
+    classifier: Any  # mammo_core.codes.classifiers.FusedClassifier
+    class_names: list[str]
+    patch_size: int
+    intensity: patches.Intensity
+
+    @classmethod
+    def load(cls, files: Mapping[str, str | os.PathLike], expected_sha256: str) -> ClassifierPipeline:
+        """Build from the artifact files (keys of ``ARTIFACT_FILES``); refuses a skops file of another sha256."""
+        from tasks.stages.hashing import build_decoder
+
+        def read(name: str) -> dict:
+            return json.loads(Path(files[name]).read_text(encoding="utf-8"))
+
+        config, fusion, hashing_cfg = read("model_config"), read("fusion"), read("hashing")
+        classifier_cfg, prep = read("classifier"), read("preprocessing")
+        network = FusedDenseNet(config["num_classes"], config["freeze_upto"])
+        network.load_state_dict(torch.load(files["weights"], map_location="cpu", weights_only=True))
+        kind, bits = classifier_cfg["codes"].split("@")
+        decoder = build_decoder(kind, hashing_cfg["in_dim"], int(bits), hashing_cfg["beta"], hashing_cfg["eps"], 0)
+        decoder.load_state_dict(torch.load(files["decoder"], map_location="cpu", weights_only=True))
+        classifier = model_io.load_model(files["classifier_model"], expected_sha256)
+        class_names = list(classifier_cfg["class_names"])
+        if list(config["class_names"]) != class_names:
+            raise ValueError(f"class names differ between the network {config['class_names']} and the "
+                             f"classifier {class_names}")
+        if int(classifier.n_features_in_) != int(bits):
+            raise ValueError(f"code length mismatch: the classifier expects {classifier.n_features_in_} bits, "
+                             f"the decoder gives {bits}")
+        return cls(network.eval(), tuple(float(w) for w in fusion["weights"]), decoder.eval(), classifier,
+                   class_names, int(config["patch_size"]), prep["intensity"])
+
+    @torch.inference_mode()
+    def codes(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S) patches on the training scale -> binary codes (N, bits) uint8."""
+        if len(images) == 0:
+            return np.zeros((0, int(self.classifier.n_features_in_)), dtype=np.uint8)
+        fused = []
+        for start in range(0, len(images), BATCH):
+            block = torch.from_numpy(np.ascontiguousarray(images[start:start + BATCH]))[:, None]
+            feats = self.network.features(prepare_images(block, "cpu"))
+            fused.append(features.fuse({b: f.numpy() for b, f in feats.items()}, self.fusion_weights))
+        return self.decoder.encode(np.concatenate(fused))
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S) -> class probabilities (N, classes), columns in ``class_names`` order."""
+        from mammo_core.codes.classifiers import align_proba
+
+        proba = self.classifier.predict_proba(self.codes(images))
+        return align_proba(proba, self.classifier.classes_, list(range(len(self.class_names))))
+
+    def predict_frame(self, frame: pd.DataFrame, limits: ServeLimits | None = None) -> pd.DataFrame:
+        """Rows with ``image`` (array/lists) or ``path`` (PNG/DICOM) -> probabilities, predicted class, error.
+
+        ``limits`` (default: no path allowed, default caps) decides which paths may be read and how large an
+        input may be. A row that cannot be used gets NaN probabilities and its reason in ``error``; the
+        others go on.
+        """
+        limits = limits or ServeLimits()
+        if not isinstance(frame, pd.DataFrame):
+            frame = pd.DataFrame(frame)
+        if "image" not in frame.columns and "path" not in frame.columns:
+            raise ValueError(f"input needs a column 'image' (patch arrays) or 'path' (patch files), "
+                             f"got {list(frame.columns)}")
+        limits.check_rows(len(frame))
+        images, rows, errors = [], [], [""] * len(frame)
+        for i in range(len(frame)):
+            row = frame.iloc[i]
+            image = row["image"] if "image" in frame.columns else None
+            path = row["path"] if "path" in frame.columns else None
+            path = str(path) if isinstance(path, str | os.PathLike) else ""
+            try:
+                if image is not None and not (np.isscalar(image) and pd.isna(image)):
+                    limits.check_nested(image, f"row {i}")
+                    patch = as_patch_array(image, f"row {i}")
+                elif path:
+                    resolved = limits.allowed_file(path, f"row {i}")
+                    patch = read_patch_file(resolved)
+                    limits.check_pixels(patch.shape, f"row {i}")
+                else:
+                    raise BadItem(f"row {i}", "neither 'image' nor 'path' is given")
+                images.append(preprocess_patch(patch, self.patch_size, self.intensity))
+                rows.append(i)
+            except BadItem as exc:  # the reason, never the path: CBIS file names carry patient ids
+                errors[i] = without_path(exc.reason, path, f"row {i}")
+        proba = np.full((len(frame), len(self.class_names)), np.nan)
+        if rows:
+            proba[rows] = self.predict_proba(np.stack(images))
+        out = pd.DataFrame(proba, columns=self.class_names, index=frame.index)
+        out[PREDICTED] = [self.class_names[int(np.argmax(p))] if not e else "" for p, e in zip(proba, errors,
+                                                                                                  strict=True)]
+        out[ERROR] = errors
+        return out
+
+
+# --------------------------------------------------------------------------------------- pyfunc model
+
+class ClassifierModel:
+    """What ``mlflow.pyfunc`` loads (through :func:`_load_pyfunc`): the pipeline and the serving limits.
+
+    ``limits`` come from the serving process's environment at load time (``mammo_core.inference.served_inputs``).
+    """
+
+    def __init__(self, pipeline: ClassifierPipeline, limits: ServeLimits):
+        self.pipeline = pipeline
+        self.limits = limits
+
+    @property
+    def python_model(self) -> ClassifierModel:
+        """What ``PyFuncModel.unwrap_python_model()`` returns: this object."""
+        return self
+
+    def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return self.pipeline.predict_frame(model_input, self.limits)
+
+
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> ClassifierModel:
+    """MLflow's ``loader_module`` entry point: the served classifier from the logged model's data folder."""
+    expected = (model_config or {}).get("fusion_sha256")
+    files = {name: Path(data_path) / file for name, file in SERVED_FILES.items()}
+    if not expected:
+        raise model_io.ModelFileError("the model's MLmodel records no fusion_sha256: refusing to load "
+                                      f"{files['classifier_model']}")
+    return ClassifierModel(ClassifierPipeline.load(files, expected), ServeLimits.from_env())
+
+
+# ------------------------------------------------------------------------------------------- logging
+
+_URI_LOCK = threading.Lock()
+
+
+@contextmanager
+def tracking_uri_set(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` for the block, then restored (env variable included).
+
+    ``Model.log`` and registration resolve the tracking store from the process-global URI only. The lock
+    keeps two stage threads from interleaving their set/restore.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with _URI_LOCK:
+        if mlflow.get_tracking_uri() == uri:
+            yield
+            return
+        before, env_before = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(before)
+            if env_before is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
+def gather_artifacts(store_root: str | os.PathLike, classify_dir: str | os.PathLike, train_key: str,
+                     hashing_key: str) -> tuple[dict[str, str], str]:
+    """(artifact name -> file, skops sha256) for a classify output and its upstream stage folders.
+
+    The features folder (fusion weights) and the patches params (intensity mapping) are found through the
+    hashing and train manifests. Writes ``preprocessing.json`` into ``classify_dir``. ValueError when a
+    folder is missing or the lineage is inconsistent (fusion weights chosen for another network).
+    """
+    store = ArtifactStore(store_root)
+    classify_dir = Path(classify_dir)
+
+    def folder(stage: str, key: str):
+        found = store.find(stage, key)
+        if found is None:
+            raise ValueError(f"{store.root}: no finished {stage} folder with key {key}")
+        return found
+
+    train, hashing_folder = folder("train", train_key), folder("hashing", hashing_key)
+    feats = folder("features", hashing_folder.manifest["upstream"]["features"])
+    patches_folder = folder("patches", train.manifest["upstream"]["patches"])
+    fusion = json.loads((feats.path / "fusion.json").read_text(encoding="utf-8"))
+    if fusion.get("model_key") != train_key:
+        raise ValueError(f"fusion weights of {feats.path} were chosen for train {fusion.get('model_key')}, "
+                         f"not {train_key}")
+    classifier = json.loads((classify_dir / ARTIFACT_FILES["classifier"]).read_text(encoding="utf-8"))
+    kind, bits = classifier["codes"].split("@")
+    prep = patches_folder.manifest["params"]["patches"]
+    write_json_atomic(classify_dir / PREPROCESSING_FILE, {"intensity": prep["intensity"], "size": prep["size"]})
+    files = {
+        "weights": train.path / ARTIFACT_FILES["weights"],
+        "model_config": train.path / ARTIFACT_FILES["model_config"],
+        "fusion": feats.path / ARTIFACT_FILES["fusion"],
+        "decoder": hashing_folder.path / "decoders" / f"{kind}_{bits}.pt",
+        "hashing": hashing_folder.path / ARTIFACT_FILES["hashing"],
+        "classifier_model": classify_dir / ARTIFACT_FILES["classifier_model"],
+        "classifier": classify_dir / ARTIFACT_FILES["classifier"],
+        "preprocessing": classify_dir / PREPROCESSING_FILE,
+    }
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise ValueError(f"cannot build the served classifier, missing: {missing}")
+    return {k: str(v) for k, v in files.items()}, classifier["sha256"]
+
+
+def example_input(patch_size: int) -> pd.DataFrame:
+    """A synthetic 8-bit patch (a smooth blob on grey): a valid input that holds no patient pixels."""
+    yy, xx = np.mgrid[0:patch_size, 0:patch_size].astype(np.float32)
+    c = (patch_size - 1) / 2.0
+    blob = 90.0 + 120.0 * np.exp(-((yy - c) ** 2 + (xx - c) ** 2) / (2.0 * (patch_size / 5.0) ** 2))
+    return pd.DataFrame({"image": [np.rint(blob).astype(np.uint8).tolist()]})
+
+
+def signature_for(class_names: Sequence[str]):
+    """Input: optional ``image`` (2-D integer array) and ``path`` (string); output: probabilities + class."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    inputs = Schema([ColSpec(Array(Array("long")), "image", required=False),
+                     ColSpec("string", "path", required=False)])
+    outputs = Schema([*(ColSpec("double", name) for name in class_names), ColSpec("string", PREDICTED),
+                      ColSpec("string", ERROR)])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def requirements() -> list[str]:
+    """Pinned versions of what the served models import (MLflow writes them to requirements.txt)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("mlflow", "torch", "scikit-learn", "skops", "numpy", "pandas", "pillow", "pydicom", "scipy",
+                 "scikit-image"):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def log_served_model(client, run_id: str, name: str, files: Mapping[str, str | os.PathLike], card: dict,
+                     registered_name: str | None, **model_kwargs) -> tuple[Any, str | None]:
+    """Log one of our models as a pyfunc LoggedModel of run ``run_id`` and register it: (ModelInfo, version).
+
+    The model's files (``files``: name inside the data folder -> source file) and its card go into
+    ``data/<name>/``; MLflow loads it by importing ``loader_module`` (``model_kwargs``) from the installed
+    package. Registration goes through ``tasks.serving.model_trust.register``, which records every file's sha256
+    in the registry. Explicit run id and client, no active run: stages run in Prefect worker threads; the
+    LoggedModel is created in the run's experiment (without an active run MLflow would pick the default).
+    """
+    import shutil
+
+    from mlflow.models import Model
+
+    from tasks.serving import model_trust
+    from tasks.serving.model_card import CARD_FILE
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    with tempfile.TemporaryDirectory(prefix="mammo-serving-") as tmp, tracking_uri_set(client.tracking_uri):
+        data = Path(tmp) / name
+        data.mkdir()
+        for file_name, source in files.items():
+            shutil.copyfile(source, data / file_name)
+        write_json_atomic(data / CARD_FILE, card)
+        logged = client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id)
+        info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                         model_id=logged.model_id, data_path=str(data), pip_requirements=requirements(),
+                         **model_kwargs)
+        version = model_trust.register(client, info.model_uri, registered_name, run_id) if registered_name else None
+    return info, version
+
+
+def log_model(client, run_id: str, files: Mapping[str, str], sha256: str, card: dict,
+              registered_name: str | None = REGISTERED_NAME) -> tuple[Any, str | None]:
+    """Log the served classifier (``files`` as :func:`gather_artifacts` gives them) and register it."""
+    class_names = json.loads(Path(files["classifier"]).read_text(encoding="utf-8"))["class_names"]
+    patch_size = int(json.loads(Path(files["model_config"]).read_text(encoding="utf-8"))["patch_size"])
+    return log_served_model(
+        client, run_id, DATA_FOLDER, {SERVED_FILES[k]: v for k, v in files.items()}, card, registered_name,
+        loader_module=__name__, model_config={"fusion_sha256": sha256}, signature=signature_for(class_names),
+        input_example=example_input(patch_size))
+
+
+def log_and_register(ctx, registered_name: str = REGISTERED_NAME):
+    """From the classify stage (after ``fusion.skops`` and ``classifier.json`` are written): log + register.
+
+    Adds ``preprocessing.json`` to the classify folder, logs the model card with the model and tags the
+    run with the model version.
+    """
+    from tasks.serving.model_card import classifier_card
+
+    train_key = ctx.upstream["train"].key
+    files, sha256 = gather_artifacts(ctx.store_root, ctx.workdir, train_key, ctx.upstream["hashing"].key)
+    n_boot = ctx.params.classify.n_boot if ctx.params is not None else None
+    card = classifier_card(ctx.store_root, ctx.workdir, train_key, ctx.key, n_boot)
+    info, version = log_model(ctx.client, ctx.run_id, files, sha256, card, registered_name)
+    ctx.set_tags({"serving.model_id": info.model_id, "serving.registered_model": registered_name,
+                  "serving.registered_version": str(version)})
+    if version is not None:  # `mammo promote` moves `champion` here once the numbers say so
+        ctx.client.set_registered_model_alias(registered_name, "candidate", str(version))
+    ctx.logger.info("classify: served model %s registered as %s version %s", info.model_id, registered_name, version)
+    return info

@@ -1,0 +1,257 @@
+"""detect: Faster R-CNN on the fused backbone with a hash head, its baselines, COCO/FROC metrics and latency.
+
+Every model trains on the identical split and budget (epochs, batch, optimiser, augmentation, training
+windows, seed); each checkpoints per epoch into the stage's scratch folder, so a rerun after a kill
+continues. By default (``detect.train_crop``, ``detect.train_backbone``) training sees windows on a 32-px
+grid, most of them placed on a lesion, and ours keeps the fused extractor the train stage produced frozen;
+evaluation and serving always see whole breast crops. With the extractor frozen (``detect.cache_extractor``)
+it runs once per image and both fused detectors read its cached maps for training, validation and test
+(:mod:`mammo_core.detection.feature_cache`); the best epoch is picked on ``detect.val_images`` fixed
+validation images. The sealed folder holds ``detection.json`` (the Table 8 contract, with 95% bootstrap
+CIs over test images, each detector's initialisation and parameter counts, the training sizes and a
+seconds profile), ``table8_detection.csv``, ``history.json`` (per epoch: train and validation seconds),
+the per-image test detections the CIs are computed from (``test_detections.parquet``,
+``test_truth.parquet``, ``test_images.parquet``), the lesion-size figure and a few example figures (named by
+position, never by image id: CBIS ids carry patient ids), plus the final detector (``detector.pt`` +
+``detector_config.json``), logged as an MLflow model and registered as ``mammo-detector``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mammo_core.config import Params
+from mammo_core.detection import bootstrap, builders, data, engine, evaluate, feature_cache, latency, plots, records
+from mammo_core.sources.weight_sources import resolved_source
+from mammo_core.storage.store import file_sha256, write_json_atomic
+from mammo_core.training import checkpoint
+from tasks import runtime
+from tasks.serving import detector as detector_serving
+from tasks.stages.train import load_trained
+
+DETECTION_FILE = "detection.json"
+TABLE_FILE = "table8_detection.csv"
+WEIGHTS_FILE = "detector.pt"
+CONFIG_FILE = "detector_config.json"
+DETECTIONS_FILE = "test_detections.parquet"
+TRUTH_FILE = "test_truth.parquet"
+TEST_IMAGES_FILE = "test_images.parquet"
+FAST_RCNN_ABSENT = ("not run: Fast R-CNN needs external region proposals (selective search), which no "
+                    "library in this project provides; Faster R-CNN's RPN replaces them")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lesion_sizes(items: list[data.DetectionImage]) -> tuple[np.ndarray, dict]:
+    sizes = np.asarray([math.sqrt(float((b[2] - b[0]) * (b[3] - b[1]))) for it in items for b in it.boxes],
+                       dtype=float)
+    qs = {f"q{int(q * 100):02d}": float(np.quantile(sizes, q)) for q in (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)} \
+        if sizes.size else {}
+    return sizes, {"count": int(sizes.size), "quantiles_px": qs, "measure": "sqrt(w*h), detector-input pixels"}
+
+
+def _flatten(row: dict) -> dict:
+    flat = {k: v for k, v in row.items() if not isinstance(v, dict)}
+    flat.update({f"froc_{k}fp": v for k, v in row["froc"].items()})
+    flat.update({f"ap50_{k}": v for k, v in row["per_class_ap50"].items()})
+    flat.update({f"{k}_ci95_{end}": v[end] for k, v in row.get("ci95", {}).items() for end in ("low", "high")})
+    flat.update({f"{k}_params": v for k, v in row.get("parameters", {}).items()})
+    init = row.get("initialisation", {})
+    flat.update({"init_source": init.get("source"), "init_file": init.get("file"), "init_sha256": init.get("sha256")})
+    return flat
+
+
+def _initialisation(name: str, p: Any, train_dir: Path) -> dict[str, Any]:
+    """Where a detector's extractor starts from: the train stage's file, or the ResNet-50 file, or random."""
+    if name != "frcnn_r50":
+        weights = train_dir / "weights.pt"
+        return {"source": "train stage fused DenseNet", "file": weights.name, "sha256": file_sha256(weights),
+                "extractor_frozen": not p.train_backbone}
+    path = builders.r50_weights_file(p.r50_weights)
+    if path is None or not path.is_file():
+        return {"source": "random", "file": None, "sha256": None, "asked_for": p.r50_weights}
+    return {"source": p.r50_weights if p.r50_weights in ("coco", "imagenet") else "file", "file": path.name,
+            "sha256": file_sha256(path)}
+
+
+def _run(ctx: runtime.StageContext) -> None:
+    p = ctx.params.detect
+    device = _device(ctx.params.run.device)
+    dataset = data.load_detection_data(Path(ctx.upstream["curate"].path), p.classes, p.max_size, p.max_images)
+    train, val, test = dataset.split("train"), dataset.split("val"), dataset.split("test")
+    val_scored = val[: p.val_images] if p.val_images else val
+    ctx.logger.info("detect: %d train / %d val (%d scored per epoch) / %d test images, %d train boxes, dropped %s, "
+                    "device %s", len(train), len(val), len(val_scored), len(test),
+                    sum(len(i.boxes) for i in train), dict(dataset.dropped), device)
+    sizes, size_summary = lesion_sizes(dataset.images)
+    ctx.logger.info("detect: lesion sizes (sqrt area, input px) %s; anchors %s",
+                    {k: round(v, 1) for k, v in size_summary["quantiles_px"].items()}, p.anchor_sizes)
+    ctx.log_artifact(plots.lesion_sizes_figure(sizes, p.anchor_sizes, ctx.workdir / "lesion_sizes.png"), "figures")
+    train_dir = Path(ctx.upstream["train"].path)
+    fused, train_config = load_trained(train_dir)
+    names = ["ours", *p.baselines]
+    use_cache = p.cache_extractor and not p.train_backbone
+    fused_left = sum(1 for n in names if n != "frcnn_r50") if use_cache else 0
+    cache: feature_cache.FeatureCache | None = None
+    profile: dict[str, Any] = {"feature_cache_s": 0.0, "models": {}}
+
+    def config_for(name: str) -> builders.DetectorConfig:
+        return builders.config_from_params(p, name, dataset.classes, freeze_upto=train_config["freeze_upto"])
+
+    rows, history, models, predictions = [], {}, {}, {}
+    for name in names:
+        cfg = config_for(name)
+        model, tag = builders.build_detector(cfg, copy.deepcopy(fused) if name != "frcnn_r50" else None,
+                                             p.r50_weights, freeze_extractor=not p.train_backbone)
+        features = None
+        if use_cache and name != "frcnn_r50":
+            started = time.perf_counter()
+            cache = cache or feature_cache.FeatureCache(model)
+            cache.add(model, [*train, *val_scored], device)  # once: ours_nohash finds them there
+            profile["feature_cache_s"] += time.perf_counter() - started
+            features = cache
+
+        def val_ap50(model: torch.nn.Module, features: feature_cache.FeatureCache | None = features) -> float:
+            m = evaluate.coco_metrics(engine.predict(model, val_scored, device, features),
+                                      [i.target() for i in val_scored], dataset.classes)
+            return 0.0 if math.isnan(m["map50"]) else m["map50"]
+
+        def on_epoch(record: engine.EpochRecord, name: str = name) -> None:
+            ctx.log_metrics({f"detect/{name}/train_loss": record.train_loss}
+                            | ({f"detect/{name}/val_map50": record.val_score} if record.val_score is not None
+                               else {}), step=record.epoch)
+            ctx.logger.info("detect: %s epoch %d loss %.4f val AP50 %s (%.1f s: train %.1f, val %.1f)", name,
+                            record.epoch, record.train_loss, record.val_score, record.seconds,
+                            record.train_seconds, record.eval_seconds)
+
+        result = engine.train_detector(
+            model, train, **engine.options_from_params(p), checkpoint_path=ctx.scratch / f"{name}.pt",
+            device=device, features=features, scorer=val_ap50 if val_scored and p.epochs > 1 else None,
+            on_epoch=on_epoch)
+        started = time.perf_counter()
+        preds = engine.predict(result.model, test, device, features)
+        test_seconds = time.perf_counter() - started
+        if features is not None:
+            fused_left -= 1
+            if fused_left == 0:
+                cache = None  # the ResNet-50 trains on pixels: free the maps first
+        targets = [i.target() for i in test]
+        coco = evaluate.coco_metrics(preds, targets, dataset.classes)
+        rows.append({"model": name, "map50": coco["map50"], "map": coco["map"], "ar100": coco["ar100"],
+                     "lesion_ap50": evaluate.lesion_ap50(preds, targets),
+                     "latency_ms": float("nan"), "froc": evaluate.froc(preds, targets),
+                     "per_class_ap50": coco["per_class_ap50"], "weights": tag,
+                     "initialisation": _initialisation(name, p, train_dir),
+                     "parameters": builders.parameter_counts(result.model),
+                     "params_m": round(builders.parameter_millions(result.model), 3), "epochs": p.epochs,
+                     "best_epoch": result.best_epoch, "resumed_from_epoch": result.resumed_from_epoch,
+                     "extractor": "cached maps (run once per image)" if features is not None else "run per window"})
+        history[name] = [h.to_dict() for h in result.history]
+        profile["models"][name] = {
+            "train_s": round(sum(h.train_seconds or 0.0 for h in result.history), 2),
+            "val_s": round(sum(h.eval_seconds or 0.0 for h in result.history), 2),
+            "test_predict_s": round(test_seconds, 2),
+            "epochs_run": len(result.history) - (result.resumed_from_epoch or 0)}
+        models[name], predictions[name] = result.model, preds
+        ctx.set_tags({f"detect.{name}.weights": tag})
+    cache = None
+
+    # the per-image test detections are the artifact; Table 8's intervals are computed from what was written
+    truth, images = records.truth_frames(test)
+    records.write_parquet_atomic(records.detections_frame(predictions), ctx.workdir / DETECTIONS_FILE)
+    records.write_parquet_atomic(truth, ctx.workdir / TRUTH_FILE)
+    records.write_parquet_atomic(images, ctx.workdir / TEST_IMAGES_FILE)
+    saved, saved_targets, groups = records.read_back(
+        pd.read_parquet(ctx.workdir / DETECTIONS_FILE), pd.read_parquet(ctx.workdir / TRUTH_FILE),
+        pd.read_parquet(ctx.workdir / TEST_IMAGES_FILE), names)
+    for row in rows:
+        intervals = bootstrap.detection_intervals(saved[row["model"]], saved_targets, len(dataset.classes),
+                                                  groups, n_boot=p.n_boot, seed=p.seed)
+        row["ci95"] = {k: v.to_dict() for k, v in intervals.items()}
+
+    started = time.perf_counter()
+    probe = test[0].image if test else (dataset.images[0].image if dataset.images else torch.rand(1, p.max_size,
+                                                                                                     p.max_size))
+    times = latency.measure_latency(models, engine.as_input(probe, device), repeats=p.latency_repeats)
+    profile["latency_s"] = round(time.perf_counter() - started, 2)
+    profile["feature_cache_s"] = round(profile["feature_cache_s"], 2)
+    metrics: dict[str, float] = {}
+    for row in rows:
+        row["latency_ms"] = times[row["model"]]
+        prefix = f"detect/{row['model']}"
+        for key in ("map50", "map", "ar100", "lesion_ap50", "latency_ms"):
+            metrics[f"{prefix}/{key}"] = row[key]
+        for rate, value in row["froc"].items():
+            metrics[f"{prefix}/froc_{rate.replace('.', '_')}fp"] = value
+    if "frcnn_r50" in times:
+        metrics["detect/ours/latency_ratio_vs_r50"] = times["ours"] / times["frcnn_r50"]
+    metrics["detect/images_test"] = len(test)
+    for name, value in size_summary["quantiles_px"].items():
+        metrics[f"detect/lesion_size_{name}"] = value
+    for reason, n in dataset.dropped.items():
+        metrics[f"detect/dropped/{reason}"] = n
+    ctx.log_metrics({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))})
+
+    write_json_atomic(ctx.workdir / DETECTION_FILE, {
+        "classes": dataset.classes, "input_size": p.max_size, "rows": rows, "fast_rcnn": FAST_RCNN_ABSENT,
+        "lesion_sizes": size_summary, "dropped_boxes": dict(dataset.dropped),
+        "latency_input_hw": list(probe.shape[-2:]), "device": str(device),
+        "split_images": {"train": len(train), "val": len(val), "val_scored_per_epoch": len(val_scored),
+                         "test": len(test)},
+        "training": {"epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr, "train_crop": p.train_crop,
+                     "window_grid": feature_cache.WINDOW_GRID, "positive_fraction": p.positive_fraction,
+                     "train_backbone": p.train_backbone, "cache_extractor": use_cache, "augment": p.augment,
+                     "roi_samples": p.roi_samples, "proposals_train": p.proposals_train,
+                     "proposals_test": p.proposals_test, "max_size": p.max_size, "max_images": p.max_images,
+                     "val_images": p.val_images},
+        "bootstrap": {"n_boot": p.n_boot, "confidence": 0.95, "unit": "test images, a patient's images drawn "
+                      "together", "source": [DETECTIONS_FILE, TRUTH_FILE, TEST_IMAGES_FILE]},
+        "profile_seconds": profile,
+    })
+    flat = [_flatten(r) for r in rows]
+    fields = list(dict.fromkeys(k for f in flat for k in f))
+    with open(ctx.workdir / TABLE_FILE, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(flat)
+    write_json_atomic(ctx.workdir / "history.json", history)
+    for k, item in enumerate(test[: p.examples]):
+        fig = plots.example_figure(item.image, item.target(), predictions["ours"][k], dataset.classes,
+                                   ctx.workdir / f"examples_{k + 1}.png")
+        ctx.log_artifact(fig, "figures")
+    for name in (DETECTION_FILE, TABLE_FILE, DETECTIONS_FILE, TRUTH_FILE, TEST_IMAGES_FILE):
+        ctx.log_artifact(ctx.workdir / name)
+
+    checkpoint.save_atomic(models["ours"].state_dict(), ctx.workdir / WEIGHTS_FILE)
+    write_json_atomic(ctx.workdir / CONFIG_FILE, config_for("ours").to_dict())
+    detector_serving.log_and_register(ctx)
+
+
+def key_inputs(params: Params) -> dict[str, Any]:
+    """The ResNet-50 baseline's starting weights as found on disk (it falls back to random init)."""
+    p = params.detect
+    if "frcnn_r50" not in p.baselines:
+        return {}
+    return {"r50_weights": resolved_source(builders.r50_weights_file(p.r50_weights))}
+
+
+SPEC = runtime.StageSpec(
+    name="detect",
+    upstream=("curate", "train"),
+    sections=("detect",),
+    run=_run,
+    key_inputs=key_inputs,
+)

@@ -1,0 +1,217 @@
+"""train: Freeze1..3 transfer learning on a shared frozen trunk (mammo_core.models.fused, mammo_core.training.loop).
+
+Checkpoints go to the stage's scratch folder (stable per key), so a rerun after a kill continues from the
+last finished epoch; the sealed folder holds the best weights, per-epoch history, per-branch test
+predictions, confusion matrices and the validation-curve figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+
+from mammo_core.config import Params
+from mammo_core.evaluation import figures
+from mammo_core.models import fused as model
+from mammo_core.sources.weight_sources import resolved_source
+from mammo_core.storage import h5io
+from mammo_core.storage.store import write_json_atomic
+from mammo_core.training import checkpoint, devices, schedule
+from mammo_core.training import loop as training
+from tasks import runtime
+from tasks.stages.augment import FILE as AUGMENTED_FILE
+from tasks.stages.patches import FILE as PATCHES_FILE
+
+WEIGHTS = "weights.pt"
+MODEL_CONFIG = "model_config.json"
+PREDICTIONS = "predictions.h5"
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+def load_trained(stage_path: str | Path) -> tuple[model.FusedDenseNet, dict]:
+    """The fused model of a finished train stage (weights read with weights_only=True)."""
+    folder = Path(stage_path)
+    config = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8"))
+    fused = model.FusedDenseNet(config["num_classes"], config["freeze_upto"])
+    state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+    fused.load_state_dict(state)
+    fused.eval()
+    return fused, config
+
+
+def _run(ctx: runtime.StageContext) -> None:
+    p = ctx.params.train
+    patches_file = ctx.upstream["patches"].file(PATCHES_FILE)
+    class_names = list(h5io.read_attrs(patches_file)["class_names"])
+    train = training.load_tensor_data(ctx.upstream["augment"].file(AUGMENTED_FILE))
+    val = training.load_tensor_data(patches_file, split=SPLIT_CODES["val"])
+    test = training.load_tensor_data(patches_file, split=SPLIT_CODES["test"])
+    sched = schedule.Schedule.from_params({**p.model_dump(), "device": ctx.params.run.device})
+    freeze_upto = dict(p.freeze_upto or model.DEFAULT_FREEZE_UPTO)
+    backbone = model.load_backbone_weights(p.weights)
+    ctx.set_tags({"train.weights": p.weights if backbone is not None else "none (random initialisation)",
+                  "train.device": str(sched.resolve_device())})
+    ctx.logger.info("train: %d training rows, %d val, %d test, %d classes, device %s",
+                    len(train), len(val), len(test), len(class_names), sched.resolve_device())
+
+    def on_epoch(report: training.EpochReport, branch: str | None = None) -> None:
+        for b in report.train_loss if branch is None else [branch]:
+            key = b if branch is None else branch
+            ctx.log_metrics({f"train/{key}/train_loss": report.train_loss[key],
+                             f"train/{key}/val_acc": report.val_acc[key],
+                             f"train/{key}/lr": report.lr[key]}, step=report.epoch)
+        ctx.logger.info("train: epoch %d val_acc %s (%.1f s)", report.epoch,
+                        {k: round(v, 3) for k, v in report.val_acc.items()}, report.seconds)
+
+    if p.mode == "shared":
+        fused = model.FusedDenseNet(len(class_names), freeze_upto, backbone, seed=p.seed)
+        result = training.train_branches(
+            fused, train, val, sched, mode="cached" if p.cache_trunk else "shared",
+            checkpoint_dir=ctx.scratch, class_names=class_names, on_epoch=on_epoch,
+        )
+        fused = result.model
+        ctx.log_metric("train/resumed_from_epoch", result.resumed_from_epoch)
+        results = {b: result for b in freeze_upto}
+        history = {b: result.history for b in freeze_upto}
+    else:
+        singles = {b: model.build_single(point, len(class_names), backbone, seed=p.seed, name=b)
+                   for b, point in freeze_upto.items()}
+        results = training.train_separate(
+            singles, train, val, sched, checkpoint_dir=ctx.scratch, class_names=class_names,
+            on_epoch=lambda b, r: on_epoch(r, b),
+        )
+        fused = model.fused_from_singles({b: r.model for b, r in results.items()})
+        ctx.log_metric("train/resumed_from_epoch", min(r.resumed_from_epoch for r in results.values()))
+        history = {b: r.history for b, r in results.items()}
+
+    checkpoint.save_atomic(fused.state_dict(), ctx.workdir / WEIGHTS)
+    counts = model.parameter_counts(fused)
+    write_json_atomic(ctx.workdir / MODEL_CONFIG, {
+        "num_classes": len(class_names), "class_names": class_names, "freeze_upto": freeze_upto,
+        "patch_size": int(train.images.shape[-1]), "weights": p.weights, "parameter_counts": counts,
+        "feature_dim": model.FEATURE_DIM,
+    })
+    write_json_atomic(ctx.workdir / "history.json",
+                      {b: [r.to_dict() for r in h] for b, h in history.items()})
+
+    evaluations = {name: training.evaluate(fused, data, batch_size=sched.batch_size)
+                   for name, data in (("val", val), ("test", test))}
+    with h5py.File(ctx.workdir / PREDICTIONS, "w") as fh:
+        for split, per_branch in evaluations.items():
+            labels = (val if split == "val" else test).labels.numpy()
+            fh.create_dataset(f"{split}/labels", data=labels)
+            for b, ev in per_branch.items():
+                fh.create_dataset(f"{split}/{b}/probabilities", data=ev.probabilities)
+                fh.create_dataset(f"{split}/{b}/predictions", data=ev.predictions)
+        fh.attrs["class_names"] = json.dumps(class_names)
+
+    metrics: dict[str, float] = {}
+    for b in freeze_upto:
+        ev = evaluations["test"][b]
+        metrics[f"train/{b}/test_acc"] = ev.accuracy
+        recalls = np.diag(ev.confusion) / np.maximum(ev.confusion.sum(axis=1), 1)
+        present = ev.confusion.sum(axis=1) > 0
+        metrics[f"train/{b}/test_balanced_acc"] = float(recalls[present].mean()) if present.any() else float("nan")
+        metrics[f"train/{b}/best_epoch"] = results[b].best_epoch[b]
+        metrics[f"train/{b}/best_val_acc"] = results[b].best_val_acc[b]
+        metrics[f"train/{b}/params_frozen"] = counts[b]["frozen"]
+        metrics[f"train/{b}/params_trainable"] = counts[b]["trainable"]
+        np.savetxt(ctx.workdir / f"confusion_{b}.csv", ev.confusion, fmt="%d", delimiter=",",
+                   header=",".join(class_names))
+        fig = figures.confusion_matrix_figure(ev.confusion, class_names, f"{b}: test confusion",
+                                              ctx.workdir / f"confusion_{b}.png")
+        ctx.log_artifact(fig, "figures")
+    test_counts = np.bincount(test.labels.numpy(), minlength=len(class_names))
+    metrics["train/test_majority_acc"] = float(test_counts.max() / max(test_counts.sum(), 1))  # the bar to beat
+    ctx.log_metrics(metrics)
+    curves = {b: [r.val_acc[b] for r in h] for b, h in history.items()}
+    fig = figures.curves_figure(curves, "Validation accuracy per branch", ctx.workdir / "val_curves.png")
+    ctx.log_artifact(fig, "figures")
+
+
+def pretrain_branch(params: Params, upstream: Mapping[str, runtime.StageResult], scratch: Path, branch: str,
+                    device: str) -> int:
+    """Train one ``separate``-mode branch into the train stage's checkpoint folder; returns its best epoch.
+
+    Why: this lets a cluster train the three branches at once, one per GPU. Each branch writes exactly the
+    checkpoint that ``_run`` would write (same seed, same batch order), so when the train stage runs next it
+    resumes every branch from its final epoch, trains nothing more, and seals the same weights a
+    single-process run produces.
+    """
+    p = params.train
+    patches_file = upstream["patches"].file(PATCHES_FILE)
+    class_names = list(h5io.read_attrs(patches_file)["class_names"])
+    train = training.load_tensor_data(upstream["augment"].file(AUGMENTED_FILE))
+    val = training.load_tensor_data(patches_file, split=SPLIT_CODES["val"])
+    sched = schedule.Schedule.from_params({**p.model_dump(), "device": device})
+    freeze_upto = dict(p.freeze_upto or model.DEFAULT_FREEZE_UPTO)
+    if branch not in freeze_upto:
+        raise ValueError(f"train: unknown branch {branch!r}; branches are {sorted(freeze_upto)}")
+    single = model.build_single(freeze_upto[branch], len(class_names), model.load_backbone_weights(p.weights),
+                                seed=p.seed, name=branch)
+    result = training.train_separate({branch: single}, train, val, sched, checkpoint_dir=scratch,
+                                     class_names=class_names)
+    return int(result[branch].best_epoch[branch])
+
+
+def branch_names(params: Params) -> list[str]:
+    return list(dict(params.train.freeze_upto or model.DEFAULT_FREEZE_UPTO))
+
+
+def _dask_worker_name() -> object | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().name
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return None
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def branch_task(ctx: runtime.RunContext, key: str, upstream: dict[str, runtime.StageResult], branch: str) -> int:
+    """One branch training as its own task; the GPU comes from the Dask worker that holds the resource.
+
+    The ``gpu-<i>`` global concurrency limit (made by the flow) keeps a second task off the same GPU.
+    """
+    threads = os.environ.get("MAMMO_TORCH_THREADS")  # set by flows.runners for LocalCluster workers
+    if threads:
+        torch.set_num_threads(int(threads))
+    gpu = devices.assigned_gpu(_dask_worker_name())
+    device = devices.device_for(ctx.params["run"]["device"], gpu, torch.cuda.device_count())
+    scratch = Path(ctx.store) / "scratch" / "train" / key
+    guard = concurrency(f"gpu-{gpu}", occupy=1) if gpu is not None else nullcontext()
+    with guard:
+        get_run_logger().info("train: branch %s on %s (GPU slot %s)", branch, device, gpu)
+        return pretrain_branch(ctx.typed_params(), upstream, scratch, branch, device)
+
+
+def backbone_weights_file(source: str) -> Path | None:
+    """The file ``model.load_backbone_weights(source)`` reads; None for ``none``."""
+    if source == "none":
+        return None
+    return model.imagenet_weights_path() if source == "imagenet" else Path(source)
+
+
+def key_inputs(params: Params) -> dict[str, Any]:
+    """The DenseNet weights the branches start from: the file's sha256, or ``random``."""
+    return {"weights": resolved_source(backbone_weights_file(params.train.weights))}
+
+
+SPEC = runtime.StageSpec(
+    name="train",
+    upstream=("patches", "augment"),
+    sections=("train",),
+    run=_run,
+    key_inputs=key_inputs,
+)
