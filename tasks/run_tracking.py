@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from mammo_core.config import load_params
 from mammo_core.storage.store import MANIFEST, ArtifactStore, make_private
 from tasks import registry, tracking
-from tasks.runtime import RunContext, _log_params
+from tasks.runtime import RunContext, log_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def open_run(
                 "kind": "pipeline",
             },
         )
-        _log_params(client, parent, dump)
+        log_params(client, parent, dump)
         client.log_text(parent, yaml.safe_dump(dump, sort_keys=True), "params.yaml")
     return RunContext(
         store=str(store_root),

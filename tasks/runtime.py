@@ -236,7 +236,7 @@ def _produce(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, Sta
         tags={**_stage_tags(spec, ctx, key, cache_hit=False), **{f"upstream.{u}": r.key for u, r in upstream.items()}},
         parent_run_id=ctx.parent_run_id,
     )
-    _log_params(client, run_id, spec.params_of(params))
+    log_params(client, run_id, spec.params_of(params))
     swept = store.sweep_abandoned(spec.name)
     if swept:
         logger.info("%s: removed %d temporary folder(s) left by killed runs", spec.name, swept)
@@ -301,7 +301,7 @@ def _produce(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, Sta
     )
 
 
-def _log_params(client: MlflowClient, run_id: str, sections: Mapping[str, Any]) -> None:
+def log_params(client: MlflowClient, run_id: str, sections: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
     flat: dict[str, str] = {}
@@ -342,7 +342,7 @@ def record_cache_hit(spec: StageSpec, ctx: RunContext, result: StageResult) -> s
               "stage_path": result.path},
         parent_run_id=ctx.parent_run_id,
     )
-    _log_params(client, run_id, spec.params_of(ctx.typed_params()))
+    log_params(client, run_id, spec.params_of(ctx.typed_params()))
     tracking.log_metrics(client, run_id, result.metrics)
     tracking.finish_run(client, run_id, ok=True)
     return run_id

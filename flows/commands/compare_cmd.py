@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.commands.report_cmd import (
+from flows.run_lookup import (
     PipelineRun,
     RunNotFound,
     find_pipeline_run,

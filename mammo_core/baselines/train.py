@@ -2,7 +2,7 @@
 
 Same protocol as the Freeze1..3 branches (:mod:`mammo_core.training.loop`): the same data (augmented train
 set, validation patches), the same input preparation (:func:`~mammo_core.training.loop.prepare_images`), the
-same batch order (one seeded generator, :func:`~mammo_core.training.loop._epoch_batches`), the same schedule
+same batch order (one seeded generator, :func:`~mammo_core.training.loop.epoch_batches`), the same schedule
 (:class:`~mammo_core.training.schedule.Schedule`: SGD, step decay, warm-up, roll-back to the best validation
 weights every ``rollback_every`` epochs) and the same checkpoint contract (:mod:`mammo_core.training.checkpoint`:
 weights, optimizer, scheduler, RNG states, best-so-far and history, written atomically after every
@@ -46,8 +46,8 @@ from mammo_core.training.checkpoint import (
 from mammo_core.training.loop import (
     TensorData,
     TrainingDiverged,
-    _epoch_batches,
     check_training_classes,
+    epoch_batches,
     prepare_images,
 )
 from mammo_core.training.schedule import Schedule, make_optimizer, make_scheduler
@@ -200,7 +200,7 @@ def train_baseline(
         model.train()
         lr = float(optimizer.param_groups[0]["lr"])
         loss_sum, seen = 0.0, 0
-        batches = _epoch_batches(len(train), schedule.batch_size, generator)
+        batches = epoch_batches(len(train), schedule.batch_size, generator)
         for i, idx in enumerate(batches):
             stop_request.check(f"baseline training epoch {epoch + 1}")  # between batches: checkpoints stay valid
             if on_batch is not None:

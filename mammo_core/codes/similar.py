@@ -202,7 +202,7 @@ class SimilarCaseIndex:
             unit = patches.to_unit_range(image, mask, s.intensity)
             crop_box = patches.lesion_crop_box(box, s.context, s.min_size_px / scale)
         crop = patches.cut_crop(unit, crop_box)
-        return patches._to_uint8(patches.resize_square(crop, s.size))
+        return patches.to_uint8(patches.resize_square(crop, s.size))
 
     # -- patch -> code ------------------------------------------------------------------------------
     def fused_features(self, patch_batch: np.ndarray) -> np.ndarray:

@@ -282,7 +282,8 @@ def to_unit_range(image: np.ndarray, mask: np.ndarray, intensity: Intensity) -> 
     return np.clip((values - lo) * (255.0 / (hi - lo)), 0.0, 255.0)
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Values already on the 0..255 scale, rounded and stored as ``uint8`` as ``patches.h5`` holds them."""
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
@@ -322,7 +323,7 @@ def process_image(job: _ImageJob) -> _ImageResult:
     result = _ImageResult(job.image_id, empty, [], [], [])
     for lesion in job.lesions:
         box = fit_crop_box(lesion.box, image.shape)
-        crops.append(_to_uint8(resize_square(crop_padded(unit, box), s.size)))
+        crops.append(to_uint8(resize_square(crop_padded(unit, box), s.size)))
         result.labels.append(int(lesion.label))
         result.source_ids.append(lesion.lesion_id)
         result.boxes.append(box)
@@ -341,7 +342,7 @@ def process_image(job: _ImageJob) -> _ImageResult:
         y, x = int(axis_offsets(image.shape[0], side)[iy]), int(axis_offsets(image.shape[1], side)[ix])
         box = fit_crop_box((x, y, x + side, y + side), image.shape)  # already placed; the one rule, stated
         taken.append(box)
-        crops.append(_to_uint8(resize_square(crop_padded(unit, box), s.size)))
+        crops.append(to_uint8(resize_square(crop_padded(unit, box), s.size)))
         result.labels.append(labels.NORMAL_LABEL)
         result.source_ids.append(f"{job.image_id}#normal{k}")
         result.boxes.append(box)

@@ -254,7 +254,8 @@ class _FrozenAware(nn.Module):
             return self.trunk(x)
 
 
-def _pool(maps: Tensor) -> Tensor:
+def global_average_pool(maps: Tensor) -> Tensor:
+    """(N, C, H, W) feature maps -> (N, C) features: the mean over space, as DenseNet's classifier input."""
     return torch.flatten(torch.mean(maps, dim=(2, 3)), 1)
 
 
@@ -306,7 +307,7 @@ class FusedDenseNet(_FrozenAware):
         return {branch: module(t) for branch, module in self.branches.items()}
 
     def features_from_trunk(self, t: Tensor) -> dict[str, Tensor]:
-        return {branch: _pool(maps) for branch, maps in self.maps_from_trunk(t).items()}
+        return {branch: global_average_pool(maps) for branch, maps in self.maps_from_trunk(t).items()}
 
     def forward_from_trunk(self, t: Tensor) -> dict[str, Tensor]:
         """Logits per branch from a (possibly cached) trunk output: how training skips the trunk."""
@@ -357,7 +358,7 @@ class SingleBranchDenseNet(_FrozenAware):
         return self._run_trunk(x)
 
     def features(self, x: Tensor) -> Tensor:
-        return _pool(self.continuation(self.trunk_output(x)))
+        return global_average_pool(self.continuation(self.trunk_output(x)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

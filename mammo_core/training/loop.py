@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mammo_core.models.fused import FusedDenseNet, SingleBranchDenseNet, _pool
+from mammo_core.models.fused import FusedDenseNet, SingleBranchDenseNet, global_average_pool
 from mammo_core.runtime import faults, stop_request
 from mammo_core.storage import h5io
 from mammo_core.training.checkpoint import (
@@ -150,7 +150,7 @@ def prepare_images(images: Tensor, device: torch.device | str) -> Tensor:
     return (x.expand(-1, 3, -1, -1) - mean) / std
 
 
-def _epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
     """One shuffled pass; a trailing batch of one sample is dropped (train-mode BN cannot use it)."""
     batches = list(torch.randperm(n, generator=generator).split(batch_size))
     if batches and len(batches[-1]) == 1 and n > 1:
@@ -216,7 +216,7 @@ class _Net:
 
     def logits(self, branch: str, trunk_out: Tensor) -> Tensor:
         continuation, head = self.parts[branch]
-        return head(_pool(continuation(trunk_out)))
+        return head(global_average_pool(continuation(trunk_out)))
 
     def frozen_output(self, branch: str, trunk_out: Tensor) -> Tensor:
         """The trunk output carried through the branch's own frozen segments (fixed, hence cacheable)."""
@@ -258,7 +258,7 @@ class _Net:
         h = frozen_out
         for module in self.rest[branch]:
             h = module(h)
-        return self.parts[branch][1](_pool(h))
+        return self.parts[branch][1](global_average_pool(h))
 
     def trainable(self, branch: str) -> list[nn.Parameter]:
         return [p for p in self.parts[branch].parameters() if p.requires_grad]
@@ -616,7 +616,7 @@ def _run_epoch(
     model.train()
     lrs = {b: float(optimizers[b].param_groups[0]["lr"]) for b in net.branches}
     loss_sums = {b: torch.zeros((), dtype=torch.float64, device=device) for b in net.branches}
-    batches = _epoch_batches(len(train), schedule.batch_size, generator)
+    batches = epoch_batches(len(train), schedule.batch_size, generator)
     workers = 0 if cache is not None else schedule.num_workers
     for i, (idx, images, labels) in enumerate(_iter_batches(train, batches, workers, device.type == "cuda")):
         stop_request.check(f"training epoch {epoch + 1}")  # between batches: the last checkpoint stays valid

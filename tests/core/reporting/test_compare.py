@@ -73,11 +73,11 @@ def test_compare_runs_writes_every_item_to_one_long_frame_and_markdown():
 
 
 def _classify_run(root: Path, run_id: str, key: str, test_correct: list[bool] | None) -> object:
-    """A pipeline parent run (as flows.commands.report_cmd.PipelineRun sees it) whose classify stage folder holds
+    """A pipeline parent run (as flows.run_lookup.PipelineRun sees it) whose classify stage folder holds
     ``predictions.csv`` with the given per-patch test outcomes (2 patches per patient); None: no file."""
     from types import SimpleNamespace
 
-    from flows.commands.report_cmd import PipelineRun
+    from flows.run_lookup import PipelineRun
 
     folder = root / "stages" / "classify" / key
     folder.mkdir(parents=True)
