@@ -31,6 +31,7 @@ from flows.commands.report_cmd import report
 from flows.commands.serve_cmd import serve
 from flows.commands.similar_cmd import similar
 from flows.commands.weights_cmd import weights_app
+from mammo_core.storage import stage_files
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -279,7 +280,8 @@ def _reporter():
 def where_to_look(outcomes: list[dict], root: Path) -> list[str]:
     """The closing lines of a finished run: where the report is and the one command that opens the UI."""
     lines = []
-    report = next((Path(o["path"]) / "report.html" for o in outcomes if o["stage"] == "report" and o["path"]), None)
+    report = next((Path(o["path"]) / stage_files.REPORT.html for o in outcomes if o["stage"] == "report" and o["path"]),
+                  None)
     if report is not None and report.is_file():
         lines.append(f"Report (open in a browser): {report}")
     program = sys.argv[0] if Path(sys.argv[0]).name == "mammo" else "mammo"

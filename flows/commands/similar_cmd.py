@@ -19,6 +19,7 @@ from rich.table import Table
 from flows import environment
 from mammo_core.config import Params
 from mammo_core.errors import BadItem
+from mammo_core.storage import stage_files
 
 if TYPE_CHECKING:  # imported where used: they load torch, which every other mammo command does without
     from mammo_core.codes.similar import SimilarCaseIndex
@@ -53,14 +54,14 @@ def load_index(
     train_dir, features_dir, hashing_dir = Path(train_dir), Path(features_dir), Path(hashing_dir)
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; use one of {list(DECODERS)}")
-    weights, features_key = read_fusion_weights(features_dir / "fusion.json")
+    weights, features_key = read_fusion_weights(features_dir / stage_files.FEATURES.fusion)
     train_key = train_dir.name
     if features_key is not None and features_key != train_key:
         raise ValueError(f"{features_dir}: features of model {features_key}, not of the train stage {train_key}")
     db = read_code_database(hashing_dir / CODES_FILE, decoder, bits)
     if db["model_key"] is not None and db["model_key"] != train_key:
         raise ValueError(f"{hashing_dir}: codes of model {db['model_key']}, not of the train stage {train_key}")
-    hashing_config = json.loads((hashing_dir / "hashing.json").read_text(encoding="utf-8"))
+    hashing_config = json.loads((hashing_dir / stage_files.HASHING.summary).read_text(encoding="utf-8"))
     if bits not in hashing_config["bits"]:
         raise ValueError(f"{hashing_dir}: no {bits}-bit decoder; trained code lengths are {hashing_config['bits']}")
     model, config = load_trained(train_dir)  # the slow part last: bad folders fail fast

@@ -53,6 +53,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from mammo_core.data import labels
+from mammo_core.storage import stage_files
 from mammo_core.storage.h5io import ChunkedH5Writer, DatasetSpec, string_dtype
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -354,7 +355,7 @@ def process_image(job: _ImageJob) -> _ImageResult:
 
 # -- planning from the tables ------------------------------------------------------------------------------
 def _class_names(curate_dir: Path, lesions: pd.DataFrame) -> list[str]:
-    report = curate_dir / "curation_report.json"
+    report = curate_dir / stage_files.CURATE.report
     if report.is_file():
         classes = json.loads(report.read_text(encoding="utf-8")).get("classes")
         if classes:
@@ -486,8 +487,8 @@ def extract_patches(
     settings = PatchSettings(size=size, context=context, min_size_px=min_size_px,
                              normals_per_image=normals_per_image, seed=seed, breast_threshold=breast_threshold,
                              min_breast_fraction=min_breast_fraction, intensity=intensity)
-    images = pd.read_parquet(curate_dir / "images.parquet")
-    lesions = pd.read_parquet(curate_dir / "lesions.parquet")
+    images = pd.read_parquet(curate_dir / stage_files.CURATE.images)
+    lesions = pd.read_parquet(curate_dir / stage_files.CURATE.lesions)
     names = _class_names(curate_dir, lesions)
     jobs, skipped, normals_requested = _plan(images, lesions, cache_dir, settings, len(names))
     counts = {split: dict.fromkeys(names, 0) for split in SPLIT_CODES}

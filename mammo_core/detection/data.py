@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 
 from mammo_core.data.patches import breast_mask, to_unit_range
+from mammo_core.storage import stage_files
 
 CLASS_SETS: dict[str, tuple[str, ...]] = {
     "four": ("MASS_BENIGN", "MASS_MALIGNANT", "CALC_BENIGN", "CALC_MALIGNANT"),
@@ -158,11 +159,11 @@ def load_detection_data(curate_dir: str | Path, kind: str, max_size: int, max_im
     """Detector inputs for every curated image in ``splits`` (at most ``max_images`` per split, table order)."""
     curate_dir = Path(curate_dir)
     names = class_names(kind)
-    images = pd.read_parquet(curate_dir / "images.parquet")
-    lesions = pd.read_parquet(curate_dir / "lesions.parquet")
-    for table, cols, name in ((images, ("image_id", "split", "cache_path", "scale"), "images.parquet"),
+    images = pd.read_parquet(curate_dir / stage_files.CURATE.images)
+    lesions = pd.read_parquet(curate_dir / stage_files.CURATE.lesions)
+    for table, cols, name in ((images, ("image_id", "split", "cache_path", "scale"), stage_files.CURATE.images),
                               (lesions, ("image_id", "abnormality_type", "pathology", "x0", "y0", "x1", "y1"),
-                               "lesions.parquet")):
+                               stage_files.CURATE.lesions)):
         missing = [c for c in cols if c not in table.columns]
         if missing:
             raise ValueError(f"{curate_dir / name}: missing columns {missing}")

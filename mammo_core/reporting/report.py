@@ -31,7 +31,7 @@ from mammo_core.evaluation import paired_bootstrap as pb
 from mammo_core.reporting import paper_claims as claims
 from mammo_core.reporting import verdicts as vd
 from mammo_core.reporting.report_render import Figure, Preformatted, Section, Table, format_value, write_report
-from mammo_core.storage import h5io
+from mammo_core.storage import h5io, stage_files
 from mammo_core.storage.store import MANIFEST, file_sha256
 
 TITLE = "mammo-fusion: run report"
@@ -183,7 +183,7 @@ def _run_section(art: _Artifacts, run_info: Mapping[str, Any]) -> Section:
 def _data_section(art: _Artifacts) -> Section:
     section = Section("Data summary")
     reader = _Reader(art, section)
-    report = reader.json("curate", "curation_report.json")
+    report = reader.json("curate", stage_files.CURATE.report)
     classes: list[str] = []
     if report is not None:
         classes = list(report.get("classes", []))
@@ -203,7 +203,7 @@ def _data_section(art: _Artifacts) -> Section:
         if reasons:
             frame = pd.DataFrame(sorted(reasons.items(), key=lambda kv: -kv[1]), columns=["reason", "items"])
             section.add(Table("data_quarantine", frame, "Items quarantined by curation, per reason"))
-    summary = reader.json("patches", "patches_summary.json")
+    summary = reader.json("patches", stage_files.PATCHES.summary)
     if summary is not None:
         order = list(summary.get("class_names", classes))
         section.add(Table("data_patches_per_class", _per_class_split(summary["counts"], order),
@@ -240,7 +240,7 @@ def _cnn_rows(art: _Artifacts, reader: _Reader) -> list[dict[str, Any]]:
     """The task-class test accuracies of the CNN models this run trained, to read beside the probe."""
     rows = []
     target = PROBE_TARGETS["task_classes"]
-    fusion = _fusion_row(reader.csv("classify", "table5_classifiers.csv"))
+    fusion = _fusion_row(reader.csv("classify", stage_files.CLASSIFY.classifiers_table))
     if fusion:
         rows.append({"target": target, "method": "CNN: fused SVM+kNN+RF on hash codes", "test_acc":
                      fusion.get("test_acc"), "ci_low": fusion.get("test_acc_ci_low"),
@@ -251,7 +251,7 @@ def _cnn_rows(art: _Artifacts, reader: _Reader) -> list[dict[str, Any]]:
         rows.append({"target": target, "method": f"CNN: {b} (own head)",
                      "test_acc": _metric(train.get("metrics"), f"train/{b}/test_acc"), "source": "train/manifest.json"})
     if _given(art, "baselines"):
-        for row in (reader.json("baselines", "baselines.json") or {}).get("rows", []):
+        for row in (reader.json("baselines", stage_files.BASELINES.summary) or {}).get("rows", []):
             rows.append({"target": target, "method": f"CNN: {row.get('network')}", "test_acc": row.get("test_acc"),
                          "ci_low": row.get("ci_low"), "ci_high": row.get("ci_high"),
                          "balanced_acc": row.get("balanced_acc"), "source": "baselines/baselines.json"})
@@ -295,7 +295,7 @@ def _shortcut_probe_section(art: _Artifacts) -> Section:
     stage's ``shortcut_probe.json`` and, for comparison, the CNN accuracies other sections show."""
     section = Section("Shortcut probe: content-blind patch statistics beside the CNNs")
     reader = _Reader(art, section)
-    probe = reader.json("patches", "shortcut_probe.json")
+    probe = reader.json("patches", stage_files.PATCHES.shortcut_probe)
     if probe is None:
         return section
     section.note("Probes: simple classifiers on statistics of each patch that ignore its tissue ("
@@ -331,7 +331,7 @@ def _not_run(heading: str, stage: str, claim: Table) -> Section:
 
 def _table2(art: _Artifacts) -> Section:
     section = Section("Table 2: fusing any two branches, test accuracy per class")
-    pairs = _Reader(art, section).csv("classify", "table2_pairs.csv", index_col=0)
+    pairs = _Reader(art, section).csv("classify", stage_files.CLASSIFY.pairs_table, index_col=0)
     if pairs is not None:
         ours = pairs.T
         ours.index.name = "class"
@@ -348,7 +348,7 @@ def _table2(art: _Artifacts) -> Section:
 
 def _table3(art: _Artifacts) -> Section:
     section = Section("Table 3: test images wrong in only one branch")
-    errors = _Reader(art, section).csv("classify", "table3_errors.csv", index_col=0)
+    errors = _Reader(art, section).csv("classify", stage_files.CLASSIFY.errors_table, index_col=0)
     if errors is not None:
         errors.index.name = "class"
         section.add(Table("table3_wrong_by_one_branch", errors, "Ours: per class, test patches wrong only in "
@@ -395,7 +395,7 @@ def _table4_frame(table: pd.DataFrame) -> pd.DataFrame:
 def _table4(art: _Artifacts) -> Section:
     section = Section("Table 4: hash decoder vs fully-connected alternative, retrieval MAP by code length")
     reader = _Reader(art, section)
-    table = reader.csv("hashing", "table4_map.csv")
+    table = reader.csv("hashing", stage_files.HASHING.map_table)
     if table is not None:
         frame = _table4_frame(table)
         section.add(Table("table4_map", frame, "Ours, fused features (Freeze1-3): MAP (and precision at 10) of test "
@@ -408,7 +408,7 @@ def _table4(art: _Artifacts) -> Section:
         elif int(table["n_seeds"].min()) < 3:
             section.note(f"only {int(table['n_seeds'].min())} training seed(s) per decoder (hashing.seeds): the "
                          "spread over seeds is not an estimate of the run-to-run variation", "warning")
-        by_seed = reader.csv("hashing", "table4_map_by_seed.csv") if "n_seeds" in table.columns else None
+        by_seed = reader.csv("hashing", stage_files.HASHING.map_by_seed) if "n_seeds" in table.columns else None
         if by_seed is not None:
             section.add(Table("table4_map_by_seed", by_seed, "MAP of each decoder per code length and training seed "
                               "(hash_minus_fc_map: the paired difference of that seed)"))
@@ -424,7 +424,7 @@ def _table4(art: _Artifacts) -> Section:
                      "Lai et al. (CVPR 2015).", "claim")
         _cite_paper(section, "Table 4")
     reader.figure("hashing", "table4_map.png", "Retrieval MAP by code length (hashing stage figure)")
-    stats = reader.csv("hashing", "bit_statistics.csv")
+    stats = reader.csv("hashing", stage_files.HASHING.bit_statistics)
     if stats is not None:
         section.add(Table("table4_bit_statistics", stats, "Bit statistics of the first seed's relaxed codes on "
                           "the test split (fraction binary, fraction outside the threshold band, bit balance, "
@@ -474,7 +474,7 @@ def _table5(art: _Artifacts) -> Section:
     section = Section("Table 5: classifiers on the hash codes, with confidence intervals")
     reader = _Reader(art, section)
     manifest = reader.manifest("classify", "params classify.n_boot, classify.codes")
-    table = reader.csv("classify", "table5_classifiers.csv")
+    table = reader.csv("classify", stage_files.CLASSIFY.classifiers_table)
     if table is not None:
         main = [c for c in ("classifier", "test_acc", "test_acc_ci_low", "test_acc_ci_high", "balanced_acc",
                             "auc_ovr_macro", "macro_f1") if c in table.columns]
@@ -503,7 +503,7 @@ def _table5(art: _Artifacts) -> Section:
         if recall:
             per_class = table[["classifier", *recall]].rename(columns=lambda c: c.removeprefix("recall/"))
             section.add(Table("table5_recall_per_class", per_class, "Ours: test recall per class"))
-    info = reader.json("classify", "classifier.json")
+    info = reader.json("classify", stage_files.CLASSIFY.summary)
     if info is not None and info.get("weights"):
         weights = pd.DataFrame(sorted(info["weights"].items()), columns=["classifier", "fusion weight"])
         section.add(Table("table5_fusion_weights", weights, "Soft-voting weights of the fused classifier"))
@@ -513,7 +513,7 @@ def _table5(art: _Artifacts) -> Section:
 def _table7(art: _Artifacts) -> Section:
     section = Section("Table 7: frozen parameters and test accuracy per branch")
     reader = _Reader(art, section)
-    config = reader.json("train", "model_config.json")
+    config = reader.json("train", stage_files.TRAIN.model_config)
     train = reader.manifest("train", "metrics train/<branch>/test_acc")
     feats = reader.manifest("features", "metrics features/<branch|fused>/test_acc")
     counts = (config or {}).get("parameter_counts", {})
@@ -564,10 +564,10 @@ def _figure9(art: _Artifacts) -> Section:
     section = Section("Figure 9: validation accuracy of the branches and the fusion-weight search")
     reader = _Reader(art, section)
     reader.figure("train", "val_curves.png", "Validation accuracy per branch and epoch (train stage figure)")
-    history = reader.json("train", "history.json")
+    history = reader.json("train", stage_files.TRAIN.history)
     if history is not None:
         section.add(Table("figure9_val_acc", _val_curves(history), "Validation accuracy per epoch", index=True))
-    fusion = reader.json("features", "fusion.json")
+    fusion = reader.json("features", stage_files.FEATURES.fusion)
     if fusion is not None:
         weights = list(fusion.get("weights", []))
         frame = pd.DataFrame({"branch": list(BRANCHES)[: len(weights)], "weight (ours)": weights,
@@ -580,7 +580,7 @@ def _figure9(art: _Artifacts) -> Section:
         section.note("Fusion weights were fixed by params, so the features stage searched no grid.")
         return section
     reader.figure("features", "fusion_grid.png", "Validation accuracy of a linear probe per fusion-weight triple")
-    grid = reader.csv("features", "fusion_grid.csv")
+    grid = reader.csv("features", stage_files.FEATURES.fusion_grid)
     if grid is not None and "val_acc" in grid.columns:
         grid = grid.sort_values("val_acc", ascending=False, kind="stable").reset_index(drop=True)
         section.add(Table("figure9_fusion_grid", grid, "Fusion-weight grid, best first", max_rows=10))
@@ -595,7 +595,7 @@ TABLE1_PAPER_ROWS = {"sift_bovw_svm": "SIFT-BoVW", "vgg16": "VGGNet", "agnet": "
 TABLE6_PAPER_ROWS = {"vgg16": "VGGNet based", "inception_v3": "InceptionV3 based", "resnet50": "ResNet50 based",
                      "densenet121": "DenseNet based", "fusion": "Our"}
 TABLE8_PAPER_ROWS = {"frcnn_r50": "Faster RCNN", "ours": "Ours"}
-LATENCY_FILE = "latency.json"  # classify stage: the trained chain and the single networks, one process
+LATENCY_FILE = stage_files.CLASSIFY.latency  # classify stage: the trained chain and the single networks, one process
 
 
 def _given(art: _Artifacts, stage: str) -> bool:
@@ -617,9 +617,9 @@ def _table1(art: _Artifacts) -> Section:
         return _not_run("Table 1: performance of different methods", "baselines", claim)
     section = Section("Table 1: performance of different methods")
     reader = _Reader(art, section)
-    base = reader.json("baselines", "baselines.json") or {}
+    base = reader.json("baselines", stage_files.BASELINES.summary) or {}
     train = reader.manifest("train", "metrics train/<branch>/test_acc") or {}
-    table5 = reader.csv("classify", "table5_classifiers.csv")
+    table5 = reader.csv("classify", stage_files.CLASSIFY.classifiers_table)
     branch_frames, _ = _branch_test(reader) if _given(art, "train") and _given(art, "patches") else ({}, [])
     cis = {**{b: _frame_cis(f, _n_boot(art)) for b, f in branch_frames.items()},
            **({"fusion": _prediction_cis(reader, art).get("fusion", {})} if _given(art, "classify") else {})}
@@ -689,7 +689,7 @@ def _table6(art: _Artifacts) -> Section:
         return _not_run("Table 6: single-network methods, accuracy and inference time", "baselines", claim)
     section = Section("Table 6: single-network methods, accuracy and inference time")
     reader = _Reader(art, section)
-    base = reader.json("baselines", "baselines.json") or {}
+    base = reader.json("baselines", stage_files.BASELINES.summary) or {}
     timed, info = _latency_rows(reader) if _given(art, "classify") else ({}, {})
     batches = sorted({b for v in timed.values() for b in v})
     rows = []
@@ -732,7 +732,7 @@ def _table6(art: _Artifacts) -> Section:
             {"test_acc": row.get("accuracy", np.nan), "ci_low": acc_ci[0], "ci_high": acc_ci[1],
              "balanced_acc": row.get("balanced_accuracy", np.nan), "macro_auc": row.get("macro_auc", np.nan)},
             ci, f"baselines/{FREEZE3_FUSION}")
-    fusion = _fusion_row(reader.csv("classify", "table5_classifiers.csv"))
+    fusion = _fusion_row(reader.csv("classify", stage_files.CLASSIFY.classifiers_table))
     fusion_ci = _prediction_cis(reader, art).get("fusion", {}) if _given(art, "classify") else {}
     add("fusion", "ours: fused DenseNets + hash decoder + SVM/kNN/RF",
         {"test_acc": fusion.get("test_acc", np.nan), "ci_low": fusion.get("test_acc_ci_low", np.nan),
@@ -787,7 +787,7 @@ def _table8(art: _Artifacts) -> Section:
         return _not_run("Table 8: detection, mAP and time", "detect", claim)
     section = Section("Table 8: detection, mAP and time")
     reader = _Reader(art, section)
-    det = reader.json("detect", "detection.json") or {}
+    det = reader.json("detect", stage_files.DETECT.summary) or {}
     rows, per_class = [], {}
     for row in det.get("rows", []):
         model = str(row["model"])
@@ -852,7 +852,7 @@ def _figure10(art: _Artifacts) -> Section:
     reader = _Reader(art, section)
     reader.figure("baselines", "figure10_val_curves.png", "Validation accuracy per epoch of each single network "
                   "(baselines stage figure)")
-    curves = reader.json("baselines", "val_curves.json")
+    curves = reader.json("baselines", stage_files.BASELINES.curves)
     if curves is not None:
         section.add(Table("figure10_val_acc", _val_curves(curves), "Validation accuracy per epoch and network",
                           index=True))
@@ -890,9 +890,10 @@ def _figure14(art: _Artifacts) -> Section:
 
 N_BOOT_DEFAULT = 1000
 PAIRED_N_BOOT = 2000
-FREEZE3_FUSION = "freeze3_fusion.json"
-FREEZE3_FUSION_PREDICTIONS = "freeze3_fusion_predictions.csv"
-BASELINE_PREDICTIONS = "predictions.csv"  # the single networks' test predictions, when the baselines stage saves them
+FREEZE3_FUSION = stage_files.BASELINES.freeze3_fusion
+FREEZE3_FUSION_PREDICTIONS = stage_files.BASELINES.freeze3_fusion_predictions
+# the single networks' test predictions, when the baselines stage saves them
+BASELINE_PREDICTIONS = stage_files.BASELINES.predictions
 THREE_BRANCH = "Freeze1+Freeze2+Freeze3"  # the baselines stage's three-branch row under the Freeze3 + X head
 PROBA_PREFIX = "proba/"
 _ID_COLUMNS = {"source_id": ("source_id", "patch_id"), "patient_id": ("patient_id",),
@@ -948,7 +949,7 @@ def _standard_columns(frame: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def _classify_test(reader: _Reader) -> pd.DataFrame | None:
-    frame = reader.csv("classify", "predictions.csv")
+    frame = reader.csv("classify", stage_files.CLASSIFY.predictions)
     if frame is None:
         return None
     return frame[frame["split"] == "test"].reset_index(drop=True)
@@ -956,8 +957,8 @@ def _classify_test(reader: _Reader) -> pd.DataFrame | None:
 
 def _branch_test(reader: _Reader) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """Each branch head's test predictions from the train stage, with the patches' ids (same row order)."""
-    path = reader.path("train", "predictions.h5")
-    patches = reader.path("patches", "patches.h5")
+    path = reader.path("train", stage_files.TRAIN.predictions)
+    patches = reader.path("patches", stage_files.PATCHES.patches)
     if path is None or patches is None:
         return {}, []
     with h5io.open_for_reading(path) as fh:
@@ -1016,7 +1017,7 @@ def _hash_vs_fc(reader: _Reader) -> list[vd.Comparison]:
 
     On the fused codes and, when the hashing stage wrote them, on the single DenseNet's (``freeze3/``).
     """
-    path = reader.path("hashing", "codes.h5")
+    path = reader.path("hashing", stage_files.HASHING.codes)
     if path is None:
         return [vd.Comparison("hash", "FC", "MAP", None, "not tested: hashing/codes.h5 missing")]
     out = []
@@ -1110,7 +1111,7 @@ def _detector_claim(reader: _Reader) -> vd.Claim:
     text = "our detector is faster and more accurate than Faster R-CNN"
     if reader.art.dirs.get("detect") is None:
         return vd.Claim(text, "Table 8", [], note="not tested here: no detect stage folder was given")
-    det = reader.json("detect", "detection.json") or {}
+    det = reader.json("detect", stage_files.DETECT.summary) or {}
     rows = {str(r.get("model")): r for r in det.get("rows", [])}
     ours, r50 = rows.get("ours"), rows.get("frcnn_r50")
     if ours is None or r50 is None:
@@ -1186,8 +1187,8 @@ def _header(art: _Artifacts, run_info: Mapping[str, Any]) -> Section:
     source = (params.get("data") or {}).get("source", "not recorded")
     kind = {"phantom": "the phantom twin (synthetic mammograms generated by this project, not patient data)"}.get(
         source, f"CBIS-DDSM ({source})" if str(source).startswith("cbis") else str(source))
-    curation = reader.json("curate", "curation_report.json") if _given(art, "curate") else None
-    summary = reader.json("patches", "patches_summary.json") if _given(art, "patches") else None
+    curation = reader.json("curate", stage_files.CURATE.report) if _given(art, "curate") else None
+    summary = reader.json("patches", stage_files.PATCHES.summary) if _given(art, "patches") else None
     counts = []
     if curation is not None:
         images, patients = curation.get("images_per_split", {}), curation.get("patients_per_split", {})
@@ -1210,7 +1211,7 @@ def _header(art: _Artifacts, run_info: Mapping[str, Any]) -> Section:
         section.note("Initialisation of the networks: not recorded by the run that built this report.", "missing")
     run, train = params.get("run") or {}, params.get("train") or {}
     device = run.get("device", "not recorded")
-    det = reader.json("detect", "detection.json") if _given(art, "detect") else None
+    det = reader.json("detect", stage_files.DETECT.summary) if _given(art, "detect") else None
     if det and det.get("device"):
         device = f"{device} (params run.device); the detect stage ran on {det['device']}"
     section.note(f"Device: {device}. Latency (Table 6) is timed on the CPU in the classify stage.")
@@ -1219,7 +1220,7 @@ def _header(art: _Artifacts, run_info: Mapping[str, Any]) -> Section:
         budget.append(f"branches (train): {train.get('epochs', '?')} epochs, batch {train.get('batch_size', '?')}, "
                       f"lr {train.get('lr', '?')} stepped every {train.get('lr_step', '?')} epochs, warm-up "
                       f"{train.get('warmup_epochs', '?')}")
-    protocol = ((reader.json("baselines", "baselines.json") or {}).get("protocol") or {}
+    protocol = ((reader.json("baselines", stage_files.BASELINES.summary) or {}).get("protocol") or {}
                 if _given(art, "baselines") else {})
     if protocol:  # the baselines take the branches' schedule (train:), so their budget is read from their output
         schedule = protocol.get("schedule") or {}

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mammo_core.storage import stage_files
+
 
 @dataclass(frozen=True)
 class Table:
@@ -271,6 +273,7 @@ def write_report(title: str, sections: Sequence[Section], out_dir: Path) -> dict
                 _atomic_write(tables / f"{block.name}.csv", block.frame.to_csv(index=block.index).encode("utf-8"))
             elif isinstance(block, Figure):
                 _atomic_write(figures / block.name, Path(block.path).read_bytes())
-    _atomic_write(out_dir / "report.md", render_markdown(title, sections).encode("utf-8"))
-    _atomic_write(out_dir / "report.html", render_html(title, sections).encode("utf-8"))
-    return {"md": out_dir / "report.md", "html": out_dir / "report.html", "tables": tables, "figures": figures}
+    _atomic_write(out_dir / stage_files.REPORT.markdown, render_markdown(title, sections).encode("utf-8"))
+    _atomic_write(out_dir / stage_files.REPORT.html, render_html(title, sections).encode("utf-8"))
+    return {"md": out_dir / stage_files.REPORT.markdown, "html": out_dir / stage_files.REPORT.html, "tables": tables,
+            "figures": figures}

@@ -57,6 +57,7 @@ from mammo_core.data import patches
 from mammo_core.errors import BadItem
 from mammo_core.inference.served_inputs import ServeLimits, without_path
 from mammo_core.models.fused import FusedDenseNet
+from mammo_core.storage import stage_files
 from mammo_core.storage.store import ArtifactStore, write_json_atomic
 from mammo_core.training.loop import prepare_images
 
@@ -70,13 +71,13 @@ BATCH = 64
 
 # artifact name -> file name inside its stage folder (the decoder's is filled in from classify.codes)
 ARTIFACT_FILES: dict[str, str | None] = {
-    "weights": "weights.pt",
-    "model_config": "model_config.json",
-    "fusion": "fusion.json",
+    "weights": stage_files.TRAIN.weights,
+    "model_config": stage_files.TRAIN.model_config,
+    "fusion": stage_files.FEATURES.fusion,
     "decoder": None,
-    "hashing": "hashing.json",
-    "classifier_model": "fusion.skops",
-    "classifier": "classifier.json",
+    "hashing": stage_files.HASHING.summary,
+    "classifier_model": stage_files.CLASSIFY.model,
+    "classifier": stage_files.CLASSIFY.summary,
     "preprocessing": PREPROCESSING_FILE,
 }
 # artifact name -> file name inside the logged model's data folder
@@ -320,7 +321,7 @@ def gather_artifacts(store_root: str | os.PathLike, classify_dir: str | os.PathL
     train, hashing_folder = folder("train", train_key), folder("hashing", hashing_key)
     feats = folder("features", hashing_folder.manifest["upstream"]["features"])
     patches_folder = folder("patches", train.manifest["upstream"]["patches"])
-    fusion = json.loads((feats.path / "fusion.json").read_text(encoding="utf-8"))
+    fusion = json.loads((feats.path / stage_files.FEATURES.fusion).read_text(encoding="utf-8"))
     if fusion.get("model_key") != train_key:
         raise ValueError(f"fusion weights of {feats.path} were chosen for train {fusion.get('model_key')}, "
                          f"not {train_key}")

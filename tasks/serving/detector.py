@@ -36,11 +36,12 @@ from mammo_core.detection.data import prepare_image
 from mammo_core.detection.engine import as_input
 from mammo_core.errors import BadItem
 from mammo_core.inference.served_inputs import ServeLimits, without_path
+from mammo_core.storage import stage_files
 
 REGISTERED_NAME = "mammo-detector"
 LOGGED_NAME = "mammo-detector"
 DATA_FOLDER = "mammo-detector"
-SERVED_FILES = {"weights": "detector.pt", "config": "detector_config.json"}
+SERVED_FILES = {"weights": stage_files.DETECT.weights, "config": stage_files.DETECT.config}
 COLUMNS = ["input", "x0", "y0", "x1", "y1", "class", "score", "error"]
 COLOURS = ("#ff5555", "#55ff55", "#5599ff", "#ffcc33", "#ff66ff", "#66ffff")
 

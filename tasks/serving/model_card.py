@@ -22,6 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from mammo_core.storage import stage_files
 from mammo_core.storage.store import ArtifactStore
 
 CARD_FILE = "model_card.json"
@@ -83,8 +84,8 @@ class _Lineage:
 
 def _training_data(lineage: _Lineage, curate) -> dict[str, Any]:
     acquire = lineage.up(curate, "acquire")
-    source = _read_json(acquire.path / "source.json")["source"]
-    report = _read_json(curate.path / "curation_report.json")
+    source = _read_json(acquire.path / stage_files.ACQUIRE.source)["source"]
+    report = _read_json(curate.path / stage_files.CURATE.report)
     return {"source": source, "description": SOURCES.get(source, source),
             "images": report.get("images"), "patients": report.get("patients"), "lesions": report.get("lesions"),
             "images_per_split": report.get("images_per_split"),
@@ -130,8 +131,8 @@ def classifier_card(store_root: str | Path, classify_dir: str | Path, train_key:
     patches = lineage.up(train, "patches")
     curate = lineage.up(patches, "curate")
     prep = patches.manifest["params"]["patches"]
-    classifier = _read_json(classify_dir / "classifier.json")
-    summary = _read_json(patches.path / "patches_summary.json")
+    classifier = _read_json(classify_dir / stage_files.CLASSIFY.summary)
+    summary = _read_json(patches.path / stage_files.PATCHES.summary)
     size = int(prep["size"])
     data = _training_data(lineage, curate)
     data["patches_per_split_and_class"] = summary["counts"]
@@ -151,7 +152,7 @@ def classifier_card(store_root: str | Path, classify_dir: str | Path, train_key:
         "classes": list(classifier["class_names"]),
         "outputs": "one probability per class, the predicted class, an error per unusable input",
         "training_data": data,
-        "metrics": classifier_metrics(classify_dir / "table5_classifiers.csv", n_boot),
+        "metrics": classifier_metrics(classify_dir / stage_files.CLASSIFY.classifiers_table, n_boot),
         "code_version": code_version(stage_key),
     }
 
@@ -161,8 +162,8 @@ def detector_card(store_root: str | Path, detect_dir: str | Path, curate_key: st
     """The card of ``mammo-detector`` from the detect output (detection.json, detector_config.json)."""
     lineage = _Lineage(store_root)
     detect_dir = Path(detect_dir)
-    detection = _read_json(detect_dir / "detection.json")
-    config = _read_json(detect_dir / "detector_config.json")
+    detection = _read_json(detect_dir / stage_files.DETECT.summary)
+    config = _read_json(detect_dir / stage_files.DETECT.config)
     row = next(r for r in detection["rows"] if r["model"] == model_row)
     data = _training_data(lineage, lineage.folder("curate", curate_key))
     data["detector_images_per_split"] = detection.get("split_images")

@@ -15,11 +15,12 @@ from typing import Any
 from mammo_core.config import DataParams, Params
 from mammo_core.data import layouts
 from mammo_core.sources import phantom, tcia
+from mammo_core.storage import stage_files
 from mammo_core.storage.data_fingerprint import data_fingerprint
 from mammo_core.storage.store import write_json_atomic
 from tasks import runtime
 
-SOURCE_FILE = "source.json"
+SOURCE_FILE = stage_files.ACQUIRE.source
 
 
 def raw_root(result: runtime.StageResult) -> tuple[Path, str]:

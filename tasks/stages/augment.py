@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from mammo_core.data import augment
+from mammo_core.storage import stage_files
 from tasks import runtime
 from tasks.stages.patches import FILE as PATCHES_FILE
 
-FILE = "train_augmented.h5"
-PREVIEW = "augment_preview.png"
+FILES = stage_files.AUGMENT  # this stage's output files
+
+FILE = FILES.augmented
+PREVIEW = FILES.preview
 
 
 def _run(ctx: runtime.StageContext) -> None:

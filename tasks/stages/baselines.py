@@ -31,7 +31,7 @@ from mammo_core.config import BaselinesParams, Params
 from mammo_core.evaluation import figures, metrics
 from mammo_core.models import fused as model
 from mammo_core.sources.weight_sources import resolved_source
-from mammo_core.storage import h5io
+from mammo_core.storage import h5io, stage_files
 from mammo_core.storage.store import write_json_atomic
 from mammo_core.training import loop as training
 from mammo_core.training import schedule
@@ -40,16 +40,18 @@ from tasks.stages.augment import FILE as AUGMENTED_FILE
 from tasks.stages.features import FILE as FEATURES_FILE
 from tasks.stages.patches import FILE as PATCHES_FILE
 
+FILES = stage_files.BASELINES  # this stage's output files
+
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-RESULTS = "baselines.json"
+RESULTS = FILES.summary
 TABLE6 = "table6_single_networks.csv"
 TABLE1 = "table1_baselines.csv"
-CURVES = "val_curves.json"
+CURVES = FILES.curves
 FIGURE10 = "figure10_val_curves.png"
 FUSED = "fused"
-FREEZE3_FUSION = "freeze3_fusion.json"
-FREEZE3_PREDICTIONS = "freeze3_fusion_predictions.csv"
-PREDICTIONS = "predictions.csv"  # every single network's test predictions: the report's intervals and pairings
+FREEZE3_FUSION = FILES.freeze3_fusion
+FREEZE3_PREDICTIONS = FILES.freeze3_fusion_predictions
+PREDICTIONS = FILES.predictions  # every single network's test predictions: the report's intervals and pairings
 THREE_BRANCH = "Freeze1+Freeze2+Freeze3"
 FREEZE3_ALONE = "Freeze3"
 PAIR_NAMES = {"vgg16": "Freeze3+VGG16", "inception_v3": "Freeze3+InceptionV3", "resnet50": "Freeze3+ResNet50"}

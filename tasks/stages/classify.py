@@ -15,17 +15,19 @@ from mammo_core.baselines import latency, networks
 from mammo_core.codes import classifiers, model_io, retrieval
 from mammo_core.config import Params
 from mammo_core.evaluation import figures, metrics
-from mammo_core.storage import h5io
+from mammo_core.storage import h5io, stage_files
 from mammo_core.storage.store import write_json_atomic
 from tasks import runtime
 from tasks.serving import classifier as serving
 from tasks.stages.hashing import SINGLE
 from tasks.stages.train import PREDICTIONS
 
-CODES_FILE = "codes.h5"
-MODEL_FILE = "fusion.skops"
-PREDICTIONS_FILE = "predictions.csv"  # per patch, val and test: what `mammo promote` / `mammo compare` pair on
-LATENCY_FILE = "latency.json"  # Table 6: the trained chain and the single networks timed in one process
+FILES = stage_files.CLASSIFY  # this stage's output files
+
+CODES_FILE = stage_files.HASHING.codes
+MODEL_FILE = FILES.model
+PREDICTIONS_FILE = FILES.predictions  # per patch, val and test: what `mammo promote` / `mammo compare` pair on
+LATENCY_FILE = FILES.latency  # Table 6: the trained chain and the single networks timed in one process
 OURS = "ours (fused DenseNets + hash decoder + SVM/kNN/RF fusion, trained)"
 SINGLE_TABLE = f"table5_single_{SINGLE}.csv"  # Table 5 on a single DenseNet (the paper's setting)
 PROBA_PREFIX = "proba/"  # predictions.csv columns: one probability per class (macro AUC in the report)
@@ -115,7 +117,7 @@ def _run(ctx: runtime.StageContext) -> None:
             fig = figures.confusion_matrix_figure(rep["confusion"], class_names, "Fusion (SVM+kNN+RF): test",
                                                   ctx.workdir / "confusion_fusion.png")
             ctx.log_artifact(fig, "figures")
-    pd.DataFrame(table).to_csv(ctx.workdir / "table5_classifiers.csv", index=False)
+    pd.DataFrame(table).to_csv(ctx.workdir / FILES.classifiers_table, index=False)
     single_parts = _single_branch(ctx, codes_path, class_names, sources, metric_values)
     # Kept in the store only (never logged to MLflow): it names the dataset's patient ids.
     pd.concat(prediction_parts + single_parts, ignore_index=True).to_csv(ctx.workdir / PREDICTIONS_FILE,
@@ -128,15 +130,15 @@ def _run(ctx: runtime.StageContext) -> None:
     with h5io.open_for_reading(ctx.upstream["train"].file(PREDICTIONS)) as fh:
         y_branch = fh["test/labels"][:]
         probas = {b: fh[f"test/{b}/probabilities"][:] for b in ("freeze1", "freeze2", "freeze3")}
-    metrics.branch_pair_accuracy_table(probas, y_branch, class_names).to_csv(ctx.workdir / "table2_pairs.csv")
-    metrics.branch_error_table(probas, y_branch, class_names).to_csv(ctx.workdir / "table3_errors.csv")
+    metrics.branch_pair_accuracy_table(probas, y_branch, class_names).to_csv(ctx.workdir / FILES.pairs_table)
+    metrics.branch_error_table(probas, y_branch, class_names).to_csv(ctx.workdir / FILES.errors_table)
 
     sha = model_io.save_model(fused, ctx.workdir / MODEL_FILE)
-    write_json_atomic(ctx.workdir / "classifier.json", {
+    write_json_atomic(ctx.workdir / FILES.summary, {
         "codes": p.codes, "weights": weights, "class_names": class_names, "sha256": sha,
         "searches": {n: s.best_params for n, s in fitted.searches.items()}, "not_fitted": skipped,
     })
-    for name in ("table5_classifiers.csv", "table2_pairs.csv", "table3_errors.csv", "classifier.json"):
+    for name in (FILES.classifiers_table, FILES.pairs_table, FILES.errors_table, FILES.summary):
         ctx.log_artifact(ctx.workdir / name, "tables")
     serving.log_and_register(ctx)
     _measure_latency(ctx, len(class_names))

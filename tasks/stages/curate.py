@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from mammo_core.data import curation
+from mammo_core.storage import stage_files
 from mammo_core.storage.store import write_json_atomic
 from tasks import runtime
 from tasks.stages import acquire
+
+FILES = stage_files.CURATE  # this stage's output files
 
 
 def _run(ctx: runtime.StageContext) -> None:
@@ -32,10 +35,10 @@ def _run(ctx: runtime.StageContext) -> None:
             last["pct"] = pct
 
     result = curation.curate(root, layout, ctx.workdir / "cache", settings, progress=progress)
-    result.images.to_parquet(ctx.workdir / "images.parquet", index=False)
-    result.lesions.to_parquet(ctx.workdir / "lesions.parquet", index=False)
-    result.quarantine.to_parquet(ctx.workdir / "quarantine.parquet", index=False)
-    write_json_atomic(ctx.workdir / "curation_report.json", result.report)
+    result.images.to_parquet(ctx.workdir / FILES.images, index=False)
+    result.lesions.to_parquet(ctx.workdir / FILES.lesions, index=False)
+    result.quarantine.to_parquet(ctx.workdir / FILES.quarantine, index=False)
+    write_json_atomic(ctx.workdir / FILES.report, result.report)
     report = result.report
     metrics = {
         "curate/images": report["images"],
@@ -49,9 +52,9 @@ def _run(ctx: runtime.StageContext) -> None:
         for name, n in per_class.items():
             metrics[f"curate/lesions_{split}/{name.lower()}"] = n
     ctx.log_metrics(metrics)
-    ctx.log_artifact(ctx.workdir / "curation_report.json")
-    ctx.log_dataset(ctx.workdir / "images.parquet", "images", "curated")
-    ctx.log_dataset(ctx.workdir / "lesions.parquet", "lesions", "curated")
+    ctx.log_artifact(ctx.workdir / FILES.report)
+    ctx.log_dataset(ctx.workdir / FILES.images, "images", "curated")
+    ctx.log_dataset(ctx.workdir / FILES.lesions, "lesions", "curated")
 
 
 SPEC = runtime.StageSpec(

@@ -32,19 +32,22 @@ import torch
 from mammo_core.config import Params
 from mammo_core.detection import bootstrap, builders, data, engine, evaluate, feature_cache, latency, plots, records
 from mammo_core.sources.weight_sources import resolved_source
+from mammo_core.storage import stage_files
 from mammo_core.storage.store import file_sha256, write_json_atomic
 from mammo_core.training import checkpoint
 from tasks import runtime
 from tasks.serving import detector as detector_serving
 from tasks.stages.train import load_trained
 
-DETECTION_FILE = "detection.json"
-TABLE_FILE = "table8_detection.csv"
-WEIGHTS_FILE = "detector.pt"
-CONFIG_FILE = "detector_config.json"
-DETECTIONS_FILE = "test_detections.parquet"
-TRUTH_FILE = "test_truth.parquet"
-TEST_IMAGES_FILE = "test_images.parquet"
+FILES = stage_files.DETECT  # this stage's output files
+
+DETECTION_FILE = FILES.summary
+TABLE_FILE = FILES.table
+WEIGHTS_FILE = FILES.weights
+CONFIG_FILE = FILES.config
+DETECTIONS_FILE = FILES.detections
+TRUTH_FILE = FILES.truth
+TEST_IMAGES_FILE = FILES.test_images
 FAST_RCNN_ABSENT = ("not run: Fast R-CNN needs external region proposals (selective search), which no "
                     "library in this project provides; Faster R-CNN's RPN replaces them")
 
@@ -77,7 +80,7 @@ def _flatten(row: dict) -> dict:
 def _initialisation(name: str, p: Any, train_dir: Path) -> dict[str, Any]:
     """Where a detector's extractor starts from: the train stage's file, or the ResNet-50 file, or random."""
     if name != "frcnn_r50":
-        weights = train_dir / "weights.pt"
+        weights = train_dir / stage_files.TRAIN.weights
         return {"source": "train stage fused DenseNet", "file": weights.name, "sha256": file_sha256(weights),
                 "extractor_frozen": not p.train_backbone}
     path = builders.r50_weights_file(p.r50_weights)
@@ -227,7 +230,7 @@ def _run(ctx: runtime.StageContext) -> None:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(flat)
-    write_json_atomic(ctx.workdir / "history.json", history)
+    write_json_atomic(ctx.workdir / FILES.history, history)
     for k, item in enumerate(test[: p.examples]):
         fig = plots.example_figure(item.image, item.target(), predictions["ours"][k], dataset.classes,
                                    ctx.workdir / f"examples_{k + 1}.png")

@@ -8,13 +8,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from mammo_core.codes import features, fusion  # noqa: E402
-from mammo_core.storage import h5io  # noqa: E402
+from mammo_core.storage import (
+    h5io,  # noqa: E402
+    stage_files,
+)
 from mammo_core.storage.store import write_json_atomic  # noqa: E402
 from tasks import runtime  # noqa: E402
 from tasks.stages import train  # noqa: E402
 from tasks.stages.patches import FILE as PATCHES_FILE  # noqa: E402
 
-FILE = "features.h5"
+FILES = stage_files.FEATURES  # this stage's output files
+
+FILE = FILES.features
 SPLITS = train.SPLIT_CODES
 
 
@@ -43,10 +48,10 @@ def _run(ctx: runtime.StageContext) -> None:
     if p.fusion_weights == "search":
         search = fusion.search_weights(by_split["train"], by_split["val"], step=p.grid_step, seed=p.probe_seed)
         weights = search.weights
-        search.table.to_csv(ctx.workdir / "fusion_grid.csv", index=False)
+        search.table.to_csv(ctx.workdir / FILES.fusion_grid, index=False)
         _grid_figure(search.table, weights, ctx.workdir / "fusion_grid.png")
         ctx.log_artifact(ctx.workdir / "fusion_grid.png", "figures")
-        ctx.log_artifact(ctx.workdir / "fusion_grid.csv")
+        ctx.log_artifact(ctx.workdir / FILES.fusion_grid)
     else:
         weights = fusion.check_weights(p.fusion_weights)
     features.add_fused(out, weights)
@@ -62,7 +67,7 @@ def _run(ctx: runtime.StageContext) -> None:
     for b, w in zip(features.BRANCH_DATASETS, weights, strict=True):
         metrics[f"features/weight/{b}"] = w
     ctx.log_metrics(metrics)
-    write_json_atomic(ctx.workdir / "fusion.json", {"weights": list(weights), "mode": "search"
+    write_json_atomic(ctx.workdir / FILES.fusion, {"weights": list(weights), "mode": "search"
                       if p.fusion_weights == "search" else "params", "model_key": trained.key,
                       "attrs": h5io.read_attrs(out)})
 

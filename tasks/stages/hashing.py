@@ -21,7 +21,7 @@ import torch
 from mammo_core.codes import features, retrieval
 from mammo_core.evaluation import figures, seed_summary
 from mammo_core.models import hashing
-from mammo_core.storage import h5io
+from mammo_core.storage import h5io, stage_files
 from mammo_core.storage.store import write_json_atomic
 from mammo_core.training import checkpoint
 from tasks import runtime
@@ -29,7 +29,9 @@ from tasks.stages.features import FILE as FEATURES_FILE
 from tasks.stages.features import SPLITS
 from tasks.stages.patches import FILE as PATCHES_FILE
 
-CODES_FILE = "codes.h5"
+FILES = stage_files.HASHING  # this stage's output files
+
+CODES_FILE = FILES.codes
 DECODERS = ("hash", "fc")
 # The paper's Tables 4 and 5 use a single DenseNet; the same decoders are also trained on Freeze3's features
 # alone (same seeds, objective and budget), kept apart from the fused ones: codes under ``freeze3/`` in
@@ -119,16 +121,16 @@ def _run(ctx: runtime.StageContext) -> None:
         metrics[f"hashing/hash_minus_fc/map_at_{q}"] = r["hash_map_minus_fc_map"]
         if r["n_seeds"] > 1:
             metrics[f"hashing/hash_minus_fc/map_std_at_{q}"] = r["hash_map_minus_fc_map_std"]
-    table.to_csv(ctx.workdir / "table4_map.csv", index=False)
-    by_seed.to_csv(ctx.workdir / "table4_map_by_seed.csv", index=False)
+    table.to_csv(ctx.workdir / FILES.map_table, index=False)
+    by_seed.to_csv(ctx.workdir / FILES.map_by_seed, index=False)
     single_by_seed = pd.DataFrame(single_rows)
     single_by_seed["hash_minus_fc_map"] = single_by_seed["hash_map"] - single_by_seed["fc_map"]
     seed_summary.paired_seed_summary(single_by_seed, "bits", "hash_map", "fc_map",
                                      extra_means=("hash_p@10", "fc_p@10")).to_csv(
         ctx.workdir / f"table4_map_{SINGLE}.csv", index=False)
     single_by_seed.to_csv(ctx.workdir / f"table4_map_by_seed_{SINGLE}.csv", index=False)
-    pd.DataFrame(bit_rows).to_csv(ctx.workdir / "bit_statistics.csv", index=False)
-    write_json_atomic(ctx.workdir / "hashing.json", {"bits": list(p.bits), "in_dim": in_dim, "beta": p.beta,
+    pd.DataFrame(bit_rows).to_csv(ctx.workdir / FILES.bit_statistics, index=False)
+    write_json_atomic(ctx.workdir / FILES.summary, {"bits": list(p.bits), "in_dim": in_dim, "beta": p.beta,
                                                      "eps": p.eps, "class_names": class_names,
                                                      "seeds": seeds, "decoders_seed": seeds[0]})
     curves = {kind: list(table[f"{kind}_map"]) for kind in DECODERS}
@@ -136,7 +138,7 @@ def _run(ctx: runtime.StageContext) -> None:
                                 f"Retrieval MAP by code length (test vs train), mean of {len(seeds)} seed(s)",
                                 ctx.workdir / "table4_map.png", xlabel="bits", ylabel="MAP")
     ctx.log_metrics(metrics)
-    for name in ("table4_map.csv", "table4_map_by_seed.csv", "bit_statistics.csv", f"table4_map_{SINGLE}.csv"):
+    for name in (FILES.map_table, FILES.map_by_seed, FILES.bit_statistics, f"table4_map_{SINGLE}.csv"):
         ctx.log_artifact(ctx.workdir / name, "tables")
     ctx.log_artifact(fig, "figures")
     ctx.logger.info("hashing: mean MAP over seeds %s, hash-FC %s", seeds,
@@ -167,7 +169,7 @@ def _train_single(ctx: runtime.StageContext, p, seeds: list[int], by_split: dict
 
 def load_decoder(stage_path: str | Path, kind: str, q: int) -> hashing.HashDecoder | hashing.FCDecoder:
     """A trained decoder of a finished hashing stage (weights_only load)."""
-    config = json.loads((Path(stage_path) / "hashing.json").read_text(encoding="utf-8"))
+    config = json.loads((Path(stage_path) / FILES.summary).read_text(encoding="utf-8"))
     decoder = build_decoder(kind, config["in_dim"], q, config["beta"], config["eps"], 0)
     decoder.load_state_dict(torch.load(Path(stage_path) / "decoders" / f"{kind}_{q}.pt", weights_only=True))
     return decoder.eval()

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from mammo_core.data import patches
 from mammo_core.evaluation import shortcut_probe
+from mammo_core.storage import stage_files
 from mammo_core.storage.store import write_json_atomic
 from tasks import runtime
 
-FILE = "patches.h5"
-PROBE = "shortcut_probe.json"
+FILES = stage_files.PATCHES  # this stage's output files
+
+FILE = FILES.patches
+PROBE = FILES.shortcut_probe
 PROBE_BOOT = 1000  # bootstrap resamples of the probe's intervals (cheap: a few thousand test rows at most)
 
 
@@ -50,7 +53,7 @@ def _run(ctx: runtime.StageContext) -> None:
     if summary.n_patches == 0:
         raise RuntimeError(f"no patch could be extracted from {curate_dir}; skipped: {summary.skipped[:5]}")
     write_json_atomic(
-        ctx.workdir / "patches_summary.json",
+        ctx.workdir / FILES.summary,
         {"counts": summary.counts, "skipped": [{"item": i, "reason": r} for i, r in summary.skipped],
          "normals_without_spot": summary.normals_without_spot, "class_names": list(summary.class_names)},
     )
@@ -58,7 +61,7 @@ def _run(ctx: runtime.StageContext) -> None:
     write_json_atomic(ctx.workdir / PROBE, probe)
     ctx.log_metrics({f"patches/{k}": v for k, v in summary.metrics().items()})
     ctx.log_metrics(probe_metrics(probe))
-    ctx.log_artifact(ctx.workdir / "patches_summary.json")
+    ctx.log_artifact(ctx.workdir / FILES.summary)
     ctx.log_artifact(ctx.workdir / PROBE)
     ctx.log_dataset(ctx.workdir / FILE, "patches", "patches")
 

@@ -20,15 +20,18 @@ from mammo_core.config import Params
 from mammo_core.detection import builders
 from mammo_core.reporting import report
 from mammo_core.sources import weight_sources
+from mammo_core.storage import stage_files
 from tasks import runtime, tracking
 from tasks.stages.train import backbone_weights_file
+
+FILES = stage_files.REPORT  # this stage's output files
 
 UPSTREAM = ("curate", "patches", "train", "features", "hashing", "classify", "detect", "baselines")
 
 
 def report_files(folder: Path) -> list[tuple[Path, str]]:
     """(file, MLflow artifact folder) for everything a finished report folder holds."""
-    files = [(folder / "report.md", "report"), (folder / "report.html", "report")]
+    files = [(folder / FILES.markdown, "report"), (folder / FILES.html, "report")]
     files += [(path, "report/tables") for path in sorted((folder / "tables").glob("*.csv"))]
     files += [(path, "report/figures") for path in sorted((folder / "figures").glob("*.png"))]
     return [(path, where) for path, where in files if path.is_file()]

@@ -25,7 +25,7 @@ from mammo_core.config import Params
 from mammo_core.evaluation import figures
 from mammo_core.models import fused as model
 from mammo_core.sources.weight_sources import resolved_source
-from mammo_core.storage import h5io
+from mammo_core.storage import h5io, stage_files
 from mammo_core.storage.store import write_json_atomic
 from mammo_core.training import checkpoint, devices, schedule
 from mammo_core.training import loop as training
@@ -33,9 +33,11 @@ from tasks import runtime
 from tasks.stages.augment import FILE as AUGMENTED_FILE
 from tasks.stages.patches import FILE as PATCHES_FILE
 
-WEIGHTS = "weights.pt"
-MODEL_CONFIG = "model_config.json"
-PREDICTIONS = "predictions.h5"
+FILES = stage_files.TRAIN  # this stage's output files
+
+WEIGHTS = FILES.weights
+MODEL_CONFIG = FILES.model_config
+PREDICTIONS = FILES.predictions
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
@@ -102,7 +104,7 @@ def _run(ctx: runtime.StageContext) -> None:
         "patch_size": int(train.images.shape[-1]), "weights": p.weights, "parameter_counts": counts,
         "feature_dim": model.FEATURE_DIM,
     })
-    write_json_atomic(ctx.workdir / "history.json",
+    write_json_atomic(ctx.workdir / FILES.history,
                       {b: [r.to_dict() for r in h] for b, h in history.items()})
 
     evaluations = {name: training.evaluate(fused, data, batch_size=sched.batch_size)
