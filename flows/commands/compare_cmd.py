@@ -8,9 +8,7 @@ is :mod:`mammo_core.reporting.compare`.
 
 from __future__ import annotations
 
-import os
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from flows.run_lookup import (
 )
 from mammo_core.reporting import compare as cmp
 from mammo_core.reporting.report_render import format_value
+from mammo_core.storage.durable import write_text_atomic
 
 console = Console(stderr=True)
 SHOWN_CELLS = 40  # differing table cells printed per table (compare.md and compare.csv hold all)
@@ -81,10 +80,7 @@ def paired_test_differences(root: Path, runs: tuple[PipelineRun, PipelineRun]) -
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text, fsync=False)
 
 
 def _rich(frame: pd.DataFrame, keys: list[str], labels: tuple[str, str], title: str) -> Table:

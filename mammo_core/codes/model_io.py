@@ -14,12 +14,12 @@ before any parsing, and there is no window between check and use.
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from mammo_core.storage.durable import write_bytes_atomic
 
 # Our own classes, plus scikit-learn internals reached through our members (calibrated SVM, random
 # forest trees, the Bunch that Voting/Stacking keep their named estimators in). Named, never "all".
@@ -79,16 +79,7 @@ def save_model(estimator: Any, path: str | Path, trusted: Sequence[str] | None =
     path = Path(path)
     data = _skops_io().dumps(estimator)
     _refuse_unexpected(data, f"model to save as {path}", _allow_list(trusted))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

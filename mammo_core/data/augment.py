@@ -15,8 +15,6 @@ Only training patches are read; validation and test patches never enter the file
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from torchvision.transforms.v2 import functional as F
 
 from mammo_core.data.patches import SPLIT_CODES
 from mammo_core.storage import h5io
+from mammo_core.storage.durable import atomic_path
 
 MAX_ROTATION_DEG = 10.0
 MAX_SHEAR_DEG = 10.0
@@ -233,11 +232,6 @@ def preview_grid(h5_path: str | Path, png_path: str | Path, n: int = 16, max_cop
     if scale > 1:
         picture = picture.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
     png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(png_path) as tmp:
         picture.save(tmp, format="PNG")
-        os.replace(tmp, png_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return png_path

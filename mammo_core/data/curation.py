@@ -12,7 +12,6 @@ go on. Only when every image is bad does curation fail, saying so.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from mammo_core.data.cbis_paths import parse_cbis_path
 from mammo_core.errors import BadItem
 from mammo_core.runtime import faults
 from mammo_core.runtime.isolation import ItemFailed, run_isolated
+from mammo_core.storage.durable import atomic_path
 
 QUARANTINE_COLUMNS = ["item", "kind", "reason"]
 BURNED_IN_REASON = ("DICOM BurnedInAnnotation is YES: the pixels may show identifying text "
@@ -116,9 +116,8 @@ def downsample(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _save_png_atomic(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
 
 
 def process_image(job: ImageJob) -> ImageOutcome:

@@ -7,7 +7,6 @@ patients by an ordinal (``group``), never by an id: CBIS image ids carry patient
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mammo_core.detection.data import DetectionImage
+from mammo_core.storage.durable import atomic_path
 
 BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
 DETECTION_COLUMNS = ["model", "image", *BOX_COLUMNS, "score", "label"]
@@ -50,9 +50,8 @@ def truth_frames(items: Sequence[DetectionImage]) -> tuple[pd.DataFrame, pd.Data
 
 
 def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
     return path
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from mammo_core.storage import stage_files
+from mammo_core.storage.durable import write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -249,13 +248,7 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
 
 
 def write_report(title: str, sections: Sequence[Section], out_dir: Path) -> dict[str, Path]:

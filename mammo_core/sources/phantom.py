@@ -37,6 +37,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from mammo_core.sources import phantom_render as pr
+from mammo_core.storage.durable import write_bytes_atomic
 
 MASS_HEADER = (
     "patient_id,breast_density,left or right breast,image view,abnormality id,abnormality type,"
@@ -371,10 +372,7 @@ def _csv_bytes(kind: str, rows: list[list[str]]) -> bytes:
 # DICOM writing.
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data, fsync=False)  # regenerated from its seed: a power loss costs a rerun only
 
 
 def _dicom_bytes(pixels: np.ndarray, *, folder: str, patient: str, study: str, series: str, sop: str,

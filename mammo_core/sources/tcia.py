@@ -50,6 +50,7 @@ from filelock import Timeout as LockTimeout
 
 from mammo_core.errors import BadItem
 from mammo_core.sources.safe_zip import extract_zip_safely
+from mammo_core.storage.durable import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +228,7 @@ def marker_path(out: Path, series_uid: str) -> Path:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def is_finished(out: Path, series_uid: str) -> bool:

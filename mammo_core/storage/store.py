@@ -36,6 +36,7 @@ from typing import Any
 
 from mammo_core.runtime import faults
 from mammo_core.storage import durable
+from mammo_core.storage.durable import write_text_atomic
 
 MANIFEST = "manifest.json"
 _HASH_CHUNK = 1 << 20
@@ -85,13 +86,7 @@ def file_sha256(path: Path) -> str:
 
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write JSON through a temporary sibling and ``os.replace``: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(value, fh, indent=2, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
 def private_umask(current: int) -> int:

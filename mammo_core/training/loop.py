@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 from mammo_core.models.fused import FusedDenseNet, SingleBranchDenseNet, global_average_pool
 from mammo_core.runtime import faults, stop_request
 from mammo_core.storage import h5io
+from mammo_core.storage.durable import atomic_path
 from mammo_core.training.checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
@@ -320,17 +320,12 @@ class _FrozenCache:
                     self.memory[k][s] = v
             return
         self.memory = {}
-        tmp = scratch.with_name(f".{scratch.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with h5py.File(tmp, "w") as fh:
-                rows = {k: fh.create_dataset(k, (n, *shape), dtype="f4", chunks=(1, *shape))
-                        for k, shape in shapes.items()}
-                for s in _chunks(n, chunk):
-                    for k, v in compute(s).items():
-                        rows[k][s] = v.cpu().numpy()
-            os.replace(tmp, scratch)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(scratch) as tmp, h5py.File(tmp, "w") as fh:
+            rows = {k: fh.create_dataset(k, (n, *shape), dtype="f4", chunks=(1, *shape))
+                    for k, shape in shapes.items()}
+            for s in _chunks(n, chunk):
+                for k, v in compute(s).items():
+                    rows[k][s] = v.cpu().numpy()
         self.file = h5io.open_for_reading(scratch)
 
     def get(self, branch: str, idx: Tensor) -> Tensor:

@@ -37,6 +37,7 @@ from mammo_core.detection.engine import as_input
 from mammo_core.errors import BadItem
 from mammo_core.inference.served_inputs import ServeLimits, without_path
 from mammo_core.storage import stage_files
+from mammo_core.storage.durable import atomic_path
 
 REGISTERED_NAME = "mammo-detector"
 LOGGED_NAME = "mammo-detector"
@@ -82,9 +83,8 @@ def save_overlay(image: np.ndarray, detections: list[Detection], path: str | os.
         draw.rectangle(d.box, outline=colour, width=width)
         draw.text((d.box[0], max(0.0, d.box[1] - 12)), f"{d.label} {d.score:.2f}", fill=colour)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    rgb.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        rgb.save(tmp, format="PNG")
     return path
 
 
