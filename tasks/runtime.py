@@ -173,6 +173,16 @@ def lookup(spec: StageSpec, ctx: RunContext, key: str) -> StageResult | None:
     return _result_from_store(spec, ArtifactStore(ctx.store), key)
 
 
+def dask_worker_name() -> object | None:
+    """The name of the Dask worker running this task (its GPU slot, see ``devices.assigned_gpu``); None outside one."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().name
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return None
+
+
 def cuda_available() -> bool:
     import torch
 

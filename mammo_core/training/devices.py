@@ -3,13 +3,16 @@
 Why: under a Dask cluster each of the three trainings runs on a worker that holds one ``GPU`` resource.
 Dask resources are counts, not device ids, so the id comes from the worker: ``$MAMMO_GPU`` when the
 operator pinned it (``MAMMO_GPU=1 dask worker ... --resources GPU=1``), else the worker's integer name
-(a LocalCluster names its workers 0, 1, ...). Pure functions: the caller passes what it knows.
+(a LocalCluster names its workers 0, 1, ...). :func:`choose_device` is the one chooser every stage uses
+(train's branches, detect, baselines, the schedule); the others are pure: the caller passes what it knows.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+
+import torch
 
 GPU_ENV = "MAMMO_GPU"
 
@@ -43,3 +46,10 @@ def device_for(requested: str, gpu: int | None, cuda_devices: int) -> str:
     if gpu is None:
         return "cuda"
     return f"cuda:{gpu % cuda_devices}"
+
+
+def choose_device(requested: str, worker_name: object | None = None,
+                  env: Mapping[str, str] | None = None) -> torch.device:
+    """The device for ``run.device`` on this process: the GPU a scheduler assigned (see :func:`assigned_gpu`)
+    when there is one, else ``auto`` -> ``cuda`` when visible, else ``cpu``."""
+    return torch.device(device_for(requested, assigned_gpu(worker_name, env), torch.cuda.device_count()))

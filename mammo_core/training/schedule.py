@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from mammo_core.training import devices
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -74,9 +76,8 @@ class Schedule:
         return self.rollback_every > 0 and (epoch + 1) % self.rollback_every == 0
 
     def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        """``device`` on this process, through the one chooser (honours a pinned ``$MAMMO_GPU``)."""
+        return devices.choose_device(self.device)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the checkpoint (epochs may grow; workers/device move)."""

@@ -34,7 +34,7 @@ from mammo_core.detection import bootstrap, builders, data, engine, evaluate, fe
 from mammo_core.sources.weight_sources import resolved_source
 from mammo_core.storage import stage_files
 from mammo_core.storage.store import file_sha256, write_json_atomic
-from mammo_core.training import checkpoint
+from mammo_core.training import checkpoint, devices
 from tasks import runtime
 from tasks.serving import detector as detector_serving
 from tasks.stages.train import load_trained
@@ -50,12 +50,6 @@ TRUTH_FILE = FILES.truth
 TEST_IMAGES_FILE = FILES.test_images
 FAST_RCNN_ABSENT = ("not run: Fast R-CNN needs external region proposals (selective search), which no "
                     "library in this project provides; Faster R-CNN's RPN replaces them")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def lesion_sizes(items: list[data.DetectionImage]) -> tuple[np.ndarray, dict]:
@@ -92,7 +86,7 @@ def _initialisation(name: str, p: Any, train_dir: Path) -> dict[str, Any]:
 
 def _run(ctx: runtime.StageContext) -> None:
     p = ctx.params.detect
-    device = _device(ctx.params.run.device)
+    device = devices.choose_device(ctx.params.run.device, runtime.dask_worker_name())
     dataset = data.load_detection_data(Path(ctx.upstream["curate"].path), p.classes, p.max_size, p.max_images)
     train, val, test = dataset.split("train"), dataset.split("val"), dataset.split("test")
     val_scored = val[: p.val_images] if p.val_images else val

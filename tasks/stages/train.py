@@ -171,15 +171,6 @@ def branch_names(params: Params) -> list[str]:
     return list(dict(params.train.freeze_upto or model.DEFAULT_FREEZE_UPTO))
 
 
-def _dask_worker_name() -> object | None:
-    try:
-        from distributed import get_worker
-
-        return get_worker().name
-    except (ImportError, ValueError):  # not inside a Dask worker
-        return None
-
-
 @task(cache_policy=NO_CACHE, persist_result=False)
 def branch_task(ctx: runtime.RunContext, key: str, upstream: dict[str, runtime.StageResult], branch: str) -> int:
     """One branch training as its own task; the GPU comes from the Dask worker that holds the resource.
@@ -189,7 +180,7 @@ def branch_task(ctx: runtime.RunContext, key: str, upstream: dict[str, runtime.S
     threads = os.environ.get("MAMMO_TORCH_THREADS")  # set by flows.runners for LocalCluster workers
     if threads:
         torch.set_num_threads(int(threads))
-    gpu = devices.assigned_gpu(_dask_worker_name())
+    gpu = devices.assigned_gpu(runtime.dask_worker_name())
     device = devices.device_for(ctx.params["run"]["device"], gpu, torch.cuda.device_count())
     scratch = Path(ctx.store) / "scratch" / "train" / key
     guard = concurrency(f"gpu-{gpu}", occupy=1) if gpu is not None else nullcontext()
