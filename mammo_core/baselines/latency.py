@@ -8,17 +8,12 @@ decides the cost, not the weight values, so untrained builds measure the same as
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from mammo_core.evaluation.latency import Call, cuda_sync, interleaved_ms
 
 
 def latency_ms(models: Mapping[str, nn.Module], patch_size: int, *, repeats: int = 10,
@@ -30,43 +25,9 @@ def latency_ms(models: Mapping[str, nn.Module], patch_size: int, *, repeats: int
     x = torch.randn(1, 3, patch_size, patch_size, generator=torch.Generator().manual_seed(seed)).to(device)
     for model in models.values():
         model.to(device).eval()
-    seconds: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():  # warm-up: allocator, kernels, caches
-            model(x)
-        for _ in range(repeats):
-            for name, model in models.items():
-                _sync(device)
-                start = time.perf_counter()
-                model(x)
-                _sync(device)
-                seconds[name].append(time.perf_counter() - start)
-    return {name: 1000.0 * statistics.median(v) for name, v in seconds.items()}
-
-
-Call = Callable[[], object]
-
-
-def interleaved_ms(calls: Mapping[str, Call], *, repeats: int, sync: Callable[[], None] = lambda: None
-                   ) -> dict[str, float]:
-    """``name -> median milliseconds per call`` of zero-argument calls run interleaved after one warm-up each.
-
-    Why interleaved: on a shared machine the load changes from second to second; running every call once
-    per repeat lets a busy moment hit all of them alike, so their ratios hold even when absolute times drift.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():
-        call()
-    for _ in range(repeats):
-        for name, call in calls.items():
-            sync()
-            start = time.perf_counter()
-            call()
-            sync()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: 1000.0 * statistics.median(v) for name, v in seconds.items()}
+    with torch.inference_mode():  # one warm-up call each: allocator, kernels, caches
+        return interleaved_ms({name: (lambda m=model: m(x)) for name, model in models.items()}, repeats=repeats,
+                              sync=cuda_sync(device))
 
 
 def module_call(model: nn.Module, batch: int, patch_size: int, seed: int = 0) -> Call:

@@ -8,38 +8,19 @@ reported (robust to the occasional scheduler hiccup).
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from mammo_core.evaluation.latency import cuda_sync, interleaved_ms
 
 
 @torch.inference_mode()
 def measure_latency(models: Mapping[str, nn.Module], image: Tensor, repeats: int = 10, warmup: int = 2
                     ) -> dict[str, float]:
     """Median milliseconds per image (batch of one) for each model, on ``image`` (3, H, W) on the models' device."""
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
     for m in models.values():
         m.eval()
-    device = image.device
-    for _ in range(warmup):
-        for m in models.values():
-            m([image])
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, m in models.items():
-            _sync(device)
-            started = time.perf_counter()
-            m([image])
-            _sync(device)
-            times[name].append((time.perf_counter() - started) * 1000.0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return interleaved_ms({name: (lambda m=m: m([image])) for name, m in models.items()}, repeats=repeats,
+                          warmup=warmup, sync=cuda_sync(image.device))
