@@ -46,7 +46,7 @@ from mammo_core.training.checkpoint import (
 from mammo_core.training.loop import (
     TensorData,
     TrainingDiverged,
-    check_training_classes,
+    check_training_sets,
     epoch_batches,
     prepare_images,
 )
@@ -158,11 +158,7 @@ def train_baseline(
     ``on_epoch`` sees each epoch after its checkpoint is written; ``on_batch(epoch, batch)`` runs before
     each training batch (fault injection in tests).
     """
-    check_training_classes(train.labels, model.num_classes, class_names)
-    if len(train) < 2:
-        raise ValueError(f"{len(train)} training sample(s): at least 2 are needed")
-    if len(val) == 0:
-        raise ValueError("the validation set is empty: best-epoch selection and roll-back need it")
+    check_training_sets(train, val, model.num_classes, class_names)
     device = schedule.resolve_device()
     model.to(device)
     generator = torch.Generator().manual_seed(schedule.seed)

@@ -142,6 +142,15 @@ def check_training_classes(labels: Tensor, num_classes: int, class_names: Sequen
         raise ValueError(f"no training samples for class {', '.join(empty)}: every class needs some")
 
 
+def check_training_sets(train: TensorData, val: TensorData, num_classes: int, class_names: Sequence[str]) -> None:
+    """ValueError unless every class has training samples, there are at least two, and val is not empty."""
+    check_training_classes(train.labels, num_classes, class_names)
+    if len(train) < 2:
+        raise ValueError(f"{len(train)} training sample(s): at least 2 are needed")
+    if len(val) == 0:
+        raise ValueError("the validation set is empty: best-epoch selection and roll-back need it")
+
+
 def prepare_images(images: Tensor, device: torch.device | str) -> Tensor:
     """uint8 (N, 1, S, S) -> float32 (N, 3, S, S) in ImageNet normalisation, on ``device``."""
     x = images.to(device, non_blocking=True).float().div_(255.0)
@@ -532,11 +541,7 @@ def _fit(
     on_batch: Callable[[int, int], None] | None,
     cache_max_bytes: int,
 ) -> TrainResult:
-    check_training_classes(train.labels, model.num_classes, class_names)
-    if len(train) < 2:
-        raise ValueError(f"{len(train)} training sample(s): at least 2 are needed")
-    if len(val) == 0:
-        raise ValueError("the validation set is empty: best-epoch selection and roll-back need it")
+    check_training_sets(train, val, model.num_classes, class_names)
     device = schedule.resolve_device()
     model.to(device)
     model.train()
