@@ -1,11 +1,9 @@
-from pathlib import Path
 
 import pytest
 
 from mammo_core.config import Params, load_params, parse_override
 from mammo_core.errors import ParamsError
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
 
 
 @pytest.mark.parametrize("name", ["smoke", "default", "paper"])

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_tracking_server import REPO, clean_env, free_port, wait_http
+from tests.helpers.paths import REPO
+from tests.helpers.processes import clean_env, free_port, wait_http
 
 LISTEN = "0A"
 LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net writes them

@@ -10,45 +10,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 import yaml
 
 from tests.e2e.test_pipeline_e2e import REPO, runs_of
-from tests.e2e.test_tracking_server import stop_process
+from tests.helpers.processes import free_port, get_json, stop_process, wait_until
 
 pytestmark = pytest.mark.slow
 PREFECT = [sys.executable, "-m", "prefect"]
 POOL = "mammo-process"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, timeout: float, what: str, poll: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def get_json(url: str):
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return json.loads(response.read())
-    except OSError:
-        return None
 
 
 def test_prefect_yaml_declares_the_team_deployments():

@@ -19,9 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from tasks import registry
 from tasks.registry import ORDER
+from tests.helpers.paths import REPO, SMOKE
 
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = REPO / "params" / "smoke.yaml"
 pytestmark = pytest.mark.slow
 STAGES = [spec.name for spec in ORDER]
 

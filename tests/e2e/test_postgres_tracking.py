@@ -22,9 +22,8 @@ import psycopg2
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.e2e.test_deployments import free_port, get_json, wait_until
 from tests.e2e.test_pipeline_e2e import REPO, SMOKE, stage_rows
-from tests.e2e.test_tracking_server import stop_process
+from tests.helpers.processes import free_port, get_json, stop_process, wait_until
 
 pytestmark = pytest.mark.slow
 DB_USER = "mammo"

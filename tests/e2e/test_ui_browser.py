@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -25,9 +24,9 @@ from mlflow.tracking import MlflowClient
 from tasks.registry import ORDER
 from tasks.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 from tests.core.reporting.test_report_render import HEADINGS
-from tests.e2e.test_tracking_server import clean_env, free_port, stop_process, wait_http
+from tests.helpers.paths import REPO
+from tests.helpers.processes import clean_env, free_port, stop_process, wait_http
 
-REPO = Path(__file__).resolve().parents[2]
 STAGES = {spec.name for spec in ORDER}
 pytestmark = pytest.mark.slow
 

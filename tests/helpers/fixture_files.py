@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 CBIS_CSV_DIR = REPO / "tests" / "fixtures" / "cbis-ddsm"
 
 # md5 of the published files (The Cancer Imaging Archive, CBIS-DDSM), computed from the copies in

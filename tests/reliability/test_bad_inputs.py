@@ -31,8 +31,8 @@ from mammo_core.sources.safe_zip import extract_zip_safely
 from mammo_core.storage import h5io
 from mammo_core.storage.store import ArtifactStore, IntegrityError
 from mammo_core.training import checkpoint
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 GENERATOR = REPO / "tests" / "data" / "bad" / "generate.py"
 SETTINGS = curation.CurationSettings(max_side=128, val_fraction=0.2, split_seed=0, workers=2, min_box_area=4)
 

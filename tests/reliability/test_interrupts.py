@@ -33,10 +33,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mammo_core.storage.store import ArtifactStore
+from tests.helpers.paths import REPO, SMOKE
 from tests.helpers.smoke_store import copy_store
 
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = REPO / "params" / "smoke.yaml"
 EXIT_WITHIN_S = 10.0
 REACH_TIMEOUT_S = 400.0
 pytestmark = pytest.mark.slow

@@ -44,8 +44,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = REPO / "params" / "smoke.yaml"
+from tests.helpers.paths import REPO, SMOKE
+
 UNTIL = "classify"
 STAGES = ("acquire", "curate", "patches", "augment", "train", "features", "hashing", "classify")
 ARGS = ("run", "-p", str(SMOKE), "--until", UNTIL)

@@ -36,9 +36,9 @@ from mammo_core.storage.store import ArtifactStore
 from tasks.serving import classifier as serving
 from tasks.serving import model_trust
 from tests.helpers import environment_guard
+from tests.helpers.paths import REPO
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 
 
 class _Planted(mlflow.pyfunc.PythonModel):
@@ -303,7 +303,7 @@ def test_mammo_serve_serves_the_champion_over_http_reading_paths_only_under_its_
     import time
     import urllib.request
 
-    from tests.e2e.test_tracking_server import clean_env, stop_process
+    from tests.helpers.processes import clean_env, stop_process
 
     store = smoke_store_copy
     client = MlflowClient(f"sqlite:///{store.resolve() / 'mlflow.db'}")

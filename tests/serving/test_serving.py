@@ -34,8 +34,6 @@ from tasks.serving import classifier as serving
 from tasks.stages.hashing import load_decoder
 from tasks.stages.train import load_trained
 
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = REPO / "params" / "smoke.yaml"
 pytestmark = pytest.mark.slow
 N_PATCHES = 6
 

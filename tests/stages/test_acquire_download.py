@@ -10,9 +10,9 @@ from mammo_core.config import load_params
 from mammo_core.sources.tcia import IncompleteDownload, is_finished
 from tasks.stages import acquire
 from tests.helpers.fake_tcia import Failure, FakeNbiaServer, FakeSeries
+from tests.helpers.paths import SMOKE
 
 ROOT_UID = "1.3.6.1.4.1.9590.100.1.2"
-SMOKE = Path(__file__).resolve().parents[2] / "params" / "smoke.yaml"
 
 
 def test_failed_series_fail_acquire_by_name_and_are_retried_next_run(tmp_path: Path) -> None:

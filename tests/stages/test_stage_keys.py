@@ -16,9 +16,8 @@ import pytest
 from mammo_core.config import load_params
 from mammo_core.storage import code_closure, library_versions
 from tasks import registry
+from tests.helpers.paths import REPO, SMOKE
 
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = REPO / "params" / "smoke.yaml"
 ALL = {spec.name for spec in registry.ORDER}
 
 

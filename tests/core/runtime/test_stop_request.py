@@ -16,15 +16,13 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
 from mammo_core.runtime import stop_request
 from mammo_core.runtime.isolation import run_isolated
-
-REPO = Path(__file__).resolve().parents[3]
+from tests.helpers.paths import REPO
 
 
 def _sleepy(seconds: float) -> float:

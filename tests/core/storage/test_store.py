@@ -3,14 +3,12 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 
 from mammo_core.storage import store as store_mod
 from mammo_core.storage.store import ArtifactStore, IntegrityError, canonical_json, stage_key
-
-REPO = Path(__file__).resolve().parents[3]
+from tests.helpers.paths import REPO
 
 
 def test_key_depends_on_each_input():
