@@ -9,6 +9,8 @@ Modules:
 - ``fixture_files``: Where the tests' real-data fixtures live, so that a clone with nothing beside it passes its tests.
 - ``layout_builders``: Test helpers: turn a classic-layout CBIS-DDSM tree (the phantom's) into the other on-disk
   layouts.
+- ``paths``: Where the repository and its params files are (``REPO``, ``SMOKE``).
+- ``processes``: Helpers for tests that start real server processes (free port, wait, stop, clean environment).
 - ``smoke_store``: One full smoke run per test session, and cheap private copies of it.
 - ``test_dicom_factory``: The generated vendor-equivalent DICOMs (tests.helpers.dicom_factory): deterministic,
   faithful to the real files.
