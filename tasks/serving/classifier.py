@@ -39,15 +39,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
@@ -60,6 +56,7 @@ from mammo_core.models.fused import FusedDenseNet
 from mammo_core.storage import stage_files
 from mammo_core.storage.store import ArtifactStore, write_json_atomic
 from mammo_core.training.loop import prepare_images
+from tasks.serving import registration
 
 REGISTERED_NAME = "mammo-classifier"
 LOGGED_NAME = "mammo-classifier"
@@ -274,33 +271,6 @@ def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> 
 
 # ------------------------------------------------------------------------------------------- logging
 
-_URI_LOCK = threading.Lock()
-
-
-@contextmanager
-def tracking_uri_set(uri: str) -> Iterator[None]:
-    """MLflow's global tracking URI set to ``uri`` for the block, then restored (env variable included).
-
-    ``Model.log`` and registration resolve the tracking store from the process-global URI only. The lock
-    keeps two stage threads from interleaving their set/restore.
-    """
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    with _URI_LOCK:
-        if mlflow.get_tracking_uri() == uri:
-            yield
-            return
-        before, env_before = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(before)
-            if env_before is not None:
-                os.environ["MLFLOW_TRACKING_URI"] = env_before
-
-
 def gather_artifacts(store_root: str | os.PathLike, classify_dir: str | os.PathLike, train_key: str,
                      hashing_key: str) -> tuple[dict[str, str], str]:
     """(artifact name -> file, skops sha256) for a classify output and its upstream stage folders.
@@ -365,58 +335,12 @@ def signature_for(class_names: Sequence[str]):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def requirements() -> list[str]:
-    """Pinned versions of what the served models import (MLflow writes them to requirements.txt)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for dist in ("mlflow", "torch", "scikit-learn", "skops", "numpy", "pandas", "pillow", "pydicom", "scipy",
-                 "scikit-image"):
-        try:
-            reqs.append(f"{dist}=={version(dist)}")
-        except PackageNotFoundError:
-            reqs.append(dist)
-    return reqs
-
-
-def log_served_model(client, run_id: str, name: str, files: Mapping[str, str | os.PathLike], card: dict,
-                     registered_name: str | None, **model_kwargs) -> tuple[Any, str | None]:
-    """Log one of our models as a pyfunc LoggedModel of run ``run_id`` and register it: (ModelInfo, version).
-
-    The model's files (``files``: name inside the data folder -> source file) and its card go into
-    ``data/<name>/``; MLflow loads it by importing ``loader_module`` (``model_kwargs``) from the installed
-    package. Registration goes through ``tasks.serving.model_trust.register``, which records every file's sha256
-    in the registry. Explicit run id and client, no active run: stages run in Prefect worker threads; the
-    LoggedModel is created in the run's experiment (without an active run MLflow would pick the default).
-    """
-    import shutil
-
-    from mlflow.models import Model
-
-    from tasks.serving import model_trust
-    from tasks.serving.model_card import CARD_FILE
-
-    experiment_id = client.get_run(run_id).info.experiment_id
-    with tempfile.TemporaryDirectory(prefix="mammo-serving-") as tmp, tracking_uri_set(client.tracking_uri):
-        data = Path(tmp) / name
-        data.mkdir()
-        for file_name, source in files.items():
-            shutil.copyfile(source, data / file_name)
-        write_json_atomic(data / CARD_FILE, card)
-        logged = client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id)
-        info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
-                         model_id=logged.model_id, data_path=str(data), pip_requirements=requirements(),
-                         **model_kwargs)
-        version = model_trust.register(client, info.model_uri, registered_name, run_id) if registered_name else None
-    return info, version
-
-
 def log_model(client, run_id: str, files: Mapping[str, str], sha256: str, card: dict,
               registered_name: str | None = REGISTERED_NAME) -> tuple[Any, str | None]:
     """Log the served classifier (``files`` as :func:`gather_artifacts` gives them) and register it."""
     class_names = json.loads(Path(files["classifier"]).read_text(encoding="utf-8"))["class_names"]
     patch_size = int(json.loads(Path(files["model_config"]).read_text(encoding="utf-8"))["patch_size"])
-    return log_served_model(
+    return registration.log_served_model(
         client, run_id, DATA_FOLDER, {SERVED_FILES[k]: v for k, v in files.items()}, card, registered_name,
         loader_module=__name__, model_config={"fusion_sha256": sha256}, signature=signature_for(class_names),
         input_example=example_input(patch_size))
@@ -435,8 +359,7 @@ def log_and_register(ctx, registered_name: str = REGISTERED_NAME):
     n_boot = ctx.params.classify.n_boot if ctx.params is not None else None
     card = classifier_card(ctx.store_root, ctx.workdir, train_key, ctx.key, n_boot)
     info, version = log_model(ctx.client, ctx.run_id, files, sha256, card, registered_name)
-    ctx.set_tags({"serving.model_id": info.model_id, "serving.registered_model": registered_name,
-                  "serving.registered_version": str(version)})
+    registration.tag_registered(ctx, info, registered_name, version)
     if version is not None:  # `mammo promote` moves `champion` here once the numbers say so
         ctx.client.set_registered_model_alias(registered_name, "candidate", str(version))
     ctx.logger.info("classify: served model %s registered as %s version %s", info.model_id, registered_name, version)

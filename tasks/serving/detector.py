@@ -2,8 +2,9 @@
 
 What is served is the detect stage's own detector ("ours": fused DenseNet + FPN + hash head), rebuilt
 from ``detector_config.json`` and ``detector.pt`` (``weights_only=True``; nothing is unpickled and nothing
-from the artifact folder is imported: like the classifier in ``tasks/serving/classifier.py``, whose logging helper it
-uses, the model names this module as its ``loader_module``, and registration records every file's sha256).
+from the artifact folder is imported: like the classifier in ``tasks/serving/classifier.py``, and logged by the
+same ``tasks/serving/registration.py``, the model names this module as its ``loader_module``, and registration
+records every file's sha256).
 
 Served paths are read only under the root given at serve time (``mammo_core.inference.served_inputs``; none by
 default, so a server started without one refuses every path with the same message), and decoded images
@@ -38,6 +39,7 @@ from mammo_core.errors import BadItem
 from mammo_core.inference.served_inputs import ServeLimits, without_path
 from mammo_core.storage import stage_files
 from mammo_core.storage.durable import atomic_path
+from tasks.serving import registration
 
 REGISTERED_NAME = "mammo-detector"
 LOGGED_NAME = "mammo-detector"
@@ -182,10 +184,9 @@ def signature():
 def log_model(client, run_id: str, files: Mapping[str, str], card: dict,
               registered_name: str | None = REGISTERED_NAME) -> tuple[Any, str | None]:
     """Log the detector (``files``: ``weights``, ``config``) with its card and register it: (ModelInfo, version)."""
-    from tasks.serving.classifier import log_served_model
-
-    return log_served_model(client, run_id, DATA_FOLDER, {SERVED_FILES[k]: v for k, v in files.items()}, card,
-                            registered_name, loader_module=__name__, signature=signature())
+    served = {SERVED_FILES[k]: v for k, v in files.items()}
+    return registration.log_served_model(client, run_id, DATA_FOLDER, served, card, registered_name,
+                                         loader_module=__name__, signature=signature())
 
 
 def log_and_register(ctx, registered_name: str = REGISTERED_NAME):
@@ -196,7 +197,6 @@ def log_and_register(ctx, registered_name: str = REGISTERED_NAME):
     files = {"weights": str(ctx.workdir / WEIGHTS_FILE), "config": str(ctx.workdir / CONFIG_FILE)}
     card = detector_card(ctx.store_root, ctx.workdir, ctx.upstream["curate"].key, ctx.key)
     info, version = log_model(ctx.client, ctx.run_id, files, card, registered_name)
-    ctx.set_tags({"serving.model_id": info.model_id, "serving.registered_model": registered_name,
-                  "serving.registered_version": str(version)})
+    registration.tag_registered(ctx, info, registered_name, version)
     ctx.logger.info("detect: served model %s registered as %s version %s", info.model_id, registered_name, version)
     return info
