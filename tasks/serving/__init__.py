@@ -5,6 +5,7 @@ Modules:
   SVM/kNN/RF.
 - ``detector``: The lesion detector as an MLflow pyfunc model: full mammogram -> boxes with class and score.
 - ``model_card``: The model card logged with each registered model: what it takes, what it says, what it was trained on.
+- ``registration``: Logging and registering one of the served models in MLflow, written once for both of them.
 - ``model_trust``: Only this project's own registered models are loaded, and only when their files are the registered
   ones.
 """
