@@ -44,7 +44,6 @@ TABLE_FILE = "table8_detection.csv"
 WEIGHTS_FILE = "detector.pt"
 CONFIG_FILE = "detector_config.json"
 DETECTIONS_FILE, TRUTH_FILE, TEST_IMAGES_FILE = records.split_files("test")
-RECORD_SPLITS = ("val", "test")  # every detector's per-image detections are saved for these
 FAST_RCNN_ABSENT = ("not run: Fast R-CNN needs external region proposals (selective search), which no "
                     "library in this project provides; Faster R-CNN's RPN replaces them")
 
@@ -180,7 +179,8 @@ def _run(ctx: runtime.StageContext) -> None:
         ctx.set_tags({f"detect.{name}.weights": tag})
     cache = None
 
-    # the per-image test detections are the artifact; Table 8's intervals are computed from what was written
+    # the per-image val and test detections are the artifact; Table 8's intervals and the paired differences
+    # are computed from what was written
     record_files = [*records.write_split(ctx.workdir, "val", val_predictions, val),
                     *records.write_split(ctx.workdir, "test", predictions, test)]
     saved_test = records.read_split(ctx.workdir, "test", names)
