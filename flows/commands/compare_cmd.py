@@ -27,6 +27,7 @@ from flows.run_lookup import (
 )
 from mammo_core.reporting import compare as cmp
 from mammo_core.reporting.report_render import format_value
+from mammo_core.storage import stage_files
 from mammo_core.storage.durable import write_text_atomic
 
 console = Console(stderr=True)
@@ -69,14 +70,44 @@ def paired_test_differences(root: Path, runs: tuple[PipelineRun, PipelineRun]) -
     from mammo_core.evaluation import paired_bootstrap
     from tasks.stages.classify import PREDICTIONS_FILE
 
-    predictions = []
+    predictions, table, notes = [], None, []
     for run in runs:
         folder = stage_folders(root, run, ("classify",))["classify"]
         if folder is None or not (folder / PREDICTIONS_FILE).is_file():
-            return None, [f"no paired test comparison: run {run.run_id} has no classify {PREDICTIONS_FILE} in "
-                          f"{root} (no classify stage, or made by a version that did not save predictions)"]
+            notes = [f"no paired test comparison: run {run.run_id} has no classify {PREDICTIONS_FILE} in "
+                     f"{root} (no classify stage, or made by a version that did not save predictions)"]
+            break
         predictions.append(pd.read_csv(folder / PREDICTIONS_FILE))
-    return paired_bootstrap.paired_table(predictions[0], predictions[1], "test")
+    else:
+        table, notes = paired_bootstrap.paired_table(predictions[0], predictions[1], "test")
+    detectors, detector_notes = detector_test_differences(root, runs)
+    if detectors is not None and len(detectors):
+        table = pd.concat([table, detectors], ignore_index=True) if table is not None and len(table) else detectors
+    return table, notes + detector_notes
+
+
+def detector_test_differences(root: Path, runs: tuple[PipelineRun, PipelineRun]
+                              ) -> tuple[pd.DataFrame | None, list[str]]:
+    """Paired bootstrap CIs of B - A of each detector's AP50 (and lesion AP50, FROC at 1 FP/image) over the
+    test patients, from both detect stages' per-image test detections; None (with a note) without them."""
+    import json
+
+    from mammo_core.detection import records
+
+    saved = []
+    for run in runs:
+        folder = stage_folders(root, run, ("detect",))["detect"]
+        try:
+            if folder is None:
+                raise FileNotFoundError(f"no detect stage folder of run {run.run_id} in {root}")
+            classes = json.loads((folder / stage_files.DETECT.summary).read_text(encoding="utf-8"))["classes"]
+            saved.append((records.read_split(folder, "test"), classes))
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            return None, [f"no paired detector comparison: {exc}"]
+    if saved[0][1] != saved[1][1]:
+        return None, [f"no paired detector comparison: the detectors name different classes ({saved[0][1]} vs "
+                      f"{saved[1][1]})"]
+    return cmp.detector_paired_table(saved[0][0], saved[1][0], len(saved[0][1]))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -143,8 +174,9 @@ def compare(
     """Compare two `mammo run` runs: params that differ, every metric and every report table, with B - A.
 
     When both runs scored the same test patches, each headline metric (accuracy, balanced accuracy of the
-    fused and single classifiers) also gets the paired bootstrap CI of B - A over test patients and a verdict:
-    distinguishable from noise or not.
+    fused and single classifiers; AP50, lesion AP50 and FROC at 1 FP/image of each detector on the same test
+    images) also gets the paired bootstrap CI of B - A over test patients and a verdict: distinguishable from
+    noise or not.
     """
     root, client = open_tracking(store)
     try:

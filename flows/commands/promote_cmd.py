@@ -12,8 +12,13 @@ above 0. A tie, a gain inside the noise, or validation splits that differ keep t
 accuracy is printed beside, for the person reading, and never used. Why: choosing on test makes the test
 number a selection statistic, optimistic for whatever was chosen, and the paper's headline number with it.
 
-The detector: the detect stage saves no per-image validation predictions, so there is no paired validation
-evidence for it; a detector becomes champion only when there is none yet, and otherwise stays (said so).
+The detector, by the same rule and the same code: it moves only when the candidate's validation AP50 (our
+detector, mAP at IoU 0.5 over the classes, from the detect stage's ``val_detections.parquet`` and
+``val_truth.parquet``/``val_images.parquet``) beats the champion's with the whole 95 % paired bootstrap
+interval over validation patients above 0 (both detectors rescored on each resample of the same images,
+paired on their image keys); test mAP is printed beside, never used. A detector that is not better is kept
+without stopping the classifier's promotion (as before: the two are decided separately, the classifier's
+refusal stops everything).
 """
 
 from __future__ import annotations
@@ -28,16 +33,19 @@ from rich.console import Console
 
 from flows import environment
 from mammo_core.evaluation import paired_bootstrap as pb
+from mammo_core.storage import stage_files
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
 CLASSIFIER, DETECTOR = "mammo-classifier", "mammo-detector"
 SHOWN_TEST_METRIC = {CLASSIFIER: "classify/fusion/test_acc", DETECTOR: "detect/ours/map50"}
 N_BOOT, CONFIDENCE, BOOT_SEED = 2000, 0.95, 0
-RULE = (f"rule: decide on validation only - the candidate classifier replaces the champion when its validation "
-        f"accuracy (fused SVM+kNN+RF) is higher with the whole {CONFIDENCE:.0%} paired bootstrap interval of "
-        f"candidate - champion over validation patients ({N_BOOT} resamples) above 0; test numbers are shown, "
-        f"never used; the detector (no saved validation predictions) moves only when there is no champion yet")
+RULE = (f"rule: decide on validation only - a candidate replaces the champion when its validation metric "
+        f"(classifier: accuracy of the fused SVM+kNN+RF; detector: AP50 of our detector) is higher with the whole "
+        f"{CONFIDENCE:.0%} paired bootstrap interval of candidate - champion over validation patients ({N_BOOT} "
+        f"resamples) above 0; test numbers are shown, never used; a detector that is not better is kept without "
+        f"blocking the classifier")
+DETECTOR_MODEL = "ours"  # the detect stage's registered detector
 console = Console(stderr=True)
 
 
@@ -79,51 +87,74 @@ def _metric_of(client, run_id: str, metric: str) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _predictions(client, root: Path, run_id: str) -> pd.DataFrame:
-    """The classify stage's ``predictions.csv`` of the (classify child) run that registered a version."""
+def _stage_folder(client, root: Path, run_id: str, stage: str, needed: str) -> Path:
+    """The sealed stage folder of the (stage child) run that registered a version; ``needed``: a file in it."""
     from mammo_core.storage.store import ArtifactStore
-    from tasks.stages.classify import PREDICTIONS_FILE
 
     key = client.get_run(run_id).data.tags.get("stage_key")
     if not key:
-        raise FileNotFoundError(f"run {run_id} has no stage_key tag: its classify stage folder cannot be found")
-    folder = ArtifactStore(root).find("classify", key)
-    if folder is None or not (folder.path / PREDICTIONS_FILE).is_file():
-        raise FileNotFoundError(f"no {PREDICTIONS_FILE} in the classify stage folder {key} of run {run_id} "
+        raise FileNotFoundError(f"run {run_id} has no stage_key tag: its {stage} stage folder cannot be found")
+    folder = ArtifactStore(root).find(stage, key)
+    if folder is None or not (folder.path / needed).is_file():
+        raise FileNotFoundError(f"no {needed} in the {stage} stage folder {key} of run {run_id} "
                                 f"(absent from {root}, or made by an older version that did not save predictions)")
-    return pd.read_csv(folder.path / PREDICTIONS_FILE)
+    return folder.path
 
 
-def _decide_classifier(client, root: Path, version, champion) -> Decision:
-    tests = {"candidate": _metric_of(client, version.run_id, SHOWN_TEST_METRIC[CLASSIFIER])}
-    base = {"model": CLASSIFIER, "version": str(version.version), "test_values": tests}
+def _predictions(client, root: Path, run_id: str) -> pd.DataFrame:
+    """The classify stage's ``predictions.csv`` of the (classify child) run that registered a version."""
+    from tasks.stages.classify import PREDICTIONS_FILE
+
+    return pd.read_csv(_stage_folder(client, root, run_id, "classify", PREDICTIONS_FILE) / PREDICTIONS_FILE)
+
+
+def _classifier_evidence(client, root: Path, champion_run: str, candidate_run: str) -> pb.PairedDifference:
+    pairs = pb.paired_predictions(_predictions(client, root, champion_run), _predictions(client, root, candidate_run),
+                                  "val", "fusion")
+    return pb.paired_difference(pairs, "accuracy", n_boot=N_BOOT, seed=BOOT_SEED, confidence=CONFIDENCE)
+
+
+def _detector_evidence(client, root: Path, champion_run: str, candidate_run: str) -> pb.PairedDifference:
+    """Validation AP50 of our detector, candidate - champion, paired over the validation patients."""
+    import json
+
+    from mammo_core.detection import bootstrap, records
+
+    runs = {}
+    for who, run_id in (("champion", champion_run), ("candidate", candidate_run)):
+        detections = records.split_files("val")[0]
+        folder = _stage_folder(client, root, run_id, "detect", detections)
+        classes = json.loads((folder / stage_files.DETECT.summary).read_text(encoding="utf-8"))["classes"]
+        runs[who] = (records.read_split(folder, "val", [DETECTOR_MODEL]), classes)
+    if runs["champion"][1] != runs["candidate"][1]:
+        raise pb.NotPaired(f"the detectors name different classes: {runs['champion'][1]} vs {runs['candidate'][1]}")
+    champion, candidate, targets, patients = records.paired_records(runs["champion"][0], DETECTOR_MODEL,
+                                                                    runs["candidate"][0], DETECTOR_MODEL)
+    return bootstrap.paired_detection_differences(champion, candidate, targets, len(runs["champion"][1]), patients,
+                                                  n_boot=N_BOOT, seed=BOOT_SEED, confidence=CONFIDENCE)["map50"]
+
+
+EVIDENCE = {CLASSIFIER: _classifier_evidence, DETECTOR: _detector_evidence}
+
+
+def _decide(client, root: Path, model: str, version, champion) -> Decision:
+    """One rule for every registered model: paired validation evidence or the champion stays."""
+    tests = {"candidate": _metric_of(client, version.run_id, SHOWN_TEST_METRIC[model])}
+    base = {"model": model, "version": str(version.version), "test_values": tests,
+            "blocking": model == CLASSIFIER}  # a kept detector does not stop the classifier
     if champion is None:
         return Decision(**base, champion_version=None, promote=True, reason="no champion yet")
-    tests["champion"] = _metric_of(client, champion.run_id, SHOWN_TEST_METRIC[CLASSIFIER])
+    tests["champion"] = _metric_of(client, champion.run_id, SHOWN_TEST_METRIC[model])
     base["champion_version"] = str(champion.version)
     if str(champion.version) == str(version.version):
         return Decision(**base, promote=False, reason="already the champion")
     try:
-        pairs = pb.paired_predictions(_predictions(client, root, champion.run_id),
-                                      _predictions(client, root, version.run_id), "val", "fusion")
-    except (FileNotFoundError, pb.NotPaired) as exc:
+        evidence = EVIDENCE[model](client, root, champion.run_id, version.run_id)
+    except (FileNotFoundError, KeyError, pb.NotPaired) as exc:
         return Decision(**base, promote=False, reason=f"no paired validation evidence, champion kept: {exc}")
-    evidence = pb.paired_difference(pairs, "accuracy", n_boot=N_BOOT, seed=BOOT_SEED, confidence=CONFIDENCE)
     reason = ("better on validation beyond noise" if evidence.b_better else
               "not better on validation beyond noise, champion kept")
     return Decision(**base, promote=evidence.b_better, reason=reason, evidence=evidence)
-
-
-def _decide_detector(client, version, champion) -> Decision:
-    tests = {"candidate": _metric_of(client, version.run_id, SHOWN_TEST_METRIC[DETECTOR])}
-    if champion is None:
-        return Decision(model=DETECTOR, version=str(version.version), champion_version=None, promote=True,
-                        reason="no champion yet", test_values=tests)
-    tests["champion"] = _metric_of(client, champion.run_id, SHOWN_TEST_METRIC[DETECTOR])
-    return Decision(model=DETECTOR, version=str(version.version), champion_version=str(champion.version),
-                    promote=False, blocking=False, test_values=tests,
-                    reason="champion kept: the detect stage saves no per-image validation predictions, so there "
-                           "is no paired validation evidence (test mAP is never a reason to move it)")
 
 
 def decide(client, run_id: str, root: Path) -> list[Decision]:
@@ -139,8 +170,7 @@ def decide(client, run_id: str, root: Path) -> list[Decision]:
             champion = client.get_model_version_by_alias(model, CHAMPION)
         except Exception:  # no alias yet (MLflow raises when the alias is not set)
             champion = None
-        decisions.append(_decide_classifier(client, root, version, champion) if model == CLASSIFIER
-                         else _decide_detector(client, version, champion))
+        decisions.append(_decide(client, root, model, version, champion))
     return decisions
 
 
@@ -151,9 +181,10 @@ def promote(
     """Point the `champion` alias at RUN_ID's registered models when validation says they are better.
 
     The classifier moves only when its validation accuracy beats the champion's with the whole 95 % paired
-    bootstrap interval (candidate - champion, resampling validation patients, 2000 resamples) above 0. Test
-    numbers are printed, never used. The detector moves only when there is no champion yet (no per-image
-    validation predictions are saved for a paired comparison).
+    bootstrap interval (candidate - champion, resampling validation patients, 2000 resamples) above 0. The
+    detector moves by the same rule on its validation AP50 (our detector's mAP at IoU 0.5, both detectors
+    rescored on every resample of the validation patients); a detector that is not better is kept without
+    blocking the classifier. Test numbers are printed, never used.
     """
     root = environment.store_root(store)
     environment.configure(root)

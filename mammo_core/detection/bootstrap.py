@@ -26,6 +26,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from mammo_core.evaluation.metrics import patient_bootstrap_weights
+from mammo_core.evaluation.paired_bootstrap import NotPaired, PairedDifference
 
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's recThrs
 TRUE_POSITIVE, DUPLICATE, FALSE_POSITIVE = 1, 0, -1
@@ -183,6 +184,34 @@ def percentile_interval(value: float, resampled: np.ndarray, confidence: float =
     return Interval(value, float(low), float(high))
 
 
+def _resampled(fn, draws: np.ndarray) -> np.ndarray:
+    """``fn`` on every row of ``draws`` in chunks: a (resamples x detections) matrix can be large."""
+    return np.concatenate([fn(draws[s:s + 200]) for s in range(0, len(draws), 200)] or [np.zeros(0)])
+
+
+def metric_functions(predictions: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]],
+                     n_classes: int, froc_rates: Sequence[float] = (0.5, 1.0, 2.0)):
+    """``{metric: f(weights) -> values}`` for ``map50``, ``lesion_ap50`` and ``froc_<rate>`` of one detector.
+
+    The matching is done here, once; each function only reweights images (rows of ``weights``).
+    """
+    per_class = [ap_outcomes(predictions, targets, k)[0] for k in range(1, n_classes + 1)]
+    agnostic = ap_outcomes([dict(p, labels=p["labels"].new_ones(p["labels"].shape)) for p in predictions],
+                           [dict(t, labels=t["labels"].new_ones(t["labels"].shape)) for t in targets], 1)[0]
+    found = froc_outcomes(predictions, targets)
+    out = {"map50": lambda w: weighted_map(per_class, w), "lesion_ap50": lambda w: weighted_ap(agnostic, w)}
+    for rate in froc_rates:
+        out[f"froc_{rate:g}"] = lambda w, rate=rate: weighted_froc(found, w, rate)
+    return out
+
+
+def _groups(targets: Sequence, groups: Sequence | None) -> np.ndarray:
+    group_ids = np.arange(len(targets)) if groups is None else np.asarray(groups)
+    if group_ids.shape != (len(targets),):
+        raise ValueError(f"{group_ids.size} group ids for {len(targets)} images")
+    return group_ids
+
+
 def detection_intervals(predictions: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]],
                         n_classes: int, groups: Sequence[int] | None = None, n_boot: int = 1000, seed: int = 0,
                         confidence: float = 0.95, froc_rates: Sequence[float] = (0.5, 1.0, 2.0)
@@ -194,25 +223,43 @@ def detection_intervals(predictions: Sequence[Mapping[str, Tensor]], targets: Se
     """
     if len(predictions) != len(targets):
         raise ValueError(f"{len(predictions)} prediction sets for {len(targets)} images")
-    group_ids = np.arange(len(targets)) if groups is None else np.asarray(groups)
-    if group_ids.shape != (len(targets),):
-        raise ValueError(f"{group_ids.size} group ids for {len(targets)} images")
+    group_ids = _groups(targets, groups)
     ones = np.ones((1, len(targets)))
     draws = patient_bootstrap_weights(group_ids, n_boot, seed) if len(targets) else np.zeros((0, 0))
+    return {name: percentile_interval(float(fn(ones)[0]), _resampled(fn, draws), confidence)
+            for name, fn in metric_functions(predictions, targets, n_classes, froc_rates).items()}
 
-    def resampled(fn, *args) -> np.ndarray:  # in chunks: a (resamples x detections) matrix can be large
-        return np.concatenate([fn(*args[:1], draws[s:s + 200], *args[1:]) for s in range(0, len(draws), 200)]
-                              or [np.zeros(0)])
 
-    per_class = [ap_outcomes(predictions, targets, k)[0] for k in range(1, n_classes + 1)]
-    agnostic = ap_outcomes([dict(p, labels=p["labels"].new_ones(p["labels"].shape)) for p in predictions],
-                           [dict(t, labels=t["labels"].new_ones(t["labels"].shape)) for t in targets], 1)[0]
-    found = froc_outcomes(predictions, targets)
-    out = {"map50": percentile_interval(float(weighted_map(per_class, ones)[0]),
-                                        resampled(weighted_map, per_class), confidence),
-           "lesion_ap50": percentile_interval(float(weighted_ap(agnostic, ones)[0]),
-                                              resampled(weighted_ap, agnostic), confidence)}
-    for rate in froc_rates:
-        out[f"froc_{rate:g}"] = percentile_interval(float(weighted_froc(found, ones, rate)[0]),
-                                                    resampled(weighted_froc, found, rate), confidence)
+def paired_detection_differences(predictions_a: Sequence[Mapping[str, Tensor]],
+                                 predictions_b: Sequence[Mapping[str, Tensor]],
+                                 targets: Sequence[Mapping[str, Tensor]], n_classes: int,
+                                 groups: Sequence | None = None, n_boot: int = 1000, seed: int = 0,
+                                 confidence: float = 0.95, froc_rates: Sequence[float] = (0.5, 1.0, 2.0)
+                                 ) -> dict[str, PairedDifference]:
+    """Paired bootstrap of B - A for every detection metric: both detectors scored on the same resamples.
+
+    Why paired: the two detectors saw the same images, so hard and easy patients are shared; each resample
+    draws patients (``groups``; None: images) once and recomputes both detectors' AP50, lesion AP50 and FROC
+    on it, and the percentile interval is that of the difference itself
+    (:class:`mammo_core.evaluation.paired_bootstrap.PairedDifference`: distinguishable when it excludes 0).
+    """
+    if not len(predictions_a) == len(predictions_b) == len(targets):
+        raise NotPaired(f"{len(predictions_a)} and {len(predictions_b)} prediction sets for {len(targets)} images")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    group_ids = _groups(targets, groups)
+    ones = np.ones((1, len(targets)))
+    draws = patient_bootstrap_weights(group_ids, n_boot, seed) if len(targets) else np.zeros((0, 0))
+    fa = metric_functions(predictions_a, targets, n_classes, froc_rates)
+    fb = metric_functions(predictions_b, targets, n_classes, froc_rates)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    out = {}
+    for name in fa:
+        diffs = _resampled(fb[name], draws) - _resampled(fa[name], draws)
+        diffs = diffs[np.isfinite(diffs)]
+        low, high = np.percentile(diffs, [tail, 100.0 - tail]) if diffs.size else (math.nan, math.nan)
+        out[name] = PairedDifference(metric=name, a=float(fa[name](ones)[0]), b=float(fb[name](ones)[0]),
+                                     low=float(low), high=float(high), n_items=len(targets),
+                                     n_patients=int(np.unique(group_ids).size), n_boot=n_boot,
+                                     confidence=confidence, unit="images")
     return out

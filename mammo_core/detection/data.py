@@ -14,6 +14,7 @@ box's four corners and takes their enclosing axis-aligned box, clipped to the im
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -68,7 +69,8 @@ class DetectionImage:
     ``crop`` (x0, y0) and ``scale`` map input pixels back to the cached image: cache = input / scale + crop;
     ``cache_to_original`` maps the cache to the original full image. ``group``: an ordinal of the image's
     patient (never the patient id), so that a bootstrap draws both views of a patient together; None when
-    unknown.
+    unknown. ``image_key``/``patient_key``: sha256 digests of the curated image and patient ids (see
+    :func:`pseudonym`), stable across runs of one dataset so that two runs' detections pair image by image.
     """
 
     index: int
@@ -80,6 +82,8 @@ class DetectionImage:
     scale: float
     cache_to_original: float
     group: int | None = None
+    image_key: str | None = None
+    patient_key: str | None = None
 
     def target(self) -> dict[str, Tensor]:
         return {"boxes": self.boxes, "labels": self.labels}
@@ -199,8 +203,21 @@ def load_detection_data(curate_dir: str | Path, kind: str, max_size: int, max_im
             out.append(DetectionImage(len(out), split, tensor, boxes,
                                       torch.tensor([labels[i] for i in keep], dtype=torch.int64),
                                       (cx, cy), scale, 1.0 / float(row.scale),
-                                      patients.get(str(getattr(row, "patient_id", "")))))
+                                      patients.get(str(getattr(row, "patient_id", ""))),
+                                      pseudonym(row.image_id),
+                                      pseudonym(getattr(row, "patient_id", None))))
     return DetectionData(out, names, dropped)
+
+
+def pseudonym(value: object) -> str | None:
+    """A short sha256 digest of a curated id: the same on every run of one dataset, and no readable id.
+
+    Why: saved detections must pair across runs (``mammo compare``, ``mammo promote``) by image and patient,
+    while the tables logged to MLflow carry no dataset id (CBIS image ids contain the patient id).
+    """
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return hashlib.sha256(str(value).encode("utf-8")).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------- augmentation

@@ -40,6 +40,7 @@ class PairedDifference:
     n_patients: int
     n_boot: int
     confidence: float
+    unit: str = "patches"  # what n_items counts (the detection bootstrap pairs images)
 
     @property
     def diff(self) -> float:
@@ -60,7 +61,7 @@ class PairedDifference:
         verdict = "distinguishable from noise" if self.distinguishable else "not distinguishable from noise"
         return (f"{self.metric}: {a} {self.a:.4f}, {b} {self.b:.4f}, {b} - {a} {self.diff:+.4f}, "
                 f"{self.confidence:.0%} paired bootstrap CI [{self.low:+.4f}, {self.high:+.4f}] over "
-                f"{self.n_patients} patients ({self.n_items} patches, {self.n_boot} resamples): {verdict}")
+                f"{self.n_patients} patients ({self.n_items} {self.unit}, {self.n_boot} resamples): {verdict}")
 
 
 def paired_predictions(a: pd.DataFrame, b: pd.DataFrame, split: str, classifier: str) -> pd.DataFrame:
@@ -130,12 +131,16 @@ def paired_table(a: pd.DataFrame, b: pd.DataFrame, split: str = "test",
             notes.append(f"{classifier}: no paired {split} comparison ({exc})")
             continue
         for metric in HEADLINE:
-            d = paired_difference(pairs, metric, n_boot=n_boot, seed=seed, confidence=confidence)
-            rows.append({"classifier": classifier, "metric": metric, "a": d.a, "b": d.b, "diff": d.diff,
-                         "ci_low": d.low, "ci_high": d.high, "confidence": confidence,
-                         "n_patients": d.n_patients, "n_items": d.n_items, "n_boot": n_boot,
-                         "distinguishable": d.distinguishable})
+            rows.append(table_row(classifier, paired_difference(pairs, metric, n_boot=n_boot, seed=seed,
+                                                                confidence=confidence)))
     return pd.DataFrame(rows), notes
+
+
+def table_row(model: str, d: PairedDifference) -> dict:
+    """One row of a paired table (:func:`paired_table`; ``mammo compare`` adds the detectors' rows)."""
+    return {"classifier": model, "metric": d.metric, "a": d.a, "b": d.b, "diff": d.diff, "ci_low": d.low,
+            "ci_high": d.high, "confidence": d.confidence, "n_patients": d.n_patients, "n_items": d.n_items,
+            "n_boot": d.n_boot, "distinguishable": d.distinguishable}
 
 
 def paired_metric_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, groups: np.ndarray,

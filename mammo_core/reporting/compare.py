@@ -188,7 +188,8 @@ def render_markdown(comparison: Comparison) -> str:
     if comparison.paired is not None and len(comparison.paired):
         out += ["", "## Paired bootstrap on the shared test split", "",
                 "B - A of each headline metric with its percentile interval, both runs scored on the same "
-                "resamples of the test patients (from the classify stages' saved predictions). A difference "
+                "resamples of the test patients (from the classify stages' saved predictions and the detect "
+                "stages' per-image test detections). A difference "
                 "whose interval contains 0 is not distinguishable from noise.", ""]
         out += paired_lines(comparison.paired, comparison.labels)
     if comparison.notes:
@@ -208,3 +209,30 @@ def paired_lines(paired: pd.DataFrame, labels: tuple[str, str]) -> list[str]:
         lines.append(f"| {row.classifier} | {row.metric} | {row.a:.4f} | {row.b:.4f} | {row.diff:+.4f} | {ci} "
                      f"| {row.n_patients} | {verdict} |")
     return lines
+
+
+DETECTION_METRICS = ("map50", "lesion_ap50", "froc_1")  # AP50, class-agnostic AP50, FROC sensitivity at 1 FP/img
+
+
+def detector_paired_table(a, b, n_classes: int, models: tuple[str, ...] = ("ours", "ours_nohash", "frcnn_r50"),
+                          n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
+                          ) -> tuple[pd.DataFrame, list[str]]:
+    """Paired CIs of B - A of each detector both runs saved test detections of (``a``, ``b``: the detect
+    stages' :class:`mammo_core.detection.records.SplitRecords`), images paired on their keys and patients
+    resampled; rows as
+    :func:`mammo_core.evaluation.paired_bootstrap.paired_table`'s (``classifier``: ``detector <name>``).
+    """
+    from mammo_core.detection import bootstrap, records  # torch: only when two detect stages are compared
+    from mammo_core.evaluation.paired_bootstrap import NotPaired, table_row
+
+    rows, notes = [], []
+    for model in models:
+        try:
+            pred_a, pred_b, targets, patients = records.paired_records(a, model, b, model)
+        except NotPaired as exc:
+            notes.append(f"detector {model}: no paired {a.split} comparison ({exc})")
+            continue
+        found = bootstrap.paired_detection_differences(pred_a, pred_b, targets, n_classes, patients, n_boot=n_boot,
+                                                       seed=seed, confidence=confidence)
+        rows += [table_row(f"detector {model}", found[metric]) for metric in DETECTION_METRICS]
+    return pd.DataFrame(rows), notes

@@ -83,6 +83,15 @@ class DetectFiles:
     detections: str = "test_detections.parquet"
     truth: str = "test_truth.parquet"
     test_images: str = "test_images.parquet"
+    val_detections: str = "val_detections.parquet"
+    val_truth: str = "val_truth.parquet"
+    val_images: str = "val_images.parquet"
+
+    def split_files(self, split: str) -> tuple[str, str, str]:
+        """(detections, truth, images) of one split: what the paired detector comparisons read."""
+        by_split = {"test": (self.detections, self.truth, self.test_images),
+                    "val": (self.val_detections, self.val_truth, self.val_images)}
+        return by_split[split]
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,11 @@ it runs once per image and both fused detectors read its cached maps for trainin
 validation images. The sealed folder holds ``detection.json`` (the Table 8 contract, with 95% bootstrap
 CIs over test images, each detector's initialisation and parameter counts, the training sizes and a
 seconds profile), ``table8_detection.csv``, ``history.json`` (per epoch: train and validation seconds),
-the per-image test detections the CIs are computed from (``test_detections.parquet``,
-``test_truth.parquet``, ``test_images.parquet``), the lesion-size figure and a few example figures (named by
+the per-image detections of every detector on the validation and the test images with their ground truth
+(``{val,test}_{detections,truth,images}.parquet``, :mod:`mammo_core.detection.records`: the test CIs, the
+paired bootstrap of ours - each baseline over test patients (``paired_test`` in ``detection.json``),
+``mammo promote`` (validation) and ``mammo compare`` (test) are computed from them), the lesion-size
+figure and a few example figures (named by
 position, never by image id: CBIS ids carry patient ids), plus the final detector (``detector.pt`` +
 ``detector_config.json``), logged as an MLflow model and registered as ``mammo-detector``.
 """
@@ -26,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from mammo_core.config import Params
@@ -84,6 +86,14 @@ def _initialisation(name: str, p: Any, train_dir: Path) -> dict[str, Any]:
             "sha256": file_sha256(path)}
 
 
+def _paired_dict(d: bootstrap.PairedDifference) -> dict[str, Any]:
+    """A paired difference for detection.json (NaN as None), with its verdict on "B beats A"."""
+    values = {"a": d.a, "b": d.b, "diff": d.diff, "low": d.low, "high": d.high}
+    return {**{k: evaluate.finite_or_none(v) for k, v in values.items()}, "n_images": d.n_items,
+            "n_patients": d.n_patients, "n_boot": d.n_boot, "confidence": d.confidence,
+            "distinguishable": d.distinguishable}
+
+
 def _run(ctx: runtime.StageContext) -> None:
     p = ctx.params.detect
     device = devices.choose_device(ctx.params.run.device, runtime.dask_worker_name())
@@ -108,7 +118,7 @@ def _run(ctx: runtime.StageContext) -> None:
     def config_for(name: str) -> builders.DetectorConfig:
         return builders.config_from_params(p, name, dataset.classes, freeze_upto=train_config["freeze_upto"])
 
-    rows, history, models, predictions = [], {}, {}, {}
+    rows, history, models, predictions, val_predictions = [], {}, {}, {}, {}
     for name in names:
         cfg = config_for(name)
         model, tag = builders.build_detector(cfg, copy.deepcopy(fused) if name != "frcnn_r50" else None,
@@ -141,6 +151,9 @@ def _run(ctx: runtime.StageContext) -> None:
         started = time.perf_counter()
         preds = engine.predict(result.model, test, device, features)
         test_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        val_predictions[name] = engine.predict(result.model, val, device, features)  # for mammo promote
+        val_seconds = time.perf_counter() - started
         if features is not None:
             fused_left -= 1
             if fused_left == 0:
@@ -160,24 +173,25 @@ def _run(ctx: runtime.StageContext) -> None:
         profile["models"][name] = {
             "train_s": round(sum(h.train_seconds or 0.0 for h in result.history), 2),
             "val_s": round(sum(h.eval_seconds or 0.0 for h in result.history), 2),
-            "test_predict_s": round(test_seconds, 2),
+            "test_predict_s": round(test_seconds, 2), "val_predict_s": round(val_seconds, 2),
             "epochs_run": len(result.history) - (result.resumed_from_epoch or 0)}
         models[name], predictions[name] = result.model, preds
         ctx.set_tags({f"detect.{name}.weights": tag})
     cache = None
 
-    # the per-image test detections are the artifact; Table 8's intervals are computed from what was written
-    truth, images = records.truth_frames(test)
-    records.write_parquet_atomic(records.detections_frame(predictions), ctx.workdir / DETECTIONS_FILE)
-    records.write_parquet_atomic(truth, ctx.workdir / TRUTH_FILE)
-    records.write_parquet_atomic(images, ctx.workdir / TEST_IMAGES_FILE)
-    saved, saved_targets, groups = records.read_back(
-        pd.read_parquet(ctx.workdir / DETECTIONS_FILE), pd.read_parquet(ctx.workdir / TRUTH_FILE),
-        pd.read_parquet(ctx.workdir / TEST_IMAGES_FILE), names)
+    # the per-image val and test detections are the artifact; Table 8's intervals and the paired differences
+    # are computed from what was written
+    record_files = [*records.write_split(ctx.workdir, "val", val_predictions, val),
+                    *records.write_split(ctx.workdir, "test", predictions, test)]
+    saved_test = records.read_split(ctx.workdir, "test", names)
+    saved, saved_targets, groups = saved_test.predictions, saved_test.targets, saved_test.groups
     for row in rows:
         intervals = bootstrap.detection_intervals(saved[row["model"]], saved_targets, len(dataset.classes),
                                                   groups, n_boot=p.n_boot, seed=p.seed)
         row["ci95"] = {k: v.to_dict() for k, v in intervals.items()}
+    paired_test = {f"ours - {name}": {metric: _paired_dict(d) for metric, d in bootstrap.paired_detection_differences(
+        saved[name], saved["ours"], saved_targets, len(dataset.classes), groups, n_boot=p.n_boot,
+        seed=p.seed).items()} for name in names if name != "ours"}
 
     started = time.perf_counter()
     probe = test[0].image if test else (dataset.images[0].image if dataset.images else torch.rand(1, p.max_size,
@@ -195,6 +209,11 @@ def _run(ctx: runtime.StageContext) -> None:
             metrics[f"{prefix}/froc_{rate.replace('.', '_')}fp"] = value
     if "frcnn_r50" in times:
         metrics["detect/ours/latency_ratio_vs_r50"] = times["ours"] / times["frcnn_r50"]
+    for pair, by_metric in paired_test.items():
+        for metric in ("map50", "lesion_ap50"):
+            for end in ("diff", "low", "high"):
+                if by_metric[metric][end] is not None:
+                    metrics[f"detect/paired/{pair.replace(' - ', '_minus_')}/{metric}_{end}"] = by_metric[metric][end]
     metrics["detect/images_test"] = len(test)
     for name, value in size_summary["quantiles_px"].items():
         metrics[f"detect/lesion_size_{name}"] = value
@@ -216,6 +235,9 @@ def _run(ctx: runtime.StageContext) -> None:
                      "val_images": p.val_images},
         "bootstrap": {"n_boot": p.n_boot, "confidence": 0.95, "unit": "test images, a patient's images drawn "
                       "together", "source": [DETECTIONS_FILE, TRUTH_FILE, TEST_IMAGES_FILE]},
+        "paired_test": paired_test,  # B - A = ours - baseline, both scored on the same patient resamples
+        "latency_ratio_vs_r50": (times["ours"] / times["frcnn_r50"] if "frcnn_r50" in times else None),
+        "record_files": [f.name for f in record_files],
         "profile_seconds": profile,
     })
     flat = [_flatten(r) for r in rows]
@@ -229,7 +251,7 @@ def _run(ctx: runtime.StageContext) -> None:
         fig = plots.example_figure(item.image, item.target(), predictions["ours"][k], dataset.classes,
                                    ctx.workdir / f"examples_{k + 1}.png")
         ctx.log_artifact(fig, "figures")
-    for name in (DETECTION_FILE, TABLE_FILE, DETECTIONS_FILE, TRUTH_FILE, TEST_IMAGES_FILE):
+    for name in (DETECTION_FILE, TABLE_FILE, *(f.name for f in record_files)):
         ctx.log_artifact(ctx.workdir / name)
 
     checkpoint.save_atomic(models["ours"].state_dict(), ctx.workdir / WEIGHTS_FILE)

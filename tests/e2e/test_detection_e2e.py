@@ -82,6 +82,26 @@ def test_table8_intervals_come_from_the_saved_per_image_detections(store):
         assert ci["value"] == pytest.approx(row["map50"], abs=1e-9)
         if ci["low"] is not None:
             assert ci["low"] <= ci["value"] <= ci["high"]
+    # ours - each baseline, paired over the test patients, recomputable from the same tables
+    for name in MODELS[1:]:
+        again = bootstrap.paired_detection_differences(saved[name], saved["ours"], targets, len(result["classes"]),
+                                                       groups, n_boot=result["bootstrap"]["n_boot"], seed=0)
+        stored = result["paired_test"][f"ours - {name}"]
+        assert stored["map50"]["diff"] == pytest.approx(again["map50"].diff, abs=1e-12)
+        assert (stored["map50"]["low"], stored["map50"]["high"]) == pytest.approx((again["map50"].low,
+                                                                                 again["map50"].high), abs=1e-12)
+        assert stored["map50"]["b"] == pytest.approx(result["rows"][0]["map50"], abs=1e-9)
+    assert result["latency_ratio_vs_r50"] == pytest.approx(result["rows"][0]["latency_ms"]
+                                                           / result["rows"][2]["latency_ms"])
+    # every detector's validation detections too (mammo promote), with image/patient keys, no readable id
+    val = records.read_split(folder, "val")
+    assert set(val.predictions) == set(MODELS) and len(val.targets) == result["split_images"]["val"]
+    images = pd.read_parquet(folder / "val_images.parquet")
+    assert images["image_key"].notna().all() and images["image_key"].is_unique
+    assert images["patient_key"].nunique() == len(set(val.groups.tolist()))
+    for name in ("val_images.parquet", "test_images.parquet"):
+        text = pd.read_parquet(folder / name).to_csv()
+        assert "P_0" not in text and "_CC" not in text and "_MLO" not in text
     ours = result["rows"][0]
     assert ours["initialisation"]["file"] == "weights.pt" and len(ours["initialisation"]["sha256"]) == 64
     assert ours["extractor"].startswith("cached maps") and result["training"]["cache_extractor"] is True

@@ -141,6 +141,7 @@ def test_promote_help_states_the_rule():
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     assert "paired" in text and "validation" in text and "Test numbers are printed, never used" in text
+    assert "validation AP50" in text  # the detector's rule too
 
 
 def test_a_run_without_registered_models_is_refused(registry):
@@ -150,3 +151,69 @@ def test_a_run_without_registered_models_is_refused(registry):
     assert proc.returncode == 2 and "registered no model" in proc.stderr
     proc = mammo(store, "promote", "f" * 32, check=False)
     assert proc.returncode == 2 and "f" * 32 in proc.stderr
+
+
+# ------------------------------------------------------------------------------ the detector, by the same rule
+
+DETECTOR = "mammo-detector"
+N_VAL, N_TEST = 40, 20  # images, 2 per patient
+
+
+def _detect_run(client: MlflowClient, experiment: str, store: Path, val_found: int, test_found: int) -> tuple[str, str]:
+    """(parent run id, registered version) of a simulated run whose detect stage folder holds ``our`` detector's
+    per-image val and test detections (the first ``*_found`` lesions of a split found, the rest missed)."""
+    from mammo_core.detection.evaluate import coco_metrics
+    from tests.helpers import detection_cases as cases
+
+    parent = client.create_run(experiment, run_name="smoke", tags={"kind": "pipeline"}).info.run_id
+    key = uuid.uuid4().hex[:24]
+    child = client.create_run(experiment, run_name="detect",
+                              tags={"mlflow.parentRunId": parent, "stage": "detect", "stage_key": key}).info.run_id
+    by_split = {}
+    for split, n, found in (("val", N_VAL, val_found), ("test", N_TEST, test_found)):
+        truth = cases.targets(n)
+        by_split[split] = (truth, {"ours": cases.detections(truth, [i < found for i in range(n)])})
+    cases.write_detect_folder(store / "stages" / "detect" / key, by_split)
+    test_truth, test_preds = by_split["test"]
+    client.log_metric(child, "detect/ours/map50", coco_metrics(test_preds["ours"], test_truth, cases.CLASSES)["map50"])
+    model_dir = store / "models" / child
+    model_dir.mkdir(parents=True)
+    (model_dir / "MLmodel").write_text("flavors: {}\n")
+    version = client.create_model_version(DETECTOR, model_dir.as_uri(), run_id=child).version
+    for run in (child, parent):
+        client.set_terminated(run)
+    return parent, str(version)
+
+
+def test_the_detector_is_promoted_on_validation_ap50_never_on_test(registry):
+    """Test and validation disagree: the detector moves only on paired validation evidence."""
+    store, client, experiment = registry
+    client.create_registered_model(DETECTOR)
+
+    def champion() -> str:
+        return str(client.get_model_version_by_alias(DETECTOR, "champion").version)
+
+    first, v1 = _detect_run(client, experiment, store, val_found=16, test_found=6)
+    proc = mammo(store, "promote", first)
+    assert "no champion yet" in proc.stderr and champion() == v1
+
+    # far better on test, identical on validation: kept (and said why), test shown beside
+    test_only, _ = _detect_run(client, experiment, store, val_found=16, test_found=20)
+    proc = mammo(store, "promote", test_only)
+    assert champion() == v1 and "kept" in proc.stderr and "not better on validation beyond noise" in proc.stderr
+    assert "candidate - champion +0.0000" in proc.stderr and "not distinguishable from noise" in proc.stderr
+    assert "test detect/ours/map50 (shown, not used): candidate 1.0000, champion" in proc.stderr, proc.stderr
+    assert "AP50 of our detector" in proc.stderr  # the rule, printed with the decision
+
+    # clearly better on validation (36 of 40 lesions instead of 16), worse on test: promoted
+    better, v3 = _detect_run(client, experiment, store, val_found=36, test_found=2)
+    proc = mammo(store, "promote", better)
+    assert champion() == v3, proc.stderr
+    assert "better on validation beyond noise" in proc.stderr and "over 20 patients (40 images" in proc.stderr
+
+    # a run whose detect stage saved no validation detections: no evidence, champion kept
+    missing, _ = _detect_run(client, experiment, store, val_found=40, test_found=20)
+    key = client.get_run(client.get_model_version(DETECTOR, str(int(v3) + 1)).run_id).data.tags["stage_key"]
+    (store / "stages" / "detect" / key / "val_detections.parquet").unlink()
+    proc = mammo(store, "promote", missing)
+    assert champion() == v3 and "no paired validation evidence" in proc.stderr and "val_detections" in proc.stderr

@@ -123,6 +123,42 @@ def test_compare_prints_paired_test_cis_from_the_classify_predictions(tmp_path):
     assert paired is None and "runD has no classify predictions.csv" in notes[0]
 
 
+def test_compare_pairs_the_detectors_test_ap50_from_the_detect_stages_tables(tmp_path):
+    """Two runs' detect folders: B's detector finds 18 of 20 test lesions where A's finds 6 -> beyond noise."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from flows.commands.compare_cmd import paired_test_differences, print_comparison
+    from flows.commands.report_cmd import PipelineRun
+    from tests.helpers import detection_cases as cases
+
+    truth = cases.targets(40)
+    runs = []
+    for run_id, key, found in (("runA", "a" * 24, 12), ("runB", "b" * 24, 36), ("runC", "c" * 24, 12)):
+        cases.write_detect_folder(tmp_path / "stages" / "detect" / key, {"test": (truth, {
+            "ours": cases.detections(truth, [i < found for i in range(40)])})})
+        run = SimpleNamespace(info=SimpleNamespace(run_id=run_id), data=SimpleNamespace(tags={"stage.detect": key}))
+        runs.append(PipelineRun(run=run, children={}))
+    paired, notes = paired_test_differences(tmp_path, (runs[0], runs[1]))
+    assert any("no classify predictions.csv" in n for n in notes)  # no classify folder: said, detectors still paired
+    rows = paired.set_index(["classifier", "metric"])
+    ap = rows.loc[("detector ours", "lesion_ap50")]
+    assert (ap["a"], ap["b"], ap["diff"]) == pytest.approx((31 / 101, 91 / 101, 60 / 101))
+    assert 0 < ap["ci_low"] < ap["diff"] < ap["ci_high"] and ap["distinguishable"] and ap["n_patients"] == 20
+    assert rows.loc[("detector ours", "map50"), "distinguishable"]
+    comparison = cmp.compare_runs(("runA", "runB"), ({}, {}), ({}, {}), ({}, {}))
+    comparison.paired = paired
+    console = Console(width=200, record=True)
+    print_comparison(comparison, console)
+    printed = console.export_text()
+    assert "detector ours" in printed and "+0.5941" in printed and "distinguishable from noise" in printed
+    # the same detections in another run: B - A is 0 with a CI of [0, 0], not distinguishable
+    same, _ = paired_test_differences(tmp_path, (runs[0], runs[2]))
+    assert (same["diff"] == 0).all() and (same["ci_low"] == 0).all() and not same["distinguishable"].any()
+    assert "not distinguishable from noise" in "\n".join(cmp.paired_lines(same, ("runA", "runC")))
+
+
 # ------------------------------------------------------------------------------ two real smoke runs
 
 

@@ -240,3 +240,43 @@ def test_the_detector_claim_reads_the_detect_stages_bootstrap_intervals(tmp_path
     row = parts.set_index("metric").loc["mAP@0.5"]
     assert (row["claimed better (ours)"], row["other (ours)"]) == (0.4375, 0.3125)
     assert "ours [0.4000, 0.4700], frcnn_r50 [0.2500, 0.3500]" in row["from"]
+
+
+@pytest.mark.parametrize("ours_finds, verdict", [("90 %", vd.REPRODUCED), ("the same", vd.NOISE)])
+def test_the_detector_claim_is_a_paired_bootstrap_over_the_saved_test_detections(tmp_path, ours_finds, verdict):
+    """With the detect stage's per-image test tables, ours - frcnn_r50 is paired over test patients."""
+    from mammo_core.detection import records
+    from tests.helpers import detection_cases as cases
+
+    n = 40
+    truth = cases.targets(n)
+    r50_found = [i % 10 < 3 for i in range(n)]  # 30 % of the lesions
+    ours_found = [i % 10 != 9 for i in range(n)] if ours_finds == "90 %" else r50_found
+    dirs = make_store(tmp_path / "stages")
+    det = json.loads((dirs["detect"] / "detection.json").read_text(encoding="utf-8"))
+    det["classes"] = cases.CLASSES
+    _write_json(dirs["detect"] / "detection.json", det)
+    records.write_split(dirs["detect"], "test", {"ours": cases.detections(truth, ours_found),
+                                                 "frcnn_r50": cases.detections(truth, r50_found)},
+                        cases.items(truth, "test"))
+    _reseal(dirs["detect"], "detect")
+    build_report(dirs, tmp_path / "report", {})
+    summary, parts, md = _verdicts(tmp_path / "report")
+    claim = "our detector is faster and more accurate than Faster R-CNN"
+    assert summary[claim] == verdict  # the speed half is reproduced (41.25 vs 123.5 ms) in both cases
+    part = parts[parts["paper claim"] == claim].set_index("metric")
+    assert list(part.index[:3]) == ["mAP@0.5", "lesion AP@0.5 (any class)", "FROC sensitivity @1 FP/img"]
+    assert part.filter(like="latency", axis=0)["verdict"].item() == vd.REPRODUCED
+    lesion = part.loc["lesion AP@0.5 (any class)"]
+    expected = 91 / 101 if ours_finds == "90 %" else 31 / 101
+    assert (lesion["claimed better (ours)"], lesion["other (ours)"]) == pytest.approx((expected, 31 / 101))
+    assert lesion["patients"] == n // 2 and "test_detections.parquet" in lesion["from"]
+    assert "paired bootstrap over test patients" in lesion["from"]
+    for metric in ("mAP@0.5", "lesion AP@0.5 (any class)", "FROC sensitivity @1 FP/img"):
+        row = part.loc[metric]
+        assert row["verdict"] == verdict, metric
+        if verdict == vd.REPRODUCED:
+            assert 0 < row["CI low"] < row["difference"] < row["CI high"], metric
+        else:
+            assert row["difference"] == row["CI low"] == row["CI high"] == 0, metric
+    assert "Source: detect/test_detections.parquet" in md
