@@ -160,7 +160,9 @@ def _brute_force_top_k(query_bits: np.ndarray, db_bits: np.ndarray, k: int) -> t
 
 @pytest.mark.parametrize("q", [12, 48, 100, 300])
 def test_knn_and_knn_batch_equal_a_brute_force_reference(monkeypatch, q):
-    monkeypatch.setattr(retrieval, "_XOR_BUFFER_WORDS", 64)  # many database chunks, uneven last chunk
+    monkeypatch.setattr(retrieval, "_CHUNK_BYTES", 64)  # many database chunks, uneven last chunk
+    monkeypatch.setattr(retrieval, "_BATCH_CHUNK_BYTES", 100)
+    monkeypatch.setattr(retrieval, "_BLOCK_ROWS", 8)  # many blocks, the last one partial
     monkeypatch.setattr(retrieval, "_QUERIES_PER_BLOCK", 3)  # several query blocks, uneven last block
     db_bits = _random_bits(1001, q, seed=q)
     query_bits = _random_bits(7, q, seed=q + 1)
