@@ -188,9 +188,10 @@ def knn_batch(queries_packed: np.ndarray, db: np.ndarray | HammingIndex, k: int)
 
 
 def _chunk_rows(n_bytes: int, n_queries: int, multiple: int = 1) -> int:
-    """Database rows per chunk: one query streams larger chunks, a batch keeps its chunk in cache."""
+    """Database rows per chunk, a multiple of ``multiple``, such that the XOR buffer of ``n_queries``
+    queries fits the chunk budget: one query streams larger chunks, a batch keeps its chunk in cache."""
     budget = _CHUNK_BYTES if n_queries == 1 else _BATCH_CHUNK_BYTES
-    return multiple * max(1, budget // (n_bytes * multiple))
+    return multiple * max(1, budget // (n_bytes * n_queries * multiple))
 
 
 def _block_rows(n: int, k: int) -> int:
@@ -214,8 +215,8 @@ def _search(index: HammingIndex, queries: np.ndarray, k: int) -> tuple[np.ndarra
     dtype = index.distance_dtype
     block_rows = _block_rows(n, k)
     n_blocks = -(-n // block_rows)
-    chunk_rows = _chunk_rows(index.n_bytes, n_queries, block_rows)
     group = min(n_queries, _QUERIES_PER_BLOCK)
+    chunk_rows = _chunk_rows(index.n_bytes, group, block_rows)
     dist = index.scratch("dist", (group, n_blocks * block_rows), dtype)
     minima = index.scratch("minima", (group, n_blocks), dtype)
     dist[:, n:] = np.iinfo(dtype).max
