@@ -215,6 +215,10 @@ def _search(index: HammingIndex, queries: np.ndarray, k: int) -> tuple[np.ndarra
     k = min(k, n)
     n_queries = queries.shape[0]
     dtype = index.distance_dtype
+    indices = np.empty((n_queries, k), dtype=np.int64)
+    distances = np.empty((n_queries, k), dtype=dtype)
+    if n_queries == 0:
+        return indices, distances
     block_rows = _block_rows(n, k)
     n_blocks = -(-n // block_rows)
     group = min(n_queries, _QUERIES_PER_BLOCK)
@@ -222,8 +226,6 @@ def _search(index: HammingIndex, queries: np.ndarray, k: int) -> tuple[np.ndarra
     dist = index.scratch("dist", (group, n_blocks * block_rows), dtype)
     minima = index.scratch("minima", (group, n_blocks), dtype)
     dist[:, n:] = np.iinfo(dtype).max
-    indices = np.empty((n_queries, k), dtype=np.int64)
-    distances = np.empty((n_queries, k), dtype=dtype)
     for first in range(0, n_queries, group):
         members = queries[first:first + group]
         size = members.shape[0]

@@ -233,3 +233,8 @@ def test_knn_on_a_constant_database_returns_the_first_rows():
 def test_index_reads_only_the_packed_code_bytes():
     index = retrieval.HammingIndex.from_packed(retrieval.pack_codes(_random_bits(1000, 48, seed=2)))
     assert index.nbytes == 1000 * 6 and index.n_bytes == 6 and len(index) == 1000
+
+
+def test_knn_batch_of_no_queries_is_empty():
+    idx, dist = retrieval.knn_batch(np.zeros((0, 6), dtype=np.uint8), np.zeros((10, 6), dtype=np.uint8), k=3)
+    assert idx.shape == dist.shape == (0, 3)
