@@ -248,7 +248,7 @@ def _k_smallest_stable(dist: np.ndarray, minima: np.ndarray, k: int) -> tuple[np
     top-k row lies at or below it, and only in a block whose minimum does: those blocks are gathered and
     their rows at or below the cutoff are the candidates, found in index order and then sorted stably by
     distance. No pass over the whole row beyond the per-block minimum (``np.argpartition`` over a million
-    uint8 costs ~50 ms here, twenty times the whole search).
+    uint8 costs ~50 ms here, dozens of times the whole search).
     """
     cutoff = np.partition(minima, k - 1)[k - 1]
     blocks = np.flatnonzero(minima <= cutoff)
