@@ -1,9 +1,9 @@
 """Binary codes packed into bits, Hamming search by popcount, and retrieval quality measured honestly.
 
 Codes are stored the way ``codes.h5`` stores them: ``numpy.packbits`` along each row (uint8, most
-significant bit first, the last byte zero-padded). Search XORs the packed rows as 64-bit words and counts
-the set bits (``np.bitwise_count`` on numpy >= 2, a 256-entry table otherwise), so one query touches
-``ceil(q / 64) * 8`` bytes per database row and nothing else (DESIGN.md section 8).
+significant bit first, the last byte zero-padded). Search XORs the packed codes byte plane by byte plane
+and counts the set bits (``np.bitwise_count`` on numpy >= 2, a 256-entry table otherwise), so one query
+touches ``ceil(q / 8)`` bytes per database row and nothing else (DESIGN.md section 8).
 
 Rankings are by Hamming distance with ties broken by database index (a stable order), so MAP and
 precision@k are reproducible numbers rather than artefacts of an unstable sort: with 12-bit codes most
@@ -22,10 +22,14 @@ _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint
 _HAVE_BITWISE_COUNT = hasattr(np, "bitwise_count")
 # Cap on query x database cells evaluated at once by MAP / precision@k, so memory stays bounded
 _CELLS_PER_CHUNK = 1 << 22
-# uint64 words XORed per database chunk in a search (1 MiB: a core's L2 cache), shared by the queries
-# of one batch
-_XOR_BUFFER_WORDS = 1 << 17
-# Queries whose distance rows (N bytes each) are held at once by knn_batch
+# XOR buffer bytes per database chunk (about a core's L2 cache): one query streams chunks of this many
+# code bytes; a group of queries shares a chunk that many times smaller, so it stays in cache between them.
+# Larger chunks cost fewer numpy calls; on a busy 2-core machine 1 MiB beat 256 and 512 KiB by 10-15%.
+_CHUNK_BYTES = 1 << 20
+_BATCH_CHUNK_BYTES = 1 << 20
+# Rows per block whose minimum distance is kept to find the top-k candidates (at most)
+_BLOCK_ROWS = 4096
+# Queries whose distance rows (N bytes each) are held at once by knn_batch, sharing each database chunk
 _QUERIES_PER_BLOCK = 16
 
 
@@ -71,16 +75,18 @@ def _popcount_lookup(words: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class HammingIndex:
-    """A database of packed codes laid out as uint64 words, built once so each query only XORs and counts.
+    """A database of packed codes laid out as byte planes, built once so each query only XORs and counts.
 
-    ``words`` is (N, W) with W = ceil(n_bytes / 8); rows are zero-padded on the right, which adds nothing
-    to any distance because queries are padded the same way. Searches reuse per-thread scratch buffers
-    (the distance rows, the XOR chunk): a fresh megabyte per query costs page faults comparable to the
-    search itself.
+    ``planes`` is (n_bytes, N) uint8: plane j holds byte j of every code (the packed rows, transposed). A
+    query XORs each plane with its own byte j, counts the bits of every byte and adds the planes up. Byte
+    planes rather than one uint64 word per row because ``np.bitwise_count`` is vectorised on uint8 but one
+    scalar popcount per element on uint64 (XOR + count of a million 48-bit codes: ~1.0 ms as words, ~0.6 ms
+    as planes on an idle core here), and because a 48-bit code then costs the 6 bytes it holds, not 8.
+    Searches reuse per-thread scratch buffers (distance rows, the XOR chunk): a fresh megabyte per query
+    costs page faults comparable to the search itself.
     """
 
-    words: np.ndarray
-    n_bytes: int
+    planes: np.ndarray
     _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     @classmethod
@@ -88,10 +94,20 @@ class HammingIndex:
         db_packed = _as_packed(db_packed, "database codes")
         if db_packed.shape[0] == 0:
             raise ValueError("the code database is empty: there is nothing to search")
-        return cls(words=_to_words(db_packed), n_bytes=db_packed.shape[1])
+        return cls(planes=np.ascontiguousarray(db_packed.T))
 
     def __len__(self) -> int:
-        return self.words.shape[0]
+        return self.planes.shape[1]
+
+    @property
+    def n_bytes(self) -> int:
+        """Bytes per packed code (``ceil(q / 8)``)."""
+        return self.planes.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes one query reads: the whole database once, nothing else (the bandwidth bound)."""
+        return self.planes.nbytes
 
     @property
     def distance_dtype(self) -> type[np.unsignedinteger]:
@@ -100,45 +116,25 @@ class HammingIndex:
 
     def distances(self, query_packed: np.ndarray) -> np.ndarray:
         """Hamming distance from one packed query (n_bytes,) to every row: (N,) uint8 (uint16 past 255 bits)."""
+        queries = self.query_bytes(query_packed)[None, :]
         out = np.empty((1, len(self)), dtype=self.distance_dtype)
-        return self.distances_into(self._query_words(query_packed)[None, :], out)[0]
+        rows = _chunk_rows(self.n_bytes, 1)
+        for start in range(0, len(self), rows):
+            self.distances_into(queries, start, out[:, start:start + rows])
+        return out[0]
 
-    def distances_into(self, query_words: np.ndarray, out: np.ndarray, start: int = 0,
-                       stop: int | None = None) -> np.ndarray:
-        """Distances from Q queries given as uint64 words (Q, W) to rows ``start:stop``, into ``out`` (Q, rows).
+    def distances_into(self, queries: np.ndarray, start: int, out: np.ndarray) -> np.ndarray:
+        """Distances from Q packed queries (Q, n_bytes) to rows ``start:start + out.shape[1]``, into ``out``.
 
-        The database is read in chunks of rows small enough that the XOR result stays in the core's cache
-        (no database-sized temporary goes out to memory and back), and each chunk is read once for all Q
-        queries, which is what makes a batch cheaper per query than one query at a time.
+        Meant for a chunk of rows small enough that the planes' chunk and the XOR buffer stay in the core's
+        cache: every query after the first then reads the chunk from cache, not memory, which is what makes
+        a batch cheaper per query than one query at a time.
         """
-        width = self.words.shape[1]
-        stop = len(self) if stop is None else stop
-        n_queries = query_words.shape[0]
-        rows = min(stop - start, max(1, _XOR_BUFFER_WORDS // n_queries))
-        xor = self.scratch("xor", (n_queries, rows), np.uint64)
-        counts = self.scratch("counts", (n_queries, rows), np.uint8) if width > 1 else None
-        if width == 1 and n_queries == 1:  # the common case, on 1-D views (2-D broadcasting costs ~30% more)
-            column, query, buf, dist = self.words[:, 0], query_words[0, 0], xor[0], out[0]
-            for chunk in range(start, stop, rows):
-                chunk_stop = min(stop, chunk + rows)
-                np.bitwise_xor(column[chunk:chunk_stop], query, out=buf[:chunk_stop - chunk])
-                _popcount_into(buf[:chunk_stop - chunk], dist[chunk - start:chunk_stop - start])
-            return out
-        if width > 1:
-            out.fill(0)
-        for chunk in range(start, stop, rows):
-            chunk_stop = min(stop, chunk + rows)
-            buf = xor[:, :chunk_stop - chunk]
-            part = out[:, chunk - start:chunk_stop - start]
-            for j in range(width):
-                np.bitwise_xor(self.words[None, chunk:chunk_stop, j], query_words[:, None, j], out=buf)
-                if counts is None:
-                    _popcount_into(buf, part)
-                else:
-                    word_counts = counts[:, :chunk_stop - chunk]
-                    _popcount_into(buf, word_counts)
-                    np.add(part, word_counts, out=part)
-        return out
+        planes = self.planes[None, :, start:start + out.shape[1]]
+        xor = self.scratch("xor", (queries.shape[0], *planes.shape[1:]), np.uint8)
+        np.bitwise_xor(planes, queries[:, :, None], out=xor)
+        _popcount_into(xor, xor)
+        return np.add.reduce(xor, axis=1, dtype=out.dtype, out=out)
 
     def scratch(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
         """This thread's reusable buffer ``name`` of (at least) ``shape``; contents are garbage."""
@@ -149,7 +145,8 @@ class HammingIndex:
             setattr(self._scratch, name, buf)
         return buf[:size].reshape(shape)
 
-    def _query_words(self, query_packed: np.ndarray) -> np.ndarray:
+    def query_bytes(self, query_packed: np.ndarray) -> np.ndarray:
+        """One packed query checked against the database's code length: (n_bytes,) uint8."""
         query = np.asarray(query_packed)
         if query.dtype != np.uint8 or query.ndim != 1:
             raise ValueError(f"a query must be one packed uint8 row, got dtype {query.dtype} shape {query.shape}")
@@ -158,7 +155,7 @@ class HammingIndex:
                 f"code lengths differ: query has {query.shape[0]} bytes ({query.shape[0] * 8} bits packed), "
                 f"database has {self.n_bytes} bytes ({self.n_bytes * 8} bits packed)"
             )
-        return _to_words(query[None, :])[0]
+        return query
 
 
 def hamming_distances(query_packed: np.ndarray, db: np.ndarray | HammingIndex) -> np.ndarray:
@@ -172,7 +169,7 @@ def knn(query_packed: np.ndarray, db: np.ndarray | HammingIndex, k: int) -> tupl
     Returns (indices int64, distances). ``k`` larger than the database returns the whole database.
     """
     index = _index(db)
-    indices, distances = _search(index, index._query_words(query_packed)[None, :], k)
+    indices, distances = _search(index, index.query_bytes(query_packed)[None, :], k)
     return indices[0], distances[0]
 
 
@@ -180,7 +177,7 @@ def knn_batch(queries_packed: np.ndarray, db: np.ndarray | HammingIndex, k: int)
     """:func:`knn` for many queries at once: (Q, k) indices and distances, row i answering query i.
 
     Same answers as calling :func:`knn` per query; cheaper per query because each database chunk is read
-    once for a block of queries (:meth:`HammingIndex.distances_into`).
+    from memory once for a block of queries and from cache by the others (:meth:`HammingIndex.distances_into`).
     """
     index = _index(db)
     queries = _as_packed(queries_packed, "query codes")
@@ -189,48 +186,79 @@ def knn_batch(queries_packed: np.ndarray, db: np.ndarray | HammingIndex, k: int)
             f"code lengths differ: query codes have {queries.shape[1]} bytes per row, "
             f"database has {index.n_bytes} bytes"
         )
-    return _search(index, _to_words(queries), k)
+    return _search(index, queries, k)
 
 
-def _search(index: HammingIndex, query_words: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k for each row of ``query_words`` (Q, W), in blocks of queries sharing each database chunk."""
+def _chunk_rows(n_bytes: int, n_queries: int, multiple: int = 1) -> int:
+    """Database rows per chunk, a multiple of ``multiple``, such that the XOR buffer of ``n_queries``
+    queries fits the chunk budget: one query streams larger chunks, a batch keeps its chunk in cache."""
+    budget = _CHUNK_BYTES if n_queries == 1 else _BATCH_CHUNK_BYTES
+    return multiple * max(1, budget // (n_bytes * n_queries * multiple))
+
+
+def _block_rows(n: int, k: int) -> int:
+    """Rows per block whose minimum distance is kept: at least 4k blocks, so the k-th smallest minimum is tight."""
+    return max(1, min(_BLOCK_ROWS, n // (4 * k)))
+
+
+def _search(index: HammingIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k for each packed query (Q, n_bytes), in groups of queries sharing each database chunk.
+
+    Each query's distances are kept with the minimum of every block of ``_block_rows`` rows, taken while the
+    chunk is still in cache; :func:`_k_smallest_stable` then looks only at the few blocks that can hold a
+    top-k row. The distance rows are padded to whole blocks with the largest distance, which no search can
+    return (padding rows rank after every real row: largest distance, largest index, and k <= N).
+    """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     n = len(index)
     k = min(k, n)
-    n_queries = query_words.shape[0]
+    n_queries = queries.shape[0]
+    dtype = index.distance_dtype
     indices = np.empty((n_queries, k), dtype=np.int64)
-    distances = np.empty((n_queries, k), dtype=index.distance_dtype)
-    block = min(n_queries, _QUERIES_PER_BLOCK)
-    rows = index.scratch("dist", (block * n,), index.distance_dtype)
-    below = index.scratch("below", (n,), bool)
-    for start in range(0, n_queries, block):
-        words = query_words[start:start + block]
-        dist = index.distances_into(words, rows[:words.shape[0] * n].reshape(words.shape[0], n))
-        for offset, row in enumerate(dist):
-            indices[start + offset], distances[start + offset] = _k_smallest_stable(row, k, below)
+    distances = np.empty((n_queries, k), dtype=dtype)
+    if n_queries == 0:
+        return indices, distances
+    block_rows = _block_rows(n, k)
+    n_blocks = -(-n // block_rows)
+    group = min(n_queries, _QUERIES_PER_BLOCK)
+    chunk_rows = _chunk_rows(index.n_bytes, group, block_rows)
+    dist = index.scratch("dist", (group, n_blocks * block_rows), dtype)
+    minima = index.scratch("minima", (group, n_blocks), dtype)
+    dist[:, n:] = np.iinfo(dtype).max
+    for first in range(0, n_queries, group):
+        members = queries[first:first + group]
+        size = members.shape[0]
+        for start in range(0, n, chunk_rows):
+            index.distances_into(members, start, dist[:size, start:min(n, start + chunk_rows)])
+            stop = min(n_blocks * block_rows, start + chunk_rows)  # the last chunk's minima cover the padding
+            blocks = dist[:size, start:stop].reshape(size, -1, block_rows)
+            np.minimum.reduce(blocks, axis=2, out=minima[:size, start // block_rows:stop // block_rows])
+        for offset in range(size):
+            indices[first + offset], distances[first + offset] = _k_smallest_stable(
+                dist[offset].reshape(n_blocks, block_rows), minima[offset], k)
     return indices, distances
 
 
-def _k_smallest_stable(dist: np.ndarray, k: int, below: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _k_smallest_stable(dist: np.ndarray, minima: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the k smallest distances ordered by (distance, index), and those distances.
 
-    Distances are small integers (0..q), so instead of partitioning (``np.argpartition`` costs ~50 ms on a
-    million uint8 here, twenty times the whole search) a cutoff is raised from the minimum, in doubling
-    steps, until at least k rows lie at or below it; each step is one compare-and-count pass into the bool
-    buffer ``below`` over distances still in cache. Only those candidates are then sorted, stably, so equal
-    distances keep index order (``np.flatnonzero`` returns them ascending).
+    ``dist`` is one query's distances as (blocks, rows per block), ``minima`` each block's minimum, with at
+    least k blocks. The k-th smallest block minimum is a cutoff that k rows (one per block) reach, so every
+    top-k row lies at or below it, and only in a block whose minimum does: those blocks are gathered and
+    their rows at or below the cutoff are the candidates, found in index order and then sorted stably by
+    distance. No pass over the whole row beyond the per-block minimum (``np.argpartition`` over a million
+    uint8 costs ~50 ms here, dozens of times the whole search).
     """
-    lowest = int(dist.min())
-    step = 0
-    while True:
-        np.less_equal(dist, lowest + step, out=below)
-        if np.count_nonzero(below) >= k:
-            break
-        step = 2 * step + 1
-    candidates = np.flatnonzero(below)
-    chosen = candidates[np.argsort(dist[candidates], kind="stable")[:k]]
-    return chosen, dist[chosen]
+    cutoff = np.partition(minima, k - 1)[k - 1]
+    blocks = np.flatnonzero(minima <= cutoff)
+    near = dist[blocks].ravel()
+    hits = np.flatnonzero(near <= cutoff)  # 1-D: np.nonzero on the 2-D blocks costs ten times more
+    block_of, offset = np.divmod(hits, dist.shape[1])
+    rows = blocks[block_of] * dist.shape[1] + offset
+    candidate_dist = near[hits]
+    order = np.argsort(candidate_dist, kind="stable")[:k]
+    return rows[order], candidate_dist[order]
 
 
 def stable_ranking(query_packed: np.ndarray, db: np.ndarray | HammingIndex) -> np.ndarray:

@@ -160,7 +160,9 @@ def _brute_force_top_k(query_bits: np.ndarray, db_bits: np.ndarray, k: int) -> t
 
 @pytest.mark.parametrize("q", [12, 48, 100, 300])
 def test_knn_and_knn_batch_equal_a_brute_force_reference(monkeypatch, q):
-    monkeypatch.setattr(retrieval, "_XOR_BUFFER_WORDS", 64)  # many database chunks, uneven last chunk
+    monkeypatch.setattr(retrieval, "_CHUNK_BYTES", 64)  # many database chunks, uneven last chunk
+    monkeypatch.setattr(retrieval, "_BATCH_CHUNK_BYTES", 100)
+    monkeypatch.setattr(retrieval, "_BLOCK_ROWS", 8)  # many blocks, the last one partial
     monkeypatch.setattr(retrieval, "_QUERIES_PER_BLOCK", 3)  # several query blocks, uneven last block
     db_bits = _random_bits(1001, q, seed=q)
     query_bits = _random_bits(7, q, seed=q + 1)
@@ -200,3 +202,39 @@ def test_knn_batch_refuses_bad_queries():
         retrieval.knn_batch(_pack_rows("1" * 48), db, k=1)
     with pytest.raises(ValueError, match="k must be at least 1"):
         retrieval.knn_batch(_pack_rows("1" * 12), db, k=0)
+
+
+@pytest.mark.parametrize(("n", "q", "k"), [(1001, 12, 1001), (1001, 12, 40), (20000, 16, 100), (4099, 48, 1)])
+def test_knn_with_default_chunks_equals_a_stable_full_sort(n, q, k):
+    # Default chunk and block sizes; 12 and 16 bits tie thousands of rows per distance, k = n returns the whole
+    # database (the padding rows of the last block must never appear), 4099 rows leave a 3-row last block.
+    db_bits = _random_bits(n, q, seed=n + q)
+    query_bits = _random_bits(5, q, seed=k)
+    db = retrieval.pack_codes(db_bits)
+    queries = retrieval.pack_codes(query_bits)
+    index = retrieval.HammingIndex.from_packed(db)
+    batch_idx, batch_dist = retrieval.knn_batch(queries, index, k)
+    for i, query in enumerate(queries):
+        dist = (db_bits != query_bits[i]).sum(axis=1)
+        reference = np.argsort(dist, kind="stable")[:k]
+        idx, got = retrieval.knn(query, index, k)
+        np.testing.assert_array_equal(idx, reference)
+        np.testing.assert_array_equal(got, dist[reference])
+        np.testing.assert_array_equal(batch_idx[i], reference)
+        np.testing.assert_array_equal(batch_dist[i], dist[reference])
+
+
+def test_knn_on_a_constant_database_returns_the_first_rows():
+    db = np.zeros((5000, 6), dtype=np.uint8)  # every distance ties: the answer is the lowest indices
+    idx, dist = retrieval.knn(retrieval.pack_codes(_random_bits(1, 48, seed=1))[0], db, k=7)
+    assert idx.tolist() == list(range(7)) and len(set(dist.tolist())) == 1
+
+
+def test_index_reads_only_the_packed_code_bytes():
+    index = retrieval.HammingIndex.from_packed(retrieval.pack_codes(_random_bits(1000, 48, seed=2)))
+    assert index.nbytes == 1000 * 6 and index.n_bytes == 6 and len(index) == 1000
+
+
+def test_knn_batch_of_no_queries_is_empty():
+    idx, dist = retrieval.knn_batch(np.zeros((0, 6), dtype=np.uint8), np.zeros((10, 6), dtype=np.uint8), k=3)
+    assert idx.shape == dist.shape == (0, 3)
