@@ -1,7 +1,7 @@
 """Hamming k-NN of an earlier revision and of this tree, side by side in one process on one core.
 
 ``bench/hamming.py`` measures one version; on a shared machine two runs of it minutes apart do not see
-the same load. This runs both versions of ``mammo_core/retrieval.py`` (the revision's, read with
+the same load. This runs both versions of ``mammo_core/codes/retrieval.py`` (the revision's, read with
 ``git show``, and the working tree's) on the same codes and queries, in interleaved rounds, and prints
 per-query milliseconds (wall and CPU), the batched figures and each version's ratio to the same
 copy-bandwidth bound: over the packed codes (6 bytes per 48-bit code, what ``bench/hamming.py`` now uses)
@@ -32,12 +32,12 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mammo_core import retrieval  # noqa: E402
+from mammo_core.codes import retrieval  # noqa: E402
 
 
 def module_at(revision: str, tmp: Path):
-    """``mammo_core/retrieval.py`` as it was at ``revision``, imported under another name."""
-    source = subprocess.run(["git", "show", f"{revision}:mammo_core/retrieval.py"], cwd=ROOT, check=True,
+    """``mammo_core/codes/retrieval.py`` as it was at ``revision``, imported under another name."""
+    source = subprocess.run(["git", "show", f"{revision}:mammo_core/codes/retrieval.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
     path = tmp / "retrieval_before.py"
     path.write_text(source)
