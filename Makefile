@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/mammo run -p $(PARAMS)
 
+# Two xdist workers: the slow tests mostly wait on `python -m flows.cli` subprocesses and Prefect servers;
+# tests/conftest.py keeps each module (and the modules sharing a session fixture) on one worker.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
