@@ -118,7 +118,8 @@ def xdist_group(nodeid: str) -> str:
 def pytest_collection_modifyitems(config, items):
     """Check that every user of a shared session fixture is grouped; under xdist, order the groups by their
     number of ``slow`` tests, most first, so that the long groups start early and the many quick unit-test
-    files fill the end of both workers' time (the order within a group is kept)."""
+    files fill the end of both workers' time (the order within a group is kept); the second group is one
+    that does not need ``smoke_store``, so that its worker has work while the first builds the store."""
     for item in items:
         used = set(SHARED_SESSION_FIXTURES) & set(getattr(item, "fixturenames", ()))
         if used and Path(item.nodeid.split("::", 1)[0]).name not in SHARED_FIXTURE_FILES:
@@ -127,11 +128,21 @@ def pytest_collection_modifyitems(config, items):
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     slow: dict[str, int] = {}
+    needs_smoke: set[str] = set()
     for item in items:
         group = xdist_group(item.nodeid)
         slow[group] = slow.get(group, 0) + (item.get_closest_marker("slow") is not None)
-    first_seen = {group: i for i, group in reversed(list(enumerate(xdist_group(item.nodeid) for item in items)))}
-    items.sort(key=lambda item: (-slow[xdist_group(item.nodeid)], first_seen[xdist_group(item.nodeid)]))
+        if "smoke_store" in getattr(item, "fixturenames", ()):
+            needs_smoke.add(group)
+    groups = sorted(dict.fromkeys(xdist_group(item.nodeid) for item in items), key=lambda g: -slow[g])
+    # The second worker's first group should not wait for the smoke run the first one is building.
+    if len(groups) > 2 and groups[0] in needs_smoke and groups[1] in needs_smoke:
+        independent = next((g for g in groups[2:] if g not in needs_smoke), None)
+        if independent is not None:
+            groups.remove(independent)
+            groups.insert(1, independent)
+    rank = {group: i for i, group in enumerate(groups)}
+    items.sort(key=lambda item: rank[xdist_group(item.nodeid)])
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent when it is not installed
