@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/mammo run -p $(PARAMS)
 
+# Two xdist workers: the slow tests mostly wait on `python -m flows.cli` subprocesses and Prefect servers;
+# tests/conftest.py keeps each file (and the files sharing a session fixture) on one worker. --durations: the
+# CI log then names the slowest tests (the last one had no such list).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=30 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

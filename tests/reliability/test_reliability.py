@@ -24,7 +24,7 @@ from tests.reliability.test_kill_anywhere import KILL_PLAN
 pytestmark = pytest.mark.slow
 
 
-def test_reliability_summary(kill_anywhere, bad_input_outcome, tmp_path_factory, capsys):
+def test_reliability_summary(kill_anywhere, bad_input_outcome, tmp_path_factory, capsys, record_property):
     kills = kill_anywhere.summary()
     judged = verdicts(bad_input_outcome)
     untrusted = run_cases(tmp_path_factory.mktemp("untrusted_inputs"))
@@ -45,6 +45,7 @@ def test_reliability_summary(kill_anywhere, bad_input_outcome, tmp_path_factory,
     path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     with capsys.disabled():
         print(f"\nreliability summary: {json.dumps(summary)}")
+    record_property("reliability_summary", json.dumps(summary))  # printed by conftest under pytest-xdist
     assert summary["kill_points_tried"] == len(KILL_PLAN)
     assert summary["kill_points_survived"] == len(KILL_PLAN), kills["final_problems"]
     assert {k: v for k, v in judged.items() if v is not None} == {}
