@@ -3,7 +3,9 @@
 Why interleaved rounds: on a shared or thermally throttled CPU the machine's speed drifts; timing model A
 for a minute and then model B for a minute would fold that drift into the comparison. Each round times one
 call of every model on the same input, after warm-up calls that are not timed; the median over rounds is
-reported (robust to the occasional scheduler hiccup).
+reported (robust to the occasional scheduler hiccup). Process CPU milliseconds per call are recorded
+too: on a machine shared with other work they are far less inflated than wall time (with one torch
+thread, CPU time is the model's own work, whatever else runs).
 """
 
 from __future__ import annotations
@@ -21,10 +23,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
 def measure_latency(models: Mapping[str, nn.Module], image: Tensor, repeats: int = 10, warmup: int = 2
                     ) -> dict[str, float]:
     """Median milliseconds per image (batch of one) for each model, on ``image`` (3, H, W) on the models' device."""
+    return {name: t["wall_ms"] for name, t in measure_latency_detail(models, image, repeats, warmup).items()}
+
+
+@torch.inference_mode()
+def measure_latency_detail(models: Mapping[str, nn.Module], image: Tensor, repeats: int = 10, warmup: int = 2
+                           ) -> dict[str, dict[str, float]]:
+    """Per model, median wall and process-CPU milliseconds per image: ``{"wall_ms", "cpu_ms"}``."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     for m in models.values():
@@ -34,12 +42,14 @@ def measure_latency(models: Mapping[str, nn.Module], image: Tensor, repeats: int
         for m in models.values():
             m([image])
     _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in models}
+    wall: dict[str, list[float]] = {name: [] for name in models}
+    cpu: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, m in models.items():
             _sync(device)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             m([image])
             _sync(device)
-            times[name].append((time.perf_counter() - started) * 1000.0)
-    return {name: statistics.median(t) for name, t in times.items()}
+            wall[name].append((time.perf_counter() - started) * 1000.0)
+            cpu[name].append((time.process_time() - cpu_started) * 1000.0)
+    return {name: {"wall_ms": statistics.median(wall[name]), "cpu_ms": statistics.median(cpu[name])} for name in models}
