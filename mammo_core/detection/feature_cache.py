@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.detection import FasterRCNN
 
+from mammo_core.detection import inference
 from mammo_core.detection.backbone import FusedBackbone, FusedFeatureMaps
 from mammo_core.detection.data import DetectionImage
 
@@ -76,12 +77,19 @@ class FeatureCache:
 
     @torch.inference_mode()
     def add(self, model: FasterRCNN, items: Iterable[DetectionImage], device: torch.device | str = "cpu") -> None:
-        """Run ``model``'s extractor once on every item not cached yet."""
+        """Run ``model``'s extractor once on every item not cached yet.
+
+        The maps come from the extractor's inference copy (:mod:`~mammo_core.detection.inference`: the same
+        function with BatchNorm folded and no re-concatenation, equal within float rounding, far below the
+        cache's half precision); the fingerprint is the trained extractor's.
+        """
         self.check(model)
-        body = model.backbone.body.eval().to(device)
-        for item in items:
-            if item.index in self.maps:
-                continue
+        missing = [item for item in items if item.index not in self.maps]
+        if not missing:
+            return
+        with torch.inference_mode(False):  # callers may be in inference mode: the copy's weights stay normal tensors
+            body = inference.inference_copy(model.backbone.body.eval()).to(device)  # eval(): as before
+        for item in missing:
             images, _ = model.transform([item.image.to(device).expand(3, -1, -1)])
             maps = body(images.tensors)
             self.maps[item.index] = [m[0].to("cpu", self.dtype) for m in maps.values()]

@@ -30,17 +30,31 @@ def cuda_sync(device: torch.device | str) -> Callable[[], None]:
 def interleaved_ms(calls: Mapping[str, Call], *, repeats: int, warmup: int = 1,
                    sync: Callable[[], None] = lambda: None) -> dict[str, float]:
     """``name -> median milliseconds per call`` of the calls, run ``warmup`` rounds untimed, then interleaved."""
+    detail = interleaved_detail(calls, repeats=repeats, warmup=warmup, sync=sync)
+    return {name: t["wall_ms"] for name, t in detail.items()}
+
+
+def interleaved_detail(calls: Mapping[str, Call], *, repeats: int, warmup: int = 1,
+                       sync: Callable[[], None] = lambda: None) -> dict[str, dict[str, float]]:
+    """Per call: median wall and process-CPU milliseconds, and the least CPU of any round.
+
+    ``{"wall_ms", "cpu_ms", "cpu_min_ms"}``: the minimum is the round least disturbed by other processes
+    sharing caches and cores, the steadiest figure on a busy machine.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     for _ in range(warmup):
         for call in calls.values():
             call()
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
             sync()
-            start = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             call()
             sync()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: 1000.0 * statistics.median(v) for name, v in seconds.items()}
+            wall[name].append(1000.0 * (time.perf_counter() - started))
+            cpu[name].append(1000.0 * (time.process_time() - cpu_started))
+    return {name: {"wall_ms": statistics.median(wall[name]), "cpu_ms": statistics.median(cpu[name]),
+                   "cpu_min_ms": min(cpu[name])} for name in calls}

@@ -1,0 +1,114 @@
+"""The inference copies compute what the trained detectors compute (mammo_core.detection.inference)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from mammo_core.detection import builders, inference
+from mammo_core.models.densenet_parts import AttentionBlock, DenseLayers
+
+CLASSES = ["MASS_BENIGN", "MASS_MALIGNANT", "CALC_BENIGN", "CALC_MALIGNANT"]
+
+
+def _config(model: str) -> builders.DetectorConfig:
+    return builders.DetectorConfig(model=model, classes=CLASSES, input_size=128, anchor_sizes=[8, 16, 32, 64],
+                                   hash_bits=8, representation=32, fpn_channels=16, proposals_train=50,
+                                   proposals_test=30, roi_samples=16, score_threshold=0.0)
+
+
+def _as_trained(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and move every trainable weight, as training does.
+
+    Random init leaves BN as the identity (mean 0, var 1, weight 1, bias 0) and every attention gamma at 0,
+    under which a wrong fold or a wrongly removed attention block would go unnoticed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                c = module.running_mean.numel()
+                module.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+                module.running_var.copy_(0.5 + torch.rand(c, generator=g))
+                module.weight.copy_(0.8 + 0.4 * torch.rand(c, generator=g))
+                module.bias.copy_(0.1 * torch.randn(c, generator=g))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _image() -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    image = 0.4 + 0.2 * torch.rand(1, 128, 80, generator=g)
+    image[:, 50:70, 30:50] += 0.3
+    return image.clamp(0, 1).expand(3, -1, -1)
+
+
+def _assert_same_detections(a: dict, b: dict) -> None:
+    assert len(a["boxes"]) > 0 and a["labels"].tolist() == b["labels"].tolist()
+    torch.testing.assert_close(b["boxes"], a["boxes"], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-4, atol=1e-5)
+
+
+def test_inference_copy_of_ours_computes_the_same_maps_and_detections():
+    model, _ = builders.build_detector(_config("ours"))
+    _as_trained(model)
+    builders.freeze_feature_extractor(model)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = inference.inference_copy(model)
+    # the trained model is untouched, and every rewrite really happened in the copy
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert any(isinstance(m, DenseLayers) for m in model.modules())
+    assert not any(isinstance(m, DenseLayers) for m in fast.modules())
+    kept = [m for m in fast.modules() if isinstance(m, AttentionBlock)]
+    assert kept and all(float(m.gamma) != 0 for m in kept)  # trained ones stay (Freeze3's and the tails')
+    assert sum(isinstance(m, AttentionBlock) for m in model.modules()) > len(kept)  # frozen identities gone
+    counts = inference.rewrite_for_inference(copy.deepcopy(model))
+    assert counts["batchnorms_folded"] >= 1 + 6 + 12 + 24  # stem + every dense layer's bottleneck
+    assert counts["dense_blocks_buffered"] >= 3 and counts["transitions_pooled_first"] >= 2
+    image = _image()
+    with torch.inference_mode():
+        x = model.transform([image])[0].tensors
+        for name, (a, b) in zip(("trunk", "middle", "final"),
+                                zip(model.backbone.body(x).values(), fast.backbone.body(x).values(), strict=True),
+                                strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()), msg=name)
+        _assert_same_detections(model([image])[0], fast([image])[0])
+
+
+def test_inference_copy_of_the_resnet50_baseline_folds_its_frozen_batchnorms():
+    model, _ = builders.build_detector(_config("frcnn_r50"))
+    _as_trained(model, seed=1)
+    model.eval()
+    fast = inference.inference_copy(model)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == 53  # all of ResNet-50's
+    with torch.inference_mode():  # a random ResNet-50 finds no box here: its feature pyramid is compared
+        x = model.transform([_image()])[0].tensors
+        for name, a in model.backbone(x).items():
+            b = fast.backbone(x)[name]
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()), msg=name)
+
+
+def test_buffered_dense_block_equals_concatenation():
+    from mammo_core.models.fused import FusedDenseNet
+
+    block = _as_trained(FusedDenseNet(2, seed=0)).trunk.denseblock2.eval()
+    x = torch.rand(2, 128, 12, 10)  # a batch of two: the buffer's channel prefix is then a strided view
+    with torch.no_grad():
+        torch.testing.assert_close(inference.BufferedDenseLayers(block)(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_batchnorm_in_training_mode_is_not_folded():
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).train()
+    try:
+        inference.folded_conv(conv, bn)
+    except ValueError as exc:
+        assert "eval" in str(exc)
+    else:
+        raise AssertionError("a BatchNorm using batch statistics was folded")
