@@ -137,7 +137,8 @@ class _Slot:
     def relaxed(self, rows: torch.Tensor) -> torch.Tensor:
         """Relaxed codes (G, B, q) of every member on its own rows, batch norm in training mode."""
         z = torch.baddbmm(self.bias[:, None, :], self.x[self.members, rows], self.weight.transpose(1, 2))
-        var, mean = torch.var_mean(z, dim=1, unbiased=False)
+        mean = z.mean(dim=1)  # two passes: faster than var_mean's strided one-pass reduction here
+        var = (z - mean[:, None, :]).pow(2).mean(dim=1)
         with torch.no_grad():  # nn.BatchNorm1d's running update: unbiased variance into the average
             n = z.shape[1]
             m = self.bn_momentum
@@ -147,7 +148,8 @@ class _Slot:
         scale = self.bn_weight * torch.rsqrt(var + self.bn_eps)  # (x - mean) * scale + bias, folded
         h = F.relu(torch.addcmul((self.bn_bias - mean * scale)[:, None, :], z, scale[:, None, :]))
         if self.is_hash:  # channels already in permuted order: slice i is columns 50 i .. 50 (i + 1)
-            logits = torch.einsum("gnqs,gqs->gnq", h.reshape(*h.shape[:2], self.q, SLICE_WIDTH), self.slice_weight)
+            # c_i = W_i . slice_i as a product and a sum (about half the time of einsum's tiny batched products)
+            logits = (h.reshape(*h.shape[:2], self.q, SLICE_WIDTH) * self.slice_weight[:, None]).sum(dim=3)
             return piecewise_threshold(torch.sigmoid(self.beta * logits), self.eps)
         return torch.sigmoid(torch.baddbmm(self.dense_bias[:, None, :], h, self.dense_weight.transpose(1, 2)))
 
