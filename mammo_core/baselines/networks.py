@@ -298,6 +298,12 @@ class SingleNetClassifier(nn.Module):
                 h = module(h)
         return h
 
+    def prefix_to_channels_last(self) -> None:
+        """Store the frozen prefix's weights channels-last (its convolutions' fast CPU layout); the prefix is
+        never trained, so nothing else sees the change, and a state dict holds the same values."""
+        for module in self._modules_at(self.frozen_prefix.paths):
+            module.to(memory_format=torch.channels_last)
+
     def _rest(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
         """(pooled features the head reads, auxiliary logits or None) from a prefix output."""
         aux = None

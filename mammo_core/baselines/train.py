@@ -102,13 +102,22 @@ def read_out(model: SingleNetClassifier, data: TensorData, *, batch_size: int = 
 
 def prefix_outputs(model: SingleNetClassifier, data: TensorData, chunk: int,
                    device: torch.device | str) -> Tensor:
-    """The frozen prefix's output for every row of ``data`` (fp32, on ``device``), computed in chunks."""
+    """The frozen prefix's output for every row of ``data`` (fp32, on ``device``), computed in chunks.
+
+    In inference mode with the prefix's convolutions in channels-last layout (about a quarter fewer CPU
+    seconds for VGG16 and ResNet50's prefixes on two cores, issue 18; the same function up to float
+    rounding); the result is an ordinary contiguous tensor, so the trainable rest reads it as before.
+    """
     device = torch.device(device)
     model.to(device)
-    outputs = [model.prefix(prepare_images(data.images[s:s + chunk], device)) for s in range(0, len(data), chunk)]
+    model.prefix_to_channels_last()
+    with torch.inference_mode():
+        outputs = [model.prefix(prepare_images(data.images[s:s + chunk], device).contiguous(
+            memory_format=torch.channels_last)) for s in range(0, len(data), chunk)]
     if not outputs:
         return torch.zeros((0, 1), device=device)
-    return torch.cat(outputs)
+    # Outside inference mode: a normal tensor that autograd may save (the rest's first layer needs it).
+    return torch.cat(outputs).contiguous()
 
 
 def read_out_prefix(model: SingleNetClassifier, cached: Tensor, *,

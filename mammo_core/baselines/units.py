@@ -184,6 +184,20 @@ class BaselineData:
         return int(self.train.images.shape[-1])
 
 
+def rows_holding(data: training.TensorData, rows: training.TensorData) -> np.ndarray | None:
+    """For each row of ``rows``, the index of a row of ``data`` with the same image bytes and label; None
+    when one has none. The model is a fixed function of the image in eval mode, so such a row's read-out
+    is that row's read-out (no second prefix pass over the patches' training split)."""
+    where: dict[tuple[bytes, int], int] = {}
+    for i, (image, label) in enumerate(zip(data.images.numpy(), data.labels.tolist(), strict=True)):
+        where.setdefault((image.tobytes(), label), i)
+    found = [where.get((image.tobytes(), label)) for image, label in
+             zip(rows.images.numpy(), rows.labels.tolist(), strict=True)]
+    if any(i is None for i in found):
+        return None
+    return np.asarray(found, dtype=np.int64)
+
+
 def train_network(network: str, data: BaselineData, sched: schedule.Schedule, *, weights: str,
                   vgg_classifier: str, keep_weights: bool, checkpoint_dir: Path, freeze: str = "shallow",
                   on_epoch: Callable[[EpochRecord], None] | None = None,
@@ -209,7 +223,9 @@ def train_network(network: str, data: BaselineData, sched: schedule.Schedule, *,
 
     (_, f_train), (p_val, f_val), (p_test, f_test) = (read(s, getattr(data, s)) for s in ("train", "val", "test"))
     result.cached.clear()  # the prefix outputs (hundreds of MB at default sizes) go before the next network
-    _, f_patches_train = read("patches_train", patches_train)
+    rows = rows_holding(data.train, patches_train)
+    # The augmented set holds every original patch (copy 0): its features were just read out (issue 18).
+    f_patches_train = f_train[rows] if rows is not None else read("patches_train", patches_train)[1]
     split = trained.parameter_split()
     outcome = NetworkOutcome(
         network=network, history=result.history, best_epoch=result.best_epoch, best_val_acc=result.best_val_acc,

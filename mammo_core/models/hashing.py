@@ -260,8 +260,7 @@ def train_decoder(
     classes, y_idx = np.unique(y_np, return_inverse=True)
     y = torch.as_tensor(y_idx, dtype=torch.long)
     decoder.fit_input_scaling(x)
-    with _seeded(seed):
-        head = nn.Linear(decoder.q, len(classes))
+    head = classification_head(decoder.q, len(classes), seed)
     use_triplet = objective in ("triplet", "both")
     use_classification = objective in ("classification", "both")
     params = list(decoder.parameters()) + (list(head.parameters()) if use_classification else [])
@@ -295,21 +294,28 @@ def train_decoder(
             n_seen += len(batch)
         row = {"epoch": float(epoch), **{name: value / n_seen for name, value in totals.items()}}
         if every_epoch_diagnostics or epoch == epochs:
-            row["fraction_not_binary"] = _fraction_not_binary(decoder, x)
+            row["fraction_not_binary"] = fraction_not_binary(decoder, x)
             if val is not None:
-                row["val_map"] = _val_map(decoder, x, y_np, val)
+                row["val_map"] = validation_map(decoder, x, y_np, val)
         history.append(row)
     decoder.eval()
     return history
 
 
-def _fraction_not_binary(decoder: HashDecoder | FCDecoder, x: torch.Tensor) -> float:
+def classification_head(q: int, n_classes: int, seed: int) -> nn.Linear:
+    """The linear head of the classification objective (q codes -> classes), initialised under ``seed``."""
+    with _seeded(seed):
+        return nn.Linear(q, n_classes)
+
+
+def fraction_not_binary(decoder: HashDecoder | FCDecoder, x: torch.Tensor) -> float:
     """Share of relaxed outputs strictly between 0 and 1 (for the hash decoder: still learning)."""
     codes = decoder.relaxed_numpy(x)
     return float(((codes > 0.0) & (codes < 1.0)).mean())
 
 
-def _val_map(decoder, train_x: torch.Tensor, train_y: np.ndarray, val: tuple[np.ndarray, np.ndarray]) -> float:
+def validation_map(decoder, train_x: torch.Tensor, train_y: np.ndarray, val: tuple[np.ndarray, np.ndarray]) -> float:
+    """MAP of the validation codes ranked against the training codes (Hamming distance)."""
     val_x, val_y = val
     db = retrieval.pack_codes(decoder.encode(train_x))
     queries = retrieval.pack_codes(decoder.encode(val_x))

@@ -20,7 +20,7 @@ import torch
 
 from mammo_core.codes import features, retrieval
 from mammo_core.evaluation import figures, seed_summary
-from mammo_core.models import hashing
+from mammo_core.models import hashing, hashing_stack
 from mammo_core.storage import h5io, stage_files
 from mammo_core.storage.store import write_json_atomic
 from mammo_core.training import checkpoint
@@ -50,22 +50,34 @@ def training_seeds(p) -> list[int]:
     return [p.seed + k for k in range(p.seeds)]
 
 
-def _train_one(kind: str, q: int, seed: int, p, in_dim: int, by_split: dict, source: str = "fused") -> tuple:
-    """Train one decoder on the training features; its packed codes per split and test retrieval scores.
-
-    ``source``: the features it encodes, ``fused`` (the three branches) or one branch (``freeze3``).
+def train_all(p, by_split: dict, sources: tuple[str, ...]) -> dict[tuple[str, str, int, int], object]:
+    """Every decoder of the stage - (source, kind, q, seed) for each source, decoder kind, code length and
+    seed - trained on its source's training features, all together (:mod:`mammo_core.models.hashing_stack`: the
+    same training problem per decoder as :func:`mammo_core.models.hashing.train_decoder`, one optimiser step for all).
     """
-    decoder = build_decoder(kind, in_dim, q, p.beta, p.eps, seed)
-    hashing.train_decoder(
-        decoder, by_split["train"][source], by_split["train"]["labels"], objective=p.objective,
-        epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, margin=p.margin,
-        quantization_weight=p.quantization_weight, seed=seed, every_epoch_diagnostics=False,
+    jobs: dict[tuple[str, str, int, int], hashing_stack.DecoderJob] = {}
+    for source in sources:
+        features_train = by_split["train"][source]
+        for q in p.bits:
+            for seed in training_seeds(p):
+                for kind in DECODERS:
+                    decoder = build_decoder(kind, features_train.shape[1], q, p.beta, p.eps, seed)
+                    jobs[(source, kind, q, seed)] = hashing_stack.DecoderJob(decoder, features_train, seed)
+    hashing_stack.train_decoders(
+        list(jobs.values()), by_split["train"]["labels"], objective=p.objective, epochs=p.epochs,
+        batch_size=p.batch_size, lr=p.lr, margin=p.margin, quantization_weight=p.quantization_weight,
+        every_epoch_diagnostics=False,
     )
+    return {key: job.decoder for key, job in jobs.items()}
+
+
+def _evaluate(decoder, by_split: dict, source: str) -> tuple[dict, dict]:
+    """A trained decoder's packed codes per split and its test retrieval scores (test vs train database)."""
     packed = {split: retrieval.pack_codes(decoder.encode(data[source])) for split, data in by_split.items()}
     args = (packed["test"], by_split["test"]["labels"], packed["train"], by_split["train"]["labels"])
     scores = {"map": retrieval.mean_average_precision(*args),
               "p@10": retrieval.precision_at_k(*args, k=min(10, len(packed["train"])))}
-    return decoder, packed, scores
+    return packed, scores
 
 
 def _run(ctx: runtime.StageContext) -> None:
@@ -79,6 +91,7 @@ def _run(ctx: runtime.StageContext) -> None:
     in_dim = by_split["train"]["fused"].shape[1]
     seeds = training_seeds(p)
     seed_rows, metrics, bit_rows = [], {}, []
+    trained = train_all(p, by_split, ("fused", SINGLE))
     (ctx.workdir / "decoders").mkdir()
     with h5py.File(ctx.workdir / CODES_FILE, "w") as out:
         out.attrs["class_names"] = json.dumps(class_names)
@@ -88,12 +101,13 @@ def _run(ctx: runtime.StageContext) -> None:
             out.create_dataset(f"labels/{split}", data=data["labels"])
             out.create_dataset(f"patient_id/{split}", data=data["patient_id"])
             out.create_dataset(f"source_id/{split}", data=data["source_id"])
-        single_rows = _train_single(ctx, p, seeds, by_split, out, metrics)
+        single_rows = _single_rows(ctx, p, seeds, by_split, out, metrics, trained)
         for q in p.bits:
             for seed in seeds:
                 row = {"bits": q, "seed": seed}
                 for kind in DECODERS:
-                    decoder, packed, scores = _train_one(kind, q, seed, p, in_dim, by_split)
+                    decoder = trained[("fused", kind, q, seed)]
+                    packed, scores = _evaluate(decoder, by_split, "fused")
                     row[f"{kind}_map"], row[f"{kind}_p@10"] = scores["map"], scores["p@10"]
                     metrics[f"hashing/seed_{seed}/{kind}/map_at_{q}"] = scores["map"]
                     if seed != seeds[0]:
@@ -146,16 +160,15 @@ def _run(ctx: runtime.StageContext) -> None:
                                       round(r["hash_map_minus_fc_map"], 3)) for r in table.to_dict("records")})
 
 
-def _train_single(ctx: runtime.StageContext, p, seeds: list[int], by_split: dict, out: h5py.File,
-                  metrics: dict[str, float]) -> list[dict]:
+def _single_rows(ctx: runtime.StageContext, p, seeds: list[int], by_split: dict, out: h5py.File,
+                 metrics: dict[str, float], trained: dict) -> list[dict]:
     """Both decoders on Freeze3's features alone, per code length and seed; first seed's codes into ``out``."""
-    in_dim = by_split["train"][SINGLE].shape[1]
     rows = []
     for q in p.bits:
         for seed in seeds:
             row = {"bits": q, "seed": seed}
             for kind in DECODERS:
-                _, packed, scores = _train_one(kind, q, seed, p, in_dim, by_split, source=SINGLE)
+                packed, scores = _evaluate(trained[(SINGLE, kind, q, seed)], by_split, SINGLE)
                 row[f"{kind}_map"], row[f"{kind}_p@10"] = scores["map"], scores["p@10"]
                 metrics[f"hashing/{SINGLE}/seed_{seed}/{kind}/map_at_{q}"] = scores["map"]
                 if seed == seeds[0]:

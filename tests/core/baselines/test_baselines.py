@@ -446,3 +446,47 @@ def test_baselines_params_name_a_bad_key(tmp_path):
         load_params(bad)
     for name in ("smoke", "default", "paper"):
         load_params(Path(__file__).resolve().parents[3] / "params" / f"{name}.yaml")
+
+
+# ---------------------------------------------------------------------------------------------- issue 18 speed
+
+
+def test_prefix_pass_in_inference_mode_and_channels_last_is_the_plain_prefix():
+    """The cached prefix (inference mode, channels-last convolutions) equals the plain prefix up to float
+    rounding, and is an ordinary contiguous tensor the trainable rest can train from."""
+    model = networks.build_baseline("resnet50", 3, 32, freeze="deep").eval()
+    with torch.no_grad():
+        plain = model.prefix(baseline_train.prepare_images(TRAIN.images, "cpu"))
+    cached = baseline_train.prefix_outputs(model, TRAIN, 5, "cpu")
+    torch.testing.assert_close(cached, plain, atol=1e-4, rtol=1e-4)
+    assert cached.is_contiguous() and not cached.is_inference()
+    model.train()
+    logits, _ = model.training_logits_from_prefix(cached[:4])
+    logits.sum().backward()  # autograd may save it for backward
+    assert model.head.weight.grad is not None
+
+
+def test_patches_train_rows_are_found_in_the_augmented_set_by_their_bytes():
+    augmented = TensorData(torch.cat([TRAIN.images, TRAIN.images.flip(-1)]), torch.cat([TRAIN.labels, TRAIN.labels]))
+    originals = TensorData(TRAIN.images[[5, 0, 7]], TRAIN.labels[[5, 0, 7]])
+    assert units.rows_holding(augmented, originals).tolist() == [5, 0, 7]
+    unseen = TensorData(TEST.images[:2], TEST.labels[:2])
+    assert units.rows_holding(augmented, unseen) is None  # then the stage reads those rows out itself
+    relabelled = TensorData(TRAIN.images[:1], (TRAIN.labels[:1] + 1) % len(CLASSES))
+    assert units.rows_holding(augmented, relabelled) is None
+
+
+def test_patches_train_features_equal_their_own_read_out(tmp_path):
+    """The Freeze3 + X fusion's training features, taken from the augmented set's read-out of the same
+    images, equal a read-out of the patches' training split itself."""
+    patches_train = TensorData(TRAIN.images[::2], TRAIN.labels[::2])
+    data = units.BaselineData(train=TRAIN, val=VAL, test=TEST, class_names=CLASSES, patches_train=patches_train)
+    sched = dataclasses.replace(SCHEDULE, epochs=1)
+    outcome, _ = units.train_network("densenet121", data, sched, weights="none", vgg_classifier="pooled",
+                                     keep_weights=False, checkpoint_dir=tmp_path, freeze="deep")
+    rebuilt = networks.build_baseline("densenet121", 3, 32, freeze="deep")
+    rebuilt.load_state_dict(baseline_train.train_baseline(
+        rebuilt, TRAIN, VAL, sched, checkpoint_dir=tmp_path, class_names=CLASSES).model.state_dict())
+    direct = baseline_train.extract_features(rebuilt.eval(), patches_train)
+    np.testing.assert_allclose(outcome.patches_train_features, direct, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(outcome.patches_train_features, outcome.features.train[::2], atol=0, rtol=0)
