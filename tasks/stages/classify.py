@@ -15,6 +15,7 @@ from mammo_core.baselines import latency, networks
 from mammo_core.codes import classifiers, model_io, retrieval
 from mammo_core.config import Params
 from mammo_core.evaluation import figures, metrics
+from mammo_core.inference.served_classifier import ClassifierPipeline
 from mammo_core.storage import h5io, stage_files
 from mammo_core.storage.store import write_json_atomic
 from tasks import runtime
@@ -200,7 +201,7 @@ def _single_branch(ctx: runtime.StageContext, codes_path, class_names: list[str]
 def _measure_latency(ctx: runtime.StageContext, num_classes: int) -> None:
     """Table 6's time column: the trained chain that produced the fusion row, beside the single networks.
 
-    The chain is loaded from the sealed artifacts exactly as it is served (``serving.ClassifierPipeline``:
+    The chain is loaded from the sealed artifacts exactly as it is served (``ClassifierPipeline``:
     train weights, fusion weights, hash decoder, fused SVM/kNN/RF) and fed uint8 patches; the single networks
     (``baselines.networks``, fresh builds: only the architecture decides their cost) get patch-sized
     tensors. Every (model, batch size) runs interleaved in this one process, on the CPU the served chain
@@ -209,7 +210,7 @@ def _measure_latency(ctx: runtime.StageContext, num_classes: int) -> None:
     p = ctx.params.classify
     files, sha256 = serving.gather_artifacts(ctx.store_root, ctx.workdir, ctx.upstream["train"].key,
                                              ctx.upstream["hashing"].key)
-    chain = serving.ClassifierPipeline.load(files, sha256)
+    chain = ClassifierPipeline.load(files, sha256)
     size = chain.patch_size
     rng = np.random.default_rng(p.seed)
     calls: dict[tuple[str, int], latency.Call] = {}

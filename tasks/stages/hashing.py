@@ -39,12 +39,6 @@ DECODERS = ("hash", "fc")
 SINGLE = "freeze3"
 
 
-def build_decoder(kind: str, in_dim: int, q: int, beta: float, eps: float, seed: int):
-    if kind == "hash":
-        return hashing.HashDecoder(in_dim, q, beta=beta, eps=eps, seed=seed)
-    return hashing.FCDecoder(in_dim, q, seed=seed)
-
-
 def training_seeds(p) -> list[int]:
     """The seeds every decoder is trained with: ``hashing.seed``, ``+1``, ... (``hashing.seeds`` of them)."""
     return [p.seed + k for k in range(p.seeds)]
@@ -55,7 +49,7 @@ def _train_one(kind: str, q: int, seed: int, p, in_dim: int, by_split: dict, sou
 
     ``source``: the features it encodes, ``fused`` (the three branches) or one branch (``freeze3``).
     """
-    decoder = build_decoder(kind, in_dim, q, p.beta, p.eps, seed)
+    decoder = hashing.build_decoder(kind, in_dim, q, p.beta, p.eps, seed)
     hashing.train_decoder(
         decoder, by_split["train"][source], by_split["train"]["labels"], objective=p.objective,
         epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, margin=p.margin,
@@ -170,7 +164,7 @@ def _train_single(ctx: runtime.StageContext, p, seeds: list[int], by_split: dict
 def load_decoder(stage_path: str | Path, kind: str, q: int) -> hashing.HashDecoder | hashing.FCDecoder:
     """A trained decoder of a finished hashing stage (weights_only load)."""
     config = json.loads((Path(stage_path) / FILES.summary).read_text(encoding="utf-8"))
-    decoder = build_decoder(kind, config["in_dim"], q, config["beta"], config["eps"], 0)
+    decoder = hashing.build_decoder(kind, config["in_dim"], q, config["beta"], config["eps"], 0)
     decoder.load_state_dict(torch.load(Path(stage_path) / "decoders" / f"{kind}_{q}.pt", weights_only=True))
     return decoder.eval()
 
