@@ -81,7 +81,7 @@ def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bo
     Progress events (``flows.progress``) follow the collection order: a stage "starts" when the previous one
     in DAG order has been collected, which under the sequential runner is when it really starts.
     """
-    params = Params.model_validate(ctx.params)
+    params = ctx.params
     to_run, to_lookup = plan(stages)
     keys = registry.stage_keys(params)
     results: dict[str, Any] = {}  # stage -> StageResult (looked up) or a Prefect future
@@ -179,7 +179,7 @@ def pipeline(
     """
     interrupts.reinstall()
     ctx = open_run(params_file, list(overrides or []), store, list(force or []), stages, resume)
-    params = Params.model_validate(ctx.params)
+    params = ctx.params
     runner = build_task_runner(params.run)
     try:
         if runner is None:

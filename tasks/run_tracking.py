@@ -109,7 +109,7 @@ def open_run(
         client.log_text(parent, yaml.safe_dump(dump, sort_keys=True), "params.yaml")
     return RunContext(
         store=str(store_root),
-        params=dump,
+        params=params,
         params_file=params_file or "<defaults>",
         tracking_uri=uri,
         experiment_id=experiment_id,

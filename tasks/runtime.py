@@ -38,10 +38,12 @@ from tasks import tracking
 
 @dataclass(frozen=True)
 class RunContext:
-    """What every stage of one ``mammo run`` shares. Plain data: it crosses thread/process boundaries."""
+    """What every stage of one ``mammo run`` shares. Plain data and the frozen, picklable params: it crosses
+    thread/process boundaries. The params were validated once, where the run was opened
+    (:func:`tasks.run_tracking.open_run`); stages read them typed, never re-validating a dict."""
 
     store: str
-    params: dict[str, Any]
+    params: Params
     params_file: str
     tracking_uri: str
     experiment_id: str
@@ -49,9 +51,6 @@ class RunContext:
     flow_run_id: str
     git_commit: str
     force: frozenset[str] = frozenset()
-
-    def typed_params(self) -> Params:
-        return Params.model_validate(self.params)
 
 
 @dataclass(frozen=True)
@@ -237,7 +236,7 @@ def execute(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, Stag
 def _produce(spec: StageSpec, ctx: RunContext, key: str, upstream: dict[str, StageResult], store: ArtifactStore,
              forced: bool, logger: logging.Logger | logging.LoggerAdapter) -> StageResult:
     """Run the stage into a temporary folder and seal it (the caller holds the stage's lock)."""
-    params = ctx.typed_params()
+    params = ctx.params
     client = MlflowClient(ctx.tracking_uri)
     run_id = tracking.start_run(
         client,
@@ -352,7 +351,7 @@ def record_cache_hit(spec: StageSpec, ctx: RunContext, result: StageResult) -> s
               "stage_path": result.path},
         parent_run_id=ctx.parent_run_id,
     )
-    log_params(client, run_id, spec.params_of(ctx.typed_params()))
+    log_params(client, run_id, spec.params_of(ctx.params))
     tracking.log_metrics(client, run_id, result.metrics)
     tracking.finish_run(client, run_id, ok=True)
     return run_id

@@ -9,7 +9,7 @@ The model is an MLflow model URI, by default ``models:/mammo-classifier/latest``
 registers, see ``tasks/serving/classifier.py``), read from the store's embedded SQLite tracking database unless
 ``MLFLOW_TRACKING_URI`` points elsewhere. Each input is a patch file (PNG, JPEG or DICOM) cut around a
 lesion; 8-bit files are taken to be on the patches stage's scale, 16-bit ones and DICOM are mapped like the
-patches stage does (details in ``tasks/serving/classifier.py``).
+patches stage does (details in ``mammo_core/inference/served_classifier.py``).
 
 Inputs are reported by their position on the command line, never by path: CBIS file names carry patient
 ids. An unreadable file gets its reason and no probabilities; the others are still classified (exit 1).
@@ -144,8 +144,8 @@ def classify_files(pipeline, model: str, inputs: list[Path], json_out: bool) -> 
     """Class probabilities per patch file as a table or JSON; exit 1 if any input failed."""
     import pandas as pd
 
+    from mammo_core.inference.served_classifier import PREDICTED
     from mammo_core.inference.served_inputs import ServeLimits
-    from tasks.serving.classifier import PREDICTED
 
     limits = ServeLimits().for_named_files(inputs)  # the files this user named, nothing else
     frame = pipeline.predict_frame(pd.DataFrame({"path": [str(p) for p in inputs]}), limits)
@@ -176,8 +176,8 @@ def detect_files(pipeline, model: str, inputs: list[Path], out: Path | None, ove
                  min_score: float, json_out: bool) -> None:
     """Boxes per mammogram from the detector; JSON to ``out``/stdout, overlays; exit 1 if any input failed."""
     from mammo_core.errors import BadItem
+    from mammo_core.inference.served_detector import read_mammogram, save_overlay
     from mammo_core.storage.store import write_json_atomic
-    from tasks.serving.detector import read_mammogram, save_overlay
 
     rows = []
     for k, path in enumerate(inputs, start=1):

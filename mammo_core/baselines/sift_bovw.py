@@ -35,11 +35,9 @@ class BovwSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "max_keypoints", "vocabulary_size", "max_descriptors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"sift_bovw.{name} must be at least 1, got {getattr(self, name)}")
-        if not self.svm_c > 0:
-            raise ValueError(f"sift_bovw.svm_c must be positive, got {self.svm_c}")
+        # The other fields are params (baselines.sift_*), range-checked by mammo_core.config.BaselinesParams.
+        if self.max_descriptors < 1:
+            raise ValueError(f"sift_bovw.max_descriptors must be at least 1, got {self.max_descriptors}")
 
 
 @dataclass

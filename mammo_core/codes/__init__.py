@@ -2,6 +2,7 @@
 similar-case search, classifier persistence.
 
 Modules:
+- ``classifier_tables``: The classify stage's rows: per-patch predictions and one test-set row per classifier.
 - ``classifiers``: Classic classifiers on the binary hash codes and their weighted soft-voting fusion (DESIGN.md §7).
 - ``features``: Feature export: every patch's per-branch feature vectors, streamed into ``features.h5``.
 - ``fusion``: Choosing the fusion weights of the three branches (the paper's Figure 9 idea), measured honestly.

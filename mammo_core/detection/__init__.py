@@ -2,5 +2,6 @@
 
 Modules: ``data`` (records, breast crop, box-consistent augmentation), ``backbone`` (fused extractor + FPN),
 ``heads`` (hash classification head), ``builders`` (ours / ours_nohash / frcnn_r50), ``engine`` (training
-with per-epoch checkpoints), ``evaluate`` (COCO metrics, FROC), ``latency`` (side-by-side timing).
+with per-epoch checkpoints), ``evaluate`` (COCO metrics, FROC), ``latency`` (side-by-side timing), ``results``
+(Table 8 rows, their CSV form, paired differences and metric names).
 """

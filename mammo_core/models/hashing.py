@@ -183,6 +183,17 @@ class FCDecoder(_CodeDecoder):
         return torch.sigmoid(self.logits(x))
 
 
+def build_decoder(kind: str, in_dim: int, q: int, beta: float, eps: float, seed: int) -> HashDecoder | FCDecoder:
+    """The decoder named by ``kind`` (``hash``: divide-and-encode; anything else: the FC ablation).
+
+    One builder for the hashing stage that trains decoders and the served classifier that reloads one, so the
+    two cannot build different architectures from the same ``hashing.json``.
+    """
+    if kind == "hash":
+        return HashDecoder(in_dim, q, beta=beta, eps=eps, seed=seed)
+    return FCDecoder(in_dim, q, seed=seed)
+
+
 def triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float, mining: Mining,
                  generator: torch.Generator) -> torch.Tensor:
     """Triplet ranking loss on relaxed codes: relu(d(a, p) - d(a, n) + margin), d = mean squared bit difference.

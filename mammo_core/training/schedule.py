@@ -38,15 +38,9 @@ class Schedule:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"schedule.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr_step", "warmup_epochs", "rollback_every", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"schedule.{name} must not be negative, got {getattr(self, name)}")
-        for name in ("lr", "warmup_lr", "lr_gamma"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"schedule.{name} must be positive, got {getattr(self, name)}")
+        # Ranges (epochs, batch, lr, warm-up, roll-back, workers) are the params schema's to check
+        # (mammo_core.config.TrainParams); the device may also be a scheduler's ``cuda:N``, which the schema's
+        # auto|cpu|cuda does not cover, so it is checked here.
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"schedule.device must be auto, cpu or cuda[:N], got {self.device!r}")
 

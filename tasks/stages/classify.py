@@ -13,8 +13,10 @@ import pandas as pd
 
 from mammo_core.baselines import latency, networks
 from mammo_core.codes import classifiers, model_io, retrieval
+from mammo_core.codes.classifier_tables import class_probabilities, prediction_rows, result_row
 from mammo_core.config import Params
 from mammo_core.evaluation import figures, metrics
+from mammo_core.inference.served_classifier import ClassifierPipeline
 from mammo_core.storage import h5io, stage_files
 from mammo_core.storage.store import write_json_atomic
 from tasks import runtime
@@ -30,7 +32,6 @@ PREDICTIONS_FILE = FILES.predictions  # per patch, val and test: what `mammo pro
 LATENCY_FILE = FILES.latency  # Table 6: the trained chain and the single networks timed in one process
 OURS = "ours (fused DenseNets + hash decoder + SVM/kNN/RF fusion, trained)"
 SINGLE_TABLE = f"table5_single_{SINGLE}.csv"  # Table 5 on a single DenseNet (the paper's setting)
-PROBA_PREFIX = "proba/"  # predictions.csv columns: one probability per class (macro AUC in the report)
 ROWS = ("knn", "svm", "rf", "fusion", "voting", "stacking")
 
 
@@ -63,12 +64,9 @@ def _run(ctx: runtime.StageContext) -> None:
     fitted = classifiers.fit_classifiers(hyper, x_tr, y_tr, x_val, y_val, search=p.search)
     classes = list(range(len(class_names)))
     members = fitted.estimators
-
-    def aligned(est, x):
-        return classifiers.align_proba(est.predict_proba(x), est.classes_, classes)
-
     if p.fusion_weights == "search":
-        chosen = classifiers.choose_fusion_weights({n: aligned(e, x_val) for n, e in members.items()}, y_val,
+        chosen = classifiers.choose_fusion_weights({n: class_probabilities(e, x_val, classes)
+                                                    for n, e in members.items()}, y_val,
                                                    grid_step=p.grid_step, classes=classes)
         weights = chosen.weights
         pd.DataFrame(chosen.grid).to_csv(ctx.workdir / "fusion_weight_grid.csv", index=False)
@@ -92,23 +90,17 @@ def _run(ctx: runtime.StageContext) -> None:
             continue
         est = models[name]
         for split, (x, y, groups) in (("val", data["val"]), ("test", data["test"])):
-            split_proba = aligned(est, x) if name != "fusion" else est.predict_proba(x)
-            prediction_parts.append(pd.DataFrame({
-                "split": split, "classifier": name, "source_id": sources[split], "patient_id": groups, "label": y,
-                "predicted": np.asarray(classes)[split_proba.argmax(axis=1)],
-                **{f"{PROBA_PREFIX}{c}": split_proba[:, i] for i, c in enumerate(class_names)}}))
+            prediction_parts.append(prediction_rows(split, name, sources[split], groups, y,
+                                                    class_probabilities(est, x, classes), class_names))
         val_pred = prediction_parts[-2]["predicted"].to_numpy()
         if len(y_val):
             # Validation chose the fusion weights (and any grid search), so this is optimistic alike for every
             # run; it is what automatic decisions (mammo promote) use, because test must never choose.
             metric_values[f"classify/{name}/val_acc"] = metrics.ACCURACY(y_val, val_pred)
-        proba = aligned(est, x_te) if name != "fusion" else est.predict_proba(x_te)
+        proba = class_probabilities(est, x_te, classes)
         pred = np.asarray(classes)[proba.argmax(axis=1)]
         rep = metrics.report_with_ci(y_te, pred, proba, class_names, groups_te, n_boot=p.n_boot, seed=p.seed)
-        row = {"classifier": name, "test_acc": rep["accuracy"], "test_acc_ci_low": rep["ci"]["accuracy"][0],
-               "test_acc_ci_high": rep["ci"]["accuracy"][1], "macro_f1": rep["macro_f1"],
-               "balanced_acc": rep["balanced_accuracy"], "auc_ovr_macro": rep.get("auc_ovr_macro", np.nan)}
-        row.update({f"recall/{c}": rep["recall"][c] for c in class_names})
+        row = result_row(name, rep, recall_of=class_names)
         table.append(row)
         for key in ("test_acc", "macro_f1", "balanced_acc", "auc_ovr_macro", "test_acc_ci_low", "test_acc_ci_high"):
             if np.isfinite(row[key]):
@@ -163,13 +155,9 @@ def _single_branch(ctx: runtime.StageContext, codes_path, class_names: list[str]
     hyper = {"seed": p.seed, "svm": p.svm, "knn": p.knn, "rf": p.rf, **({"grid": p.grid} if p.grid else {})}
     members = classifiers.fit_classifiers(hyper, x_tr, y_tr, x_val, y_val, search=p.search).estimators
     classes = list(range(len(class_names)))
-
-    def proba_of(est, x):
-        return est.predict_proba(x) if isinstance(est, classifiers.FusedClassifier) else \
-            classifiers.align_proba(est.predict_proba(x), est.classes_, classes)
-
     if p.fusion_weights == "search":
-        weights = classifiers.choose_fusion_weights({n: proba_of(e, x_val) for n, e in members.items()}, y_val,
+        weights = classifiers.choose_fusion_weights({n: class_probabilities(e, x_val, classes)
+                                                     for n, e in members.items()}, y_val,
                                                     grid_step=p.grid_step, classes=classes).weights
     else:
         weights = {n: float(p.fusion_weights.get(n, 0.0)) for n in classifiers.CLASSIFIER_NAMES}
@@ -178,19 +166,13 @@ def _single_branch(ctx: runtime.StageContext, codes_path, class_names: list[str]
     for name, est in models.items():
         for split in ("val", "test"):
             x, y, groups = data[split]
-            proba = proba_of(est, x)
-            parts.append(pd.DataFrame({
-                "split": split, "classifier": f"{SINGLE}/{name}", "source_id": sources[split], "patient_id": groups,
-                "label": y, "predicted": np.asarray(classes)[proba.argmax(axis=1)],
-                **{f"{PROBA_PREFIX}{c}": proba[:, i] for i, c in enumerate(class_names)}}))
+            parts.append(prediction_rows(split, f"{SINGLE}/{name}", sources[split], groups, y,
+                                         class_probabilities(est, x, classes), class_names))
         x, y, groups = data["test"]
-        proba = proba_of(est, x)
+        proba = class_probabilities(est, x, classes)
         rep = metrics.report_with_ci(y, np.asarray(classes)[proba.argmax(axis=1)], proba, class_names, groups,
                                      n_boot=p.n_boot, seed=p.seed)
-        rows.append({"classifier": name, "features": f"single {SINGLE}", "test_acc": rep["accuracy"],
-                     "test_acc_ci_low": rep["ci"]["accuracy"][0], "test_acc_ci_high": rep["ci"]["accuracy"][1],
-                     "macro_f1": rep["macro_f1"], "balanced_acc": rep["balanced_accuracy"],
-                     "auc_ovr_macro": rep.get("auc_ovr_macro", np.nan)})
+        rows.append(result_row(name, rep, features=f"single {SINGLE}"))
         metric_values[f"classify/{SINGLE}/{name}/test_acc"] = rep["accuracy"]
     pd.DataFrame(rows).to_csv(ctx.workdir / SINGLE_TABLE, index=False)
     ctx.log_artifact(ctx.workdir / SINGLE_TABLE, "tables")
@@ -200,7 +182,7 @@ def _single_branch(ctx: runtime.StageContext, codes_path, class_names: list[str]
 def _measure_latency(ctx: runtime.StageContext, num_classes: int) -> None:
     """Table 6's time column: the trained chain that produced the fusion row, beside the single networks.
 
-    The chain is loaded from the sealed artifacts exactly as it is served (``serving.ClassifierPipeline``:
+    The chain is loaded from the sealed artifacts exactly as it is served (``ClassifierPipeline``:
     train weights, fusion weights, hash decoder, fused SVM/kNN/RF) and fed uint8 patches; the single networks
     (``baselines.networks``, fresh builds: only the architecture decides their cost) get patch-sized
     tensors. Every (model, batch size) runs interleaved in this one process, on the CPU the served chain
@@ -209,7 +191,7 @@ def _measure_latency(ctx: runtime.StageContext, num_classes: int) -> None:
     p = ctx.params.classify
     files, sha256 = serving.gather_artifacts(ctx.store_root, ctx.workdir, ctx.upstream["train"].key,
                                              ctx.upstream["hashing"].key)
-    chain = serving.ClassifierPipeline.load(files, sha256)
+    chain = ClassifierPipeline.load(files, sha256)
     size = chain.patch_size
     rng = np.random.default_rng(p.seed)
     calls: dict[tuple[str, int], latency.Call] = {}

@@ -22,17 +22,26 @@ position, never by image id: CBIS ids carry patient ids), plus the final detecto
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mammo_core.config import Params
-from mammo_core.detection import bootstrap, builders, data, engine, evaluate, feature_cache, latency, plots, records
+from mammo_core.detection import (
+    bootstrap,
+    builders,
+    data,
+    engine,
+    evaluate,
+    feature_cache,
+    latency,
+    plots,
+    records,
+    results,
+)
 from mammo_core.detection.inference import inference_copy
 from mammo_core.sources.weight_sources import resolved_source
 from mammo_core.storage import stage_files
@@ -55,25 +64,6 @@ FAST_RCNN_ABSENT = ("not run: Fast R-CNN needs external region proposals (select
                     "library in this project provides; Faster R-CNN's RPN replaces them")
 
 
-def lesion_sizes(items: list[data.DetectionImage]) -> tuple[np.ndarray, dict]:
-    sizes = np.asarray([math.sqrt(float((b[2] - b[0]) * (b[3] - b[1]))) for it in items for b in it.boxes],
-                       dtype=float)
-    qs = {f"q{int(q * 100):02d}": float(np.quantile(sizes, q)) for q in (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)} \
-        if sizes.size else {}
-    return sizes, {"count": int(sizes.size), "quantiles_px": qs, "measure": "sqrt(w*h), detector-input pixels"}
-
-
-def _flatten(row: dict) -> dict:
-    flat = {k: v for k, v in row.items() if not isinstance(v, dict)}
-    flat.update({f"froc_{k}fp": v for k, v in row["froc"].items()})
-    flat.update({f"ap50_{k}": v for k, v in row["per_class_ap50"].items()})
-    flat.update({f"{k}_ci95_{end}": v[end] for k, v in row.get("ci95", {}).items() for end in ("low", "high")})
-    flat.update({f"{k}_params": v for k, v in row.get("parameters", {}).items()})
-    init = row.get("initialisation", {})
-    flat.update({"init_source": init.get("source"), "init_file": init.get("file"), "init_sha256": init.get("sha256")})
-    return flat
-
-
 def _initialisation(name: str, p: Any, train_dir: Path) -> dict[str, Any]:
     """Where a detector's extractor starts from: the train stage's file, or the ResNet-50 file, or random."""
     if name != "frcnn_r50":
@@ -87,14 +77,6 @@ def _initialisation(name: str, p: Any, train_dir: Path) -> dict[str, Any]:
             "sha256": file_sha256(path)}
 
 
-def _paired_dict(d: bootstrap.PairedDifference) -> dict[str, Any]:
-    """A paired difference for detection.json (NaN as None), with its verdict on "B beats A"."""
-    values = {"a": d.a, "b": d.b, "diff": d.diff, "low": d.low, "high": d.high}
-    return {**{k: evaluate.finite_or_none(v) for k, v in values.items()}, "n_images": d.n_items,
-            "n_patients": d.n_patients, "n_boot": d.n_boot, "confidence": d.confidence,
-            "distinguishable": d.distinguishable}
-
-
 def _run(ctx: runtime.StageContext) -> None:
     p = ctx.params.detect
     device = devices.choose_device(ctx.params.run.device, runtime.dask_worker_name())
@@ -104,7 +86,7 @@ def _run(ctx: runtime.StageContext) -> None:
     ctx.logger.info("detect: %d train / %d val (%d scored per epoch) / %d test images, %d train boxes, dropped %s, "
                     "device %s", len(train), len(val), len(val_scored), len(test),
                     sum(len(i.boxes) for i in train), dict(dataset.dropped), device)
-    sizes, size_summary = lesion_sizes(dataset.images)
+    sizes, size_summary = results.lesion_sizes(dataset.images)
     ctx.logger.info("detect: lesion sizes (sqrt area, input px) %s; anchors %s",
                     {k: round(v, 1) for k, v in size_summary["quantiles_px"].items()}, p.anchor_sizes)
     ctx.log_artifact(plots.lesion_sizes_figure(sizes, p.anchor_sizes, ctx.workdir / "lesion_sizes.png"), "figures")
@@ -159,17 +141,11 @@ def _run(ctx: runtime.StageContext) -> None:
             fused_left -= 1
             if fused_left == 0:
                 cache = None  # the ResNet-50 trains on pixels: free the maps first
-        targets = [i.target() for i in test]
-        coco = evaluate.coco_metrics(preds, targets, dataset.classes)
-        rows.append({"model": name, "map50": coco["map50"], "map": coco["map"], "ar100": coco["ar100"],
-                     "lesion_ap50": evaluate.lesion_ap50(preds, targets),
-                     "latency_ms": float("nan"), "froc": evaluate.froc(preds, targets),
-                     "per_class_ap50": coco["per_class_ap50"], "weights": tag,
-                     "initialisation": _initialisation(name, p, train_dir),
-                     "parameters": builders.parameter_counts(result.model),
-                     "params_m": round(builders.parameter_millions(result.model), 3), "epochs": p.epochs,
-                     "best_epoch": result.best_epoch, "resumed_from_epoch": result.resumed_from_epoch,
-                     "extractor": "cached maps (run once per image)" if features is not None else "run per window"})
+        rows.append(results.result_row(
+            name, preds, [i.target() for i in test], dataset.classes, result.model, tag,
+            _initialisation(name, p, train_dir), epochs=p.epochs, best_epoch=result.best_epoch,
+            resumed_from_epoch=result.resumed_from_epoch,
+            extractor="cached maps (run once per image)" if features is not None else "run per window"))
         history[name] = [h.to_dict() for h in result.history]
         profile["models"][name] = {
             "train_s": round(sum(h.train_seconds or 0.0 for h in result.history), 2),
@@ -190,9 +166,8 @@ def _run(ctx: runtime.StageContext) -> None:
         intervals = bootstrap.detection_intervals(saved[row["model"]], saved_targets, len(dataset.classes),
                                                   groups, n_boot=p.n_boot, seed=p.seed)
         row["ci95"] = {k: v.to_dict() for k, v in intervals.items()}
-    paired_test = {f"ours - {name}": {metric: _paired_dict(d) for metric, d in bootstrap.paired_detection_differences(
-        saved[name], saved["ours"], saved_targets, len(dataset.classes), groups, n_boot=p.n_boot,
-        seed=p.seed).items()} for name in names if name != "ours"}
+    paired_test = results.paired_against_ours(saved, saved_targets, len(dataset.classes), groups, names,
+                                              n_boot=p.n_boot, seed=p.seed)
 
     started = time.perf_counter()
     probe = test[0].image if test else (dataset.images[0].image if dataset.images else torch.rand(1, p.max_size,
@@ -202,27 +177,9 @@ def _run(ctx: runtime.StageContext) -> None:
                                     engine.as_input(probe, device), repeats=p.latency_repeats)
     profile["latency_s"] = round(time.perf_counter() - started, 2)
     profile["feature_cache_s"] = round(profile["feature_cache_s"], 2)
-    metrics: dict[str, float] = {}
     for row in rows:
         row["latency_ms"] = times[row["model"]]
-        prefix = f"detect/{row['model']}"
-        for key in ("map50", "map", "ar100", "lesion_ap50", "latency_ms"):
-            metrics[f"{prefix}/{key}"] = row[key]
-        for rate, value in row["froc"].items():
-            metrics[f"{prefix}/froc_{rate.replace('.', '_')}fp"] = value
-    if "frcnn_r50" in times:
-        metrics["detect/ours/latency_ratio_vs_r50"] = times["ours"] / times["frcnn_r50"]
-    for pair, by_metric in paired_test.items():
-        for metric in ("map50", "lesion_ap50"):
-            for end in ("diff", "low", "high"):
-                if by_metric[metric][end] is not None:
-                    metrics[f"detect/paired/{pair.replace(' - ', '_minus_')}/{metric}_{end}"] = by_metric[metric][end]
-    metrics["detect/images_test"] = len(test)
-    for name, value in size_summary["quantiles_px"].items():
-        metrics[f"detect/lesion_size_{name}"] = value
-    for reason, n in dataset.dropped.items():
-        metrics[f"detect/dropped/{reason}"] = n
-    ctx.log_metrics({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))})
+    ctx.log_metrics(results.metric_values(rows, times, paired_test, len(test), size_summary, dataset.dropped))
 
     write_json_atomic(ctx.workdir / DETECTION_FILE, {
         "classes": dataset.classes, "input_size": p.max_size, "rows": rows, "fast_rcnn": FAST_RCNN_ABSENT,
@@ -244,12 +201,7 @@ def _run(ctx: runtime.StageContext) -> None:
         "record_files": [f.name for f in record_files],
         "profile_seconds": profile,
     })
-    flat = [_flatten(r) for r in rows]
-    fields = list(dict.fromkeys(k for f in flat for k in f))
-    with open(ctx.workdir / TABLE_FILE, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(flat)
+    results.write_table(rows, ctx.workdir / TABLE_FILE)
     write_json_atomic(ctx.workdir / FILES.history, history)
     for k, item in enumerate(test[: p.examples]):
         fig = plots.example_figure(item.image, item.target(), predictions["ours"][k], dataset.classes,

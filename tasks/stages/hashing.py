@@ -39,12 +39,6 @@ DECODERS = ("hash", "fc")
 SINGLE = "freeze3"
 
 
-def build_decoder(kind: str, in_dim: int, q: int, beta: float, eps: float, seed: int):
-    if kind == "hash":
-        return hashing.HashDecoder(in_dim, q, beta=beta, eps=eps, seed=seed)
-    return hashing.FCDecoder(in_dim, q, seed=seed)
-
-
 def training_seeds(p) -> list[int]:
     """The seeds every decoder is trained with: ``hashing.seed``, ``+1``, ... (``hashing.seeds`` of them)."""
     return [p.seed + k for k in range(p.seeds)]
@@ -61,7 +55,7 @@ def train_all(p, by_split: dict, sources: tuple[str, ...]) -> dict[tuple[str, st
         for q in p.bits:
             for seed in training_seeds(p):
                 for kind in DECODERS:
-                    decoder = build_decoder(kind, features_train.shape[1], q, p.beta, p.eps, seed)
+                    decoder = hashing.build_decoder(kind, features_train.shape[1], q, p.beta, p.eps, seed)
                     jobs[(source, kind, q, seed)] = hashing_stack.DecoderJob(decoder, features_train, seed)
     hashing_stack.train_decoders(
         list(jobs.values()), by_split["train"]["labels"], objective=p.objective, epochs=p.epochs,
@@ -183,7 +177,7 @@ def _single_rows(ctx: runtime.StageContext, p, seeds: list[int], by_split: dict,
 def load_decoder(stage_path: str | Path, kind: str, q: int) -> hashing.HashDecoder | hashing.FCDecoder:
     """A trained decoder of a finished hashing stage (weights_only load)."""
     config = json.loads((Path(stage_path) / FILES.summary).read_text(encoding="utf-8"))
-    decoder = build_decoder(kind, config["in_dim"], q, config["beta"], config["eps"], 0)
+    decoder = hashing.build_decoder(kind, config["in_dim"], q, config["beta"], config["eps"], 0)
     decoder.load_state_dict(torch.load(Path(stage_path) / "decoders" / f"{kind}_{q}.pt", weights_only=True))
     return decoder.eval()
 

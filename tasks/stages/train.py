@@ -181,12 +181,12 @@ def branch_task(ctx: runtime.RunContext, key: str, upstream: dict[str, runtime.S
     if threads:
         torch.set_num_threads(int(threads))
     gpu = devices.assigned_gpu(runtime.dask_worker_name())
-    device = devices.device_for(ctx.params["run"]["device"], gpu, torch.cuda.device_count())
+    device = devices.device_for(ctx.params.run.device, gpu, torch.cuda.device_count())
     scratch = Path(ctx.store) / "scratch" / "train" / key
     guard = concurrency(f"gpu-{gpu}", occupy=1) if gpu is not None else nullcontext()
     with guard:
         get_run_logger().info("train: branch %s on %s (GPU slot %s)", branch, device, gpu)
-        return pretrain_branch(ctx.typed_params(), upstream, scratch, branch, device)
+        return pretrain_branch(ctx.params, upstream, scratch, branch, device)
 
 
 def backbone_weights_file(source: str) -> Path | None:

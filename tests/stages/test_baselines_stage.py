@@ -50,7 +50,7 @@ def world(smoke_store, tmp_path_factory):
                                              mlflow_run_id=None, parent_run_id=None, seconds=0.0, ran=False)
     (first,) = [p for p in (store / "stages" / "baselines").iterdir() if (p / "manifest.json").is_file()]
     params = load_params(SMOKE, ["baselines.agnet_pair=[vgg16, resnet50]"])
-    ctx = runtime.RunContext(store=str(store), params=params.model_dump(mode="json"), params_file=str(SMOKE),
+    ctx = runtime.RunContext(store=str(store), params=params, params_file=str(SMOKE),
                              tracking_uri=uri, experiment_id=experiment, parent_run_id=parent,
                              flow_run_id="flow", git_commit="abc")
     key = stage.SPEC.key(params, {s: r.key for s, r in upstream.items()})

@@ -479,7 +479,7 @@ def test_report_stage_logs_to_its_run_and_the_parent_run(tmp_path):
     experiment = tracking.ensure_experiment(client, "report-test", tmp_path / "artifacts")
     parent = tracking.start_run(client, experiment, "mammo run", tags={})
     params = Params()
-    ctx = runtime.RunContext(store=str(tmp_path / "store"), params=params.model_dump(mode="json"), params_file="x",
+    ctx = runtime.RunContext(store=str(tmp_path / "store"), params=params, params_file="x",
                              tracking_uri=uri, experiment_id=experiment, parent_run_id=parent, flow_run_id="flow",
                              git_commit="deadbeef42")
     upstream = {s: runtime.StageResult(stage=s, key=KEYS[s], path=str(dirs[s]), metrics={}, mlflow_run_id=None,

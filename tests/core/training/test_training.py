@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from mammo_core.config import load_params
+from mammo_core.errors import ParamsError
 from mammo_core.models.fused import FusedDenseNet, branch_state_dict, build_single
 from mammo_core.training.checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, load_safely, previous_path, save_atomic
 from mammo_core.training.loop import (
@@ -94,8 +96,10 @@ def test_paper_schedule_learning_rates():
     assert [s.lr_at(e) for e in (5, 19, 20, 39, 40, 99)] == pytest.approx([0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-6])
     assert [e for e in range(12) if s.is_rollback_epoch(e)] == [4, 9]  # after epochs 5 and 10 (1-based)
     assert Schedule.from_params({"epochs": 7, "batch_size": 8, "freeze_upto": "x"}) == Schedule(epochs=7, batch_size=8)
-    with pytest.raises(ValueError, match="batch_size"):
-        Schedule(batch_size=0)
+    with pytest.raises(ParamsError, match="train.batch_size"):  # ranges are the params schema's to check
+        load_params(overrides=["train.batch_size=0"])
+    with pytest.raises(ValueError, match="schedule.device"):
+        Schedule(device="gpu")
 
 
 def test_prepare_images_maps_to_three_imagenet_normalised_channels():
