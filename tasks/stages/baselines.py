@@ -19,6 +19,7 @@ stage's branches read out on every patch).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,31 +82,61 @@ def _with_ci(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, n_boot: int, s
     return {"test_acc": metrics.ACCURACY(y, pred), "ci_low": low, "ci_high": high}
 
 
+@dataclass
+class _TestColumns:
+    """Per test patch: true labels, patient ids (bootstrap groups; never logged) and patch ids; val labels."""
+
+    y_val: np.ndarray
+    y_test: np.ndarray
+    groups: np.ndarray
+    patch_ids: np.ndarray
+
+
 def _run(ctx: runtime.StageContext) -> None:
     p = ctx.params.baselines
+    data, cols = _load_data(ctx)
+    sched = baseline_schedule(ctx.params)
+    device = sched.resolve_device()
+    ctx.set_tags({"baselines.device": str(device)})
+    ctx.logger.info("baselines: %d training rows, %d val, %d test, networks %s, device %s",
+                    len(data.train), len(data.val), len(data.test), p.networks, device)
+    outcomes = _train_networks(ctx, data, sched)
+    rows, metric_values = _network_rows(p, outcomes, data, cols, device)
+    _write_predictions(ctx.workdir / PREDICTIONS, outcomes, cols.patch_ids, cols.groups, cols.y_test,
+                       data.class_names)
+    classic = _classic_rows(ctx, outcomes, data, cols)
+    metric_values |= {f"baselines/{row['method']}/test_acc": row["test_acc"] for row in classic}
+    fusion_rows = _freeze3_fusions(ctx, outcomes, data, data.class_names)
+    metric_values |= {f"baselines/freeze3_fusion/{_slug(row['name'])}/test_acc": row["accuracy"]
+                      for row in fusion_rows}
+    ctx.log_metrics(metric_values)
+    _write_outputs(ctx, outcomes, rows, classic, data, cols, sched)
+
+
+def _load_data(ctx: runtime.StageContext) -> tuple[units.BaselineData, _TestColumns]:
+    """The branches' training rows (augment) and the patches' val/test splits, with the test id columns."""
     patches_file = ctx.upstream["patches"].file(PATCHES_FILE)
-    class_names = list(h5io.read_attrs(patches_file)["class_names"])
     data = units.BaselineData(
         train=training.load_tensor_data(ctx.upstream["augment"].file(AUGMENTED_FILE)),
         val=training.load_tensor_data(patches_file, split=SPLIT_CODES["val"]),
         test=training.load_tensor_data(patches_file, split=SPLIT_CODES["test"]),
-        class_names=class_names,
+        class_names=list(h5io.read_attrs(patches_file)["class_names"]),
         patches_train=training.load_tensor_data(patches_file, split=SPLIT_CODES["train"]),
     )
     # Patient ids group the bootstrap by patient; they are never logged (and written only to the per-patch
     # predictions kept in the store, as classify's predictions.csv, for paired comparisons).
     columns = h5io.read_datasets(patches_file, ["split", "patient_id", "source_id"])
     is_test = columns["split"] == SPLIT_CODES["test"]
-    groups = np.asarray(columns["patient_id"])[is_test]
-    test_patch_ids = np.asarray(columns["source_id"])[is_test]
-    y_val, y_test = data.val.labels.numpy(), data.test.labels.numpy()
-    sched = baseline_schedule(ctx.params)
-    device = sched.resolve_device()
-    upstream = {s: ctx.upstream[s].key for s in ("augment", "patches")}
-    ctx.set_tags({"baselines.device": str(device)})
-    ctx.logger.info("baselines: %d training rows, %d val, %d test, networks %s, device %s",
-                    len(data.train), len(data.val), len(data.test), p.networks, device)
+    return data, _TestColumns(y_val=data.val.labels.numpy(), y_test=data.test.labels.numpy(),
+                              groups=np.asarray(columns["patient_id"])[is_test],
+                              patch_ids=np.asarray(columns["source_id"])[is_test])
 
+
+def _train_networks(ctx: runtime.StageContext, data: units.BaselineData, sched: schedule.Schedule
+                    ) -> dict[str, units.NetworkOutcome]:
+    """Each single network trained (or its unit reused from the store) under the branches' schedule."""
+    p = ctx.params.baselines
+    upstream = {s: ctx.upstream[s].key for s in ("augment", "patches")}
     outcomes: dict[str, units.NetworkOutcome] = {}
     for network in p.networks:
         settings = _unit_settings(p, network, sched)
@@ -126,7 +157,13 @@ def _run(ctx: runtime.StageContext) -> None:
             ctx.log_metrics({f"baselines/{network}/val_acc": record.val_acc,
                              f"baselines/{network}/train_loss": record.train_loss}, step=record.epoch)
         ctx.log_metric(f"baselines/{network}/reused", float(outcome.reused))
+    return outcomes
 
+
+def _network_rows(p: BaselinesParams, outcomes: dict[str, units.NetworkOutcome], data: units.BaselineData,
+                  cols: _TestColumns, device: Any) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Table 6's single-network rows (accuracy with CI, balanced accuracy, macro AUC, latency, counts)."""
+    class_names, y_test = data.class_names, cols.y_test
     # Latency side by side in this process: fresh builds (cost depends on the architecture, not the weights).
     built = {n: networks.build_baseline(n, len(class_names), data.patch_size, vgg_classifier=p.vgg_classifier,
                                         seed=p.seed) for n in p.networks}
@@ -137,7 +174,7 @@ def _run(ctx: runtime.StageContext) -> None:
     rows, metric_values = [], {f"baselines/{FUSED}/latency_ms": ms[FUSED]}
     for network, outcome in outcomes.items():
         pred = outcome.test_probabilities.argmax(axis=1) if len(y_test) else np.zeros(0, np.int64)
-        row = {"network": network, **_with_ci(y_test, pred, groups, p.n_boot, p.seed),
+        row = {"network": network, **_with_ci(y_test, pred, cols.groups, p.n_boot, p.seed),
                "balanced_acc": metrics.BALANCED_ACCURACY(y_test, pred) if len(y_test) else float("nan"),
                "macro_auc": _macro_auc(y_test, pred, outcome.test_probabilities, class_names),
                "latency_ms": ms[network], "params_m": outcome.params_m, "weights": outcome.weights,
@@ -148,9 +185,13 @@ def _run(ctx: runtime.StageContext) -> None:
         metric_values[f"baselines/{network}/test_acc"] = row["test_acc"]
         metric_values[f"baselines/{network}/latency_ms"] = row["latency_ms"]
         metric_values[f"baselines/{network}/best_epoch"] = outcome.best_epoch
+    return rows, metric_values
 
-    _write_predictions(ctx.workdir / PREDICTIONS, outcomes, test_patch_ids, groups, y_test, class_names)
 
+def _classic_rows(ctx: runtime.StageContext, outcomes: dict[str, units.NetworkOutcome],
+                  data: units.BaselineData, cols: _TestColumns) -> list[dict[str, Any]]:
+    """Table 1's classic methods: SIFT bag of visual words + SVM, and AGNet's fusion of two networks."""
+    p = ctx.params.baselines
     classic = []
     if "sift_bovw_svm" in p.classic:
         settings = sift_bovw.BovwSettings(image_size=p.sift_image_size, max_keypoints=p.sift_max_keypoints,
@@ -158,25 +199,27 @@ def _run(ctx: runtime.StageContext) -> None:
         bovw = sift_bovw.sift_bovw_svm(data.train.images.numpy(), data.train.labels.numpy(),
                                        data.test.images.numpy(), settings)
         totals = {"train": len(data.train), "test": len(data.test)}
-        classic.append({"method": "sift_bovw_svm", **_with_ci(y_test, bovw.predictions, groups, p.n_boot, p.seed),
+        classic.append({"method": "sift_bovw_svm",
+                        **_with_ci(cols.y_test, bovw.predictions, cols.groups, p.n_boot, p.seed),
                         "detail": bovw.detail(totals)})
         ctx.log_metrics({"baselines/sift_bovw_svm/empty_train": bovw.empty["train"],
                          "baselines/sift_bovw_svm/empty_test": bovw.empty["test"]})
     if "agnet" in p.classic:
         a, b = p.agnet_pair
-        fused = agnet.agnet_fusion(outcomes[a].features, outcomes[b].features, data.train.labels.numpy(), y_val,
-                                   (a, b), seed=p.seed)
-        classic.append({"method": "agnet", **_with_ci(y_test, fused.test_predictions, groups, p.n_boot, p.seed),
+        fused = agnet.agnet_fusion(outcomes[a].features, outcomes[b].features, data.train.labels.numpy(),
+                                   cols.y_val, (a, b), seed=p.seed)
+        classic.append({"method": "agnet",
+                        **_with_ci(cols.y_test, fused.test_predictions, cols.groups, p.n_boot, p.seed),
                         "detail": fused.detail()})
-    for row in classic:
-        metric_values[f"baselines/{row['method']}/test_acc"] = row["test_acc"]
+    return classic
 
-    fusion_rows = _freeze3_fusions(ctx, outcomes, data, class_names)
-    for row in fusion_rows:
-        metric_values[f"baselines/freeze3_fusion/{_slug(row['name'])}/test_acc"] = row["accuracy"]
-    ctx.log_metrics(metric_values)
 
-    counts = np.bincount(y_test, minlength=len(class_names))
+def _write_outputs(ctx: runtime.StageContext, outcomes: dict[str, units.NetworkOutcome], rows: list[dict[str, Any]],
+                   classic: list[dict[str, Any]], data: units.BaselineData, cols: _TestColumns,
+                   sched: schedule.Schedule) -> None:
+    """baselines.json, Tables 6 and 1, validation curves and Figure 10; logged as artifacts."""
+    class_names = data.class_names
+    counts = np.bincount(cols.y_test, minlength=len(class_names))
     majority = float(counts.max() / counts.sum()) if counts.sum() else float("nan")
     protocol = {"schedule_from": "train", "epochs": sched.epochs, "schedule": sched.fingerprint(),
                 "train_rows": len(data.train)}

@@ -24,6 +24,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +79,55 @@ def _initialisation(name: str, p: Any, train_dir: Path) -> dict[str, Any]:
             "sha256": file_sha256(path)}
 
 
+@dataclass
+class _Splits:
+    """The detection images of one run: the dataset, its splits and the validation images scored per epoch."""
+
+    dataset: data.DetectionData
+    train: list[data.DetectionImage]
+    val: list[data.DetectionImage]
+    test: list[data.DetectionImage]
+    val_scored: list[data.DetectionImage]
+
+
+@dataclass
+class _Trained:
+    """Every detector trained: Table 8 rows (before intervals), histories, models, val/test predictions."""
+
+    rows: list = field(default_factory=list)
+    history: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+    test: dict = field(default_factory=dict)
+    val: dict = field(default_factory=dict)
+    profile: dict = field(default_factory=lambda: {"feature_cache_s": 0.0, "models": {}})
+
+
 def _run(ctx: runtime.StageContext) -> None:
     p = ctx.params.detect
     device = devices.choose_device(ctx.params.run.device, runtime.dask_worker_name())
+    splits, size_summary = _load_splits(ctx, device)
+    train_dir = Path(ctx.upstream["train"].path)
+    fused, train_config = load_trained(train_dir)
+    names = ["ours", *p.baselines]
+
+    def config_for(name: str) -> builders.DetectorConfig:
+        return builders.config_from_params(p, name, splits.dataset.classes, freeze_upto=train_config["freeze_upto"])
+
+    trained = _train_detectors(ctx, splits, names, fused, config_for, train_dir, device)
+    # the per-image val and test detections are the artifact; Table 8's intervals and the paired differences
+    # are computed from what was written
+    record_files, paired_test = _score_saved(ctx, splits, trained, names)
+    times, probe = _time_latency(ctx, splits, trained, device)
+    ctx.log_metrics(results.metric_values(trained.rows, times, paired_test, len(splits.test), size_summary,
+                                          splits.dataset.dropped))
+    write_json_atomic(ctx.workdir / DETECTION_FILE, _summary(p, splits, trained, size_summary, paired_test, times,
+                                                             probe, device, record_files))
+    _write_outputs(ctx, splits, trained, record_files, config_for("ours"))
+
+
+def _load_splits(ctx: runtime.StageContext, device: torch.device) -> tuple[_Splits, dict[str, Any]]:
+    """The curated images as detection data, logged with their lesion sizes (figure) against the anchors."""
+    p = ctx.params.detect
     dataset = data.load_detection_data(Path(ctx.upstream["curate"].path), p.classes, p.max_size, p.max_images)
     train, val, test = dataset.split("train"), dataset.split("val"), dataset.split("test")
     val_scored = val[: p.val_images] if p.val_images else val
@@ -90,33 +138,32 @@ def _run(ctx: runtime.StageContext) -> None:
     ctx.logger.info("detect: lesion sizes (sqrt area, input px) %s; anchors %s",
                     {k: round(v, 1) for k, v in size_summary["quantiles_px"].items()}, p.anchor_sizes)
     ctx.log_artifact(plots.lesion_sizes_figure(sizes, p.anchor_sizes, ctx.workdir / "lesion_sizes.png"), "figures")
-    train_dir = Path(ctx.upstream["train"].path)
-    fused, train_config = load_trained(train_dir)
-    names = ["ours", *p.baselines]
+    return _Splits(dataset, train, val, test, val_scored), size_summary
+
+
+def _train_detectors(ctx: runtime.StageContext, splits: _Splits, names: list[str], fused: torch.nn.Module,
+                     config_for: Callable[[str], builders.DetectorConfig], train_dir: Path, device: torch.device
+                     ) -> _Trained:
+    """Each detector on the same split and budget; ours and ours without hash read one cached extractor pass."""
+    p = ctx.params.detect
     use_cache = p.cache_extractor and not p.train_backbone
     fused_left = sum(1 for n in names if n != "frcnn_r50") if use_cache else 0
     cache: feature_cache.FeatureCache | None = None
-    profile: dict[str, Any] = {"feature_cache_s": 0.0, "models": {}}
-
-    def config_for(name: str) -> builders.DetectorConfig:
-        return builders.config_from_params(p, name, dataset.classes, freeze_upto=train_config["freeze_upto"])
-
-    rows, history, models, predictions, val_predictions = [], {}, {}, {}, {}
+    out = _Trained()
     for name in names:
-        cfg = config_for(name)
-        model, tag = builders.build_detector(cfg, copy.deepcopy(fused) if name != "frcnn_r50" else None,
+        model, tag = builders.build_detector(config_for(name), copy.deepcopy(fused) if name != "frcnn_r50" else None,
                                              p.r50_weights, freeze_extractor=not p.train_backbone)
         features = None
         if use_cache and name != "frcnn_r50":
             started = time.perf_counter()
             cache = cache or feature_cache.FeatureCache(model)
-            cache.add(model, [*train, *val_scored], device)  # once: ours_nohash finds them there
-            profile["feature_cache_s"] += time.perf_counter() - started
+            cache.add(model, [*splits.train, *splits.val_scored], device)  # once: ours_nohash finds them there
+            out.profile["feature_cache_s"] += time.perf_counter() - started
             features = cache
 
         def val_ap50(model: torch.nn.Module, features: feature_cache.FeatureCache | None = features) -> float:
-            m = evaluate.coco_metrics(engine.predict(model, val_scored, device, features),
-                                      [i.target() for i in val_scored], dataset.classes)
+            m = evaluate.coco_metrics(engine.predict(model, splits.val_scored, device, features),
+                                      [i.target() for i in splits.val_scored], splits.dataset.classes)
             return 0.0 if math.isnan(m["map50"]) else m["map50"]
 
         def on_epoch(record: engine.EpochRecord, name: str = name) -> None:
@@ -128,69 +175,84 @@ def _run(ctx: runtime.StageContext) -> None:
                             record.train_seconds, record.eval_seconds)
 
         result = engine.train_detector(
-            model, train, **engine.options_from_params(p), checkpoint_path=ctx.scratch / f"{name}.pt",
-            device=device, features=features, scorer=val_ap50 if val_scored and p.epochs > 1 else None,
+            model, splits.train, **engine.options_from_params(p), checkpoint_path=ctx.scratch / f"{name}.pt",
+            device=device, features=features, scorer=val_ap50 if splits.val_scored and p.epochs > 1 else None,
             on_epoch=on_epoch)
         started = time.perf_counter()
-        preds = engine.predict(result.model, test, device, features)
+        preds = engine.predict(result.model, splits.test, device, features)
         test_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        val_predictions[name] = engine.predict(result.model, val, device, features)  # for mammo promote
+        out.val[name] = engine.predict(result.model, splits.val, device, features)  # for mammo promote
         val_seconds = time.perf_counter() - started
         if features is not None:
             fused_left -= 1
             if fused_left == 0:
                 cache = None  # the ResNet-50 trains on pixels: free the maps first
-        rows.append(results.result_row(
-            name, preds, [i.target() for i in test], dataset.classes, result.model, tag,
+        out.rows.append(results.result_row(
+            name, preds, [i.target() for i in splits.test], splits.dataset.classes, result.model, tag,
             _initialisation(name, p, train_dir), epochs=p.epochs, best_epoch=result.best_epoch,
             resumed_from_epoch=result.resumed_from_epoch,
             extractor="cached maps (run once per image)" if features is not None else "run per window"))
-        history[name] = [h.to_dict() for h in result.history]
-        profile["models"][name] = {
+        out.history[name] = [h.to_dict() for h in result.history]
+        out.profile["models"][name] = {
             "train_s": round(sum(h.train_seconds or 0.0 for h in result.history), 2),
             "val_s": round(sum(h.eval_seconds or 0.0 for h in result.history), 2),
             "test_predict_s": round(test_seconds, 2), "val_predict_s": round(val_seconds, 2),
             "epochs_run": len(result.history) - (result.resumed_from_epoch or 0)}
-        models[name], predictions[name] = result.model, preds
+        out.models[name], out.test[name] = result.model, preds
         ctx.set_tags({f"detect.{name}.weights": tag})
-    cache = None
+    out.profile["feature_cache_s"] = round(out.profile["feature_cache_s"], 2)
+    return out
 
-    # the per-image val and test detections are the artifact; Table 8's intervals and the paired differences
-    # are computed from what was written
-    record_files = [*records.write_split(ctx.workdir, "val", val_predictions, val),
-                    *records.write_split(ctx.workdir, "test", predictions, test)]
+
+def _score_saved(ctx: runtime.StageContext, splits: _Splits, trained: _Trained, names: list[str]
+                 ) -> tuple[list[Path], dict[str, Any]]:
+    """Write the val and test detections, then Table 8's intervals and the paired differences read back."""
+    p = ctx.params.detect
+    record_files = [*records.write_split(ctx.workdir, "val", trained.val, splits.val),
+                    *records.write_split(ctx.workdir, "test", trained.test, splits.test)]
     saved_test = records.read_split(ctx.workdir, "test", names)
     saved, saved_targets, groups = saved_test.predictions, saved_test.targets, saved_test.groups
-    for row in rows:
-        intervals = bootstrap.detection_intervals(saved[row["model"]], saved_targets, len(dataset.classes),
-                                                  groups, n_boot=p.n_boot, seed=p.seed)
+    n_classes = len(splits.dataset.classes)
+    for row in trained.rows:
+        intervals = bootstrap.detection_intervals(saved[row["model"]], saved_targets, n_classes, groups,
+                                                  n_boot=p.n_boot, seed=p.seed)
         row["ci95"] = {k: v.to_dict() for k, v in intervals.items()}
-    paired_test = results.paired_against_ours(saved, saved_targets, len(dataset.classes), groups, names,
-                                              n_boot=p.n_boot, seed=p.seed)
+    paired_test = results.paired_against_ours(saved, saved_targets, n_classes, groups, names, n_boot=p.n_boot,
+                                              seed=p.seed)
+    return record_files, paired_test
 
+
+def _time_latency(ctx: runtime.StageContext, splits: _Splits, trained: _Trained, device: torch.device
+                  ) -> tuple[dict[str, float], torch.Tensor]:
+    """Every detector timed at batch 1 side by side as its inference copy (BatchNorm folded etc.: same outputs)."""
+    p = ctx.params.detect
     started = time.perf_counter()
-    probe = test[0].image if test else (dataset.images[0].image if dataset.images else torch.rand(1, p.max_size,
-                                                                                                     p.max_size))
-    # every detector timed as its inference copy (BatchNorm folded etc.: same outputs), none left unoptimised
-    times = latency.measure_latency({name: inference_copy(m) for name, m in models.items()},
+    images = splits.test or splits.dataset.images
+    probe = images[0].image if images else torch.rand(1, p.max_size, p.max_size)
+    times = latency.measure_latency({name: inference_copy(m) for name, m in trained.models.items()},
                                     engine.as_input(probe, device), repeats=p.latency_repeats)
-    profile["latency_s"] = round(time.perf_counter() - started, 2)
-    profile["feature_cache_s"] = round(profile["feature_cache_s"], 2)
-    for row in rows:
+    trained.profile["latency_s"] = round(time.perf_counter() - started, 2)
+    for row in trained.rows:
         row["latency_ms"] = times[row["model"]]
-    ctx.log_metrics(results.metric_values(rows, times, paired_test, len(test), size_summary, dataset.dropped))
+    return times, probe
 
-    write_json_atomic(ctx.workdir / DETECTION_FILE, {
-        "classes": dataset.classes, "input_size": p.max_size, "rows": rows, "fast_rcnn": FAST_RCNN_ABSENT,
-        "lesion_sizes": size_summary, "dropped_boxes": dict(dataset.dropped),
+
+def _summary(p: Any, splits: _Splits, trained: _Trained, size_summary: dict[str, Any], paired_test: dict[str, Any],
+             times: dict[str, float], probe: torch.Tensor, device: torch.device, record_files: list[Path]
+             ) -> dict[str, Any]:
+    """``detection.json``: the rows and everything a reader needs to know what they were measured on."""
+    return {
+        "classes": splits.dataset.classes, "input_size": p.max_size, "rows": trained.rows,
+        "fast_rcnn": FAST_RCNN_ABSENT, "lesion_sizes": size_summary, "dropped_boxes": dict(splits.dataset.dropped),
         "latency_input_hw": list(probe.shape[-2:]), "device": str(device),
         "latency_models": "inference copies (mammo_core.detection.inference), batch 1",
-        "split_images": {"train": len(train), "val": len(val), "val_scored_per_epoch": len(val_scored),
-                         "test": len(test)},
+        "split_images": {"train": len(splits.train), "val": len(splits.val),
+                         "val_scored_per_epoch": len(splits.val_scored), "test": len(splits.test)},
         "training": {"epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr, "train_crop": p.train_crop,
                      "window_grid": feature_cache.WINDOW_GRID, "positive_fraction": p.positive_fraction,
-                     "train_backbone": p.train_backbone, "cache_extractor": use_cache, "augment": p.augment,
+                     "train_backbone": p.train_backbone,
+                     "cache_extractor": p.cache_extractor and not p.train_backbone, "augment": p.augment,
                      "roi_samples": p.roi_samples, "proposals_train": p.proposals_train,
                      "proposals_test": p.proposals_test, "max_size": p.max_size, "max_images": p.max_images,
                      "val_images": p.val_images},
@@ -199,19 +261,24 @@ def _run(ctx: runtime.StageContext) -> None:
         "paired_test": paired_test,  # B - A = ours - baseline, both scored on the same patient resamples
         "latency_ratio_vs_r50": (times["ours"] / times["frcnn_r50"] if "frcnn_r50" in times else None),
         "record_files": [f.name for f in record_files],
-        "profile_seconds": profile,
-    })
-    results.write_table(rows, ctx.workdir / TABLE_FILE)
-    write_json_atomic(ctx.workdir / FILES.history, history)
-    for k, item in enumerate(test[: p.examples]):
-        fig = plots.example_figure(item.image, item.target(), predictions["ours"][k], dataset.classes,
+        "profile_seconds": trained.profile,
+    }
+
+
+def _write_outputs(ctx: runtime.StageContext, splits: _Splits, trained: _Trained, record_files: list[Path],
+                   ours_config: builders.DetectorConfig) -> None:
+    """Table 8, histories, example figures, our detector's weights and config; log them and register ours."""
+    p = ctx.params.detect
+    results.write_table(trained.rows, ctx.workdir / TABLE_FILE)
+    write_json_atomic(ctx.workdir / FILES.history, trained.history)
+    for k, item in enumerate(splits.test[: p.examples]):
+        fig = plots.example_figure(item.image, item.target(), trained.test["ours"][k], splits.dataset.classes,
                                    ctx.workdir / f"examples_{k + 1}.png")
         ctx.log_artifact(fig, "figures")
     for name in (DETECTION_FILE, TABLE_FILE, *(f.name for f in record_files)):
         ctx.log_artifact(ctx.workdir / name)
-
-    checkpoint.save_atomic(models["ours"].state_dict(), ctx.workdir / WEIGHTS_FILE)
-    write_json_atomic(ctx.workdir / CONFIG_FILE, config_for("ours").to_dict())
+    checkpoint.save_atomic(trained.models["ours"].state_dict(), ctx.workdir / WEIGHTS_FILE)
+    write_json_atomic(ctx.workdir / CONFIG_FILE, ours_config.to_dict())
     detector_serving.log_and_register(ctx)
 
 

@@ -66,6 +66,22 @@ def _run(ctx: runtime.StageContext) -> None:
                   "train.device": str(sched.resolve_device())})
     ctx.logger.info("train: %d training rows, %d val, %d test, %d classes, device %s",
                     len(train), len(val), len(test), len(class_names), sched.resolve_device())
+    fused, results, history = _train_branches(ctx, train, val, sched, class_names, freeze_upto, backbone)
+    counts = _save_model(ctx, fused, history, class_names, freeze_upto, int(train.images.shape[-1]))
+    evaluations = {name: training.evaluate(fused, data, batch_size=sched.batch_size)
+                   for name, data in (("val", val), ("test", test))}
+    _write_predictions(ctx.workdir / PREDICTIONS, evaluations, {"val": val, "test": test}, class_names)
+    _log_test_results(ctx, evaluations["test"], results, counts, test, class_names)
+    curves = {b: [r.val_acc[b] for r in h] for b, h in history.items()}
+    fig = figures.curves_figure(curves, "Validation accuracy per branch", ctx.workdir / "val_curves.png")
+    ctx.log_artifact(fig, "figures")
+
+
+def _train_branches(ctx: runtime.StageContext, train, val, sched: schedule.Schedule, class_names: list[str],
+                    freeze_upto: dict[str, str], backbone) -> tuple[torch.nn.Module, dict, dict]:
+    """Freeze1-3 trained on one shared trunk (``shared``) or as three networks (``separate``): the fused
+    model, each branch's training result and its epoch history."""
+    p = ctx.params.train
 
     def on_epoch(report: training.EpochReport, branch: str | None = None) -> None:
         for b in report.train_loss if branch is None else [branch]:
@@ -82,45 +98,50 @@ def _run(ctx: runtime.StageContext) -> None:
             fused, train, val, sched, mode="cached" if p.cache_trunk else "shared",
             checkpoint_dir=ctx.scratch, class_names=class_names, on_epoch=on_epoch,
         )
-        fused = result.model
         ctx.log_metric("train/resumed_from_epoch", result.resumed_from_epoch)
-        results = {b: result for b in freeze_upto}
-        history = {b: result.history for b in freeze_upto}
-    else:
-        singles = {b: model.build_single(point, len(class_names), backbone, seed=p.seed, name=b)
-                   for b, point in freeze_upto.items()}
-        results = training.train_separate(
-            singles, train, val, sched, checkpoint_dir=ctx.scratch, class_names=class_names,
-            on_epoch=lambda b, r: on_epoch(r, b),
-        )
-        fused = model.fused_from_singles({b: r.model for b, r in results.items()})
-        ctx.log_metric("train/resumed_from_epoch", min(r.resumed_from_epoch for r in results.values()))
-        history = {b: r.history for b, r in results.items()}
+        return result.model, {b: result for b in freeze_upto}, {b: result.history for b in freeze_upto}
+    singles = {b: model.build_single(point, len(class_names), backbone, seed=p.seed, name=b)
+               for b, point in freeze_upto.items()}
+    results = training.train_separate(
+        singles, train, val, sched, checkpoint_dir=ctx.scratch, class_names=class_names,
+        on_epoch=lambda b, r: on_epoch(r, b),
+    )
+    fused = model.fused_from_singles({b: r.model for b, r in results.items()})
+    ctx.log_metric("train/resumed_from_epoch", min(r.resumed_from_epoch for r in results.values()))
+    return fused, results, {b: r.history for b, r in results.items()}
 
+
+def _save_model(ctx: runtime.StageContext, fused: torch.nn.Module, history: dict, class_names: list[str],
+                freeze_upto: dict[str, str], patch_size: int) -> dict[str, dict[str, int]]:
+    """Weights, model config (with frozen/trainable counts) and histories; returns the parameter counts."""
     checkpoint.save_atomic(fused.state_dict(), ctx.workdir / WEIGHTS)
     counts = model.parameter_counts(fused)
     write_json_atomic(ctx.workdir / MODEL_CONFIG, {
         "num_classes": len(class_names), "class_names": class_names, "freeze_upto": freeze_upto,
-        "patch_size": int(train.images.shape[-1]), "weights": p.weights, "parameter_counts": counts,
+        "patch_size": patch_size, "weights": ctx.params.train.weights, "parameter_counts": counts,
         "feature_dim": model.FEATURE_DIM,
     })
     write_json_atomic(ctx.workdir / FILES.history,
                       {b: [r.to_dict() for r in h] for b, h in history.items()})
+    return counts
 
-    evaluations = {name: training.evaluate(fused, data, batch_size=sched.batch_size)
-                   for name, data in (("val", val), ("test", test))}
-    with h5py.File(ctx.workdir / PREDICTIONS, "w") as fh:
+
+def _write_predictions(path: Path, evaluations: dict, data: dict, class_names: list[str]) -> None:
+    """Per split and branch: probabilities and predictions beside the labels (what features/classify reuse)."""
+    with h5py.File(path, "w") as fh:
         for split, per_branch in evaluations.items():
-            labels = (val if split == "val" else test).labels.numpy()
-            fh.create_dataset(f"{split}/labels", data=labels)
+            fh.create_dataset(f"{split}/labels", data=data[split].labels.numpy())
             for b, ev in per_branch.items():
                 fh.create_dataset(f"{split}/{b}/probabilities", data=ev.probabilities)
                 fh.create_dataset(f"{split}/{b}/predictions", data=ev.predictions)
         fh.attrs["class_names"] = json.dumps(class_names)
 
+
+def _log_test_results(ctx: runtime.StageContext, per_branch: dict, results: dict, counts: dict, test,
+                      class_names: list[str]) -> None:
+    """Each branch's test accuracy, balanced accuracy, best epoch and counts; confusion tables and figures."""
     metrics: dict[str, float] = {}
-    for b in freeze_upto:
-        ev = evaluations["test"][b]
+    for b, ev in per_branch.items():
         metrics[f"train/{b}/test_acc"] = ev.accuracy
         recalls = np.diag(ev.confusion) / np.maximum(ev.confusion.sum(axis=1), 1)
         present = ev.confusion.sum(axis=1) > 0
@@ -137,9 +158,6 @@ def _run(ctx: runtime.StageContext) -> None:
     test_counts = np.bincount(test.labels.numpy(), minlength=len(class_names))
     metrics["train/test_majority_acc"] = float(test_counts.max() / max(test_counts.sum(), 1))  # the bar to beat
     ctx.log_metrics(metrics)
-    curves = {b: [r.val_acc[b] for r in h] for b, h in history.items()}
-    fig = figures.curves_figure(curves, "Validation accuracy per branch", ctx.workdir / "val_curves.png")
-    ctx.log_artifact(fig, "figures")
 
 
 def pretrain_branch(params: Params, upstream: Mapping[str, runtime.StageResult], scratch: Path, branch: str,
