@@ -125,6 +125,11 @@ def _run(ctx: runtime.StageContext) -> None:
     _write_outputs(ctx, splits, trained, record_files, config_for("ours"))
 
 
+def _caches_extractor(p: Any) -> bool:
+    """Whether ours and ours without hash read one cached extractor pass (only with the extractor frozen)."""
+    return p.cache_extractor and not p.train_backbone
+
+
 def _load_splits(ctx: runtime.StageContext, device: torch.device) -> tuple[_Splits, dict[str, Any]]:
     """The curated images as detection data, logged with their lesion sizes (figure) against the anchors."""
     p = ctx.params.detect
@@ -146,7 +151,7 @@ def _train_detectors(ctx: runtime.StageContext, splits: _Splits, names: list[str
                      ) -> _Trained:
     """Each detector on the same split and budget; ours and ours without hash read one cached extractor pass."""
     p = ctx.params.detect
-    use_cache = p.cache_extractor and not p.train_backbone
+    use_cache = _caches_extractor(p)
     fused_left = sum(1 for n in names if n != "frcnn_r50") if use_cache else 0
     cache: feature_cache.FeatureCache | None = None
     out = _Trained()
@@ -252,7 +257,7 @@ def _summary(p: Any, splits: _Splits, trained: _Trained, size_summary: dict[str,
         "training": {"epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr, "train_crop": p.train_crop,
                      "window_grid": feature_cache.WINDOW_GRID, "positive_fraction": p.positive_fraction,
                      "train_backbone": p.train_backbone,
-                     "cache_extractor": p.cache_extractor and not p.train_backbone, "augment": p.augment,
+                     "cache_extractor": _caches_extractor(p), "augment": p.augment,
                      "roi_samples": p.roi_samples, "proposals_train": p.proposals_train,
                      "proposals_test": p.proposals_test, "max_size": p.max_size, "max_images": p.max_images,
                      "val_images": p.val_images},
