@@ -226,13 +226,39 @@ def _after_sql_execute(conn, _cursor, statement: str, _parameters, _context, _ex
         faults.at("mlflow:db-write")
 
 
+def is_concurrent_dataset_insert(exc: BaseException) -> bool:
+    """True when another process inserted the same (experiment, name, digest) dataset row first.
+
+    MLflow's SQL store looks the dataset up and inserts it when absent, two steps without a lock; two
+    ``mammo run`` processes logging the same table (same name and content) at once can both find it absent.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if "UNIQUE constraint failed: datasets." in text or '"dataset_pk"' in text:  # SQLite, PostgreSQL
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def log_file_dataset(client: MlflowClient, run_id: str, path: Path, name: str, context: str) -> None:
-    """Record a produced table as an MLflow dataset input (digest = sha256 of the file)."""
+    """Record a produced table as an MLflow dataset input (digest = sha256 of the file).
+
+    Why the second try: when a concurrent run won the race to insert the same dataset row, the losing
+    transaction rolled back whole; trying again finds that row and only links it to this run.
+    """
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     dataset = Dataset(name=name, digest=digest, source_type="local", source=Path(path).resolve().as_uri())
-    client.log_inputs(
-        run_id, datasets=[DatasetInput(dataset=dataset, tags=[InputTag("mlflow.data.context", context)])]
-    )
+    inputs = [DatasetInput(dataset=dataset, tags=[InputTag("mlflow.data.context", context)])]
+    for last_try in (False, True):
+        try:
+            _retry_when_locked(lambda: client.log_inputs(run_id, datasets=inputs), f"dataset {name} of run {run_id}")
+            return
+        except Exception as exc:
+            if last_try or not is_concurrent_dataset_insert(exc):
+                raise
+            logging.getLogger("mammo.tracking").info("dataset %s: a concurrent run recorded it first; linking "
+                                                     "that record to run %s", name, run_id)
 
 
 def finish_run(client: MlflowClient, run_id: str, ok: bool) -> None:

@@ -94,3 +94,42 @@ def test_experiments_are_marked_as_model_training_so_the_ui_opens_the_run_table(
     chosen = client.create_experiment("chosen in the UI", tags={kind: "genai_development"})
     tracking.ensure_experiment(client, "chosen in the UI", None)
     assert client.get_experiment(chosen).tags[kind] == "genai_development"
+
+
+def test_a_dataset_another_run_recorded_first_is_linked_not_an_error(shared_db, tmp_path):
+    """Two runs logging the same table at once (CI saw it: ``UNIQUE constraint failed: datasets...``).
+
+    The race is made real and certain: a second connection inserts the same dataset row just before
+    MLflow's own INSERT, after its lookup found nothing. The run still gets its input, linked to that row.
+    """
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    client = shared_db
+    experiment = tracking.ensure_experiment(client, "datasets-race", tmp_path / "artifacts")
+    run_id = tracking.start_run(client, experiment, "loser", tags={})
+    table = tmp_path / "lesions.parquet"
+    table.write_bytes(b"same content in both runs")
+    digest = tracking.hashlib.sha256(table.read_bytes()).hexdigest()[:16]
+    db = client.tracking_uri.removeprefix("sqlite:///")
+    inserted_first = []
+
+    def concurrent_run_inserts_first(_conn, _cursor, statement, *_rest):
+        if statement.lstrip().upper().startswith("INSERT INTO DATASETS") and not inserted_first:
+            with sqlite3.connect(db) as other:
+                other.execute("INSERT INTO datasets (dataset_uuid, experiment_id, name, digest, dataset_source_type,"
+                              " dataset_source) VALUES (?, ?, ?, ?, 'local', 'file:///elsewhere')",
+                              ("f" * 32, int(experiment), "lesions", digest))
+            inserted_first.append(True)
+
+    event.listen(Engine, "before_cursor_execute", concurrent_run_inserts_first)
+    try:
+        tracking.log_file_dataset(client, run_id, table, "lesions", "curate")
+    finally:
+        event.remove(Engine, "before_cursor_execute", concurrent_run_inserts_first)
+    assert inserted_first, "the concurrent insert happened inside MLflow's write"
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest, i.dataset.source) for i in inputs] == [
+        ("lesions", digest, "file:///elsewhere")]
