@@ -167,14 +167,19 @@ def close_orphaned_runs(client: MlflowClient, experiment_id: str,
 LOCKED_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
-def is_database_locked(exc: BaseException) -> bool:
-    """True for SQLite's "database is locked", however MLflow and SQLAlchemy wrapped it."""
+def _chain_mentions(exc: BaseException, *texts: str) -> bool:
+    """True when ``exc`` or an exception it was raised from says one of ``texts`` (MLflow and SQLAlchemy wrap)."""
     seen: BaseException | None = exc
     while seen is not None:
-        if "database is locked" in str(seen):
+        if any(text in str(seen) for text in texts):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def is_database_locked(exc: BaseException) -> bool:
+    """True for SQLite's "database is locked", however MLflow and SQLAlchemy wrapped it."""
+    return _chain_mentions(exc, "database is locked")
 
 
 def _retry_when_locked(call: Callable[[], object], what: str) -> None:
@@ -232,13 +237,7 @@ def is_concurrent_dataset_insert(exc: BaseException) -> bool:
     MLflow's SQL store looks the dataset up and inserts it when absent, two steps without a lock; two
     ``mammo run`` processes logging the same table (same name and content) at once can both find it absent.
     """
-    seen: BaseException | None = exc
-    while seen is not None:
-        text = str(seen)
-        if "UNIQUE constraint failed: datasets." in text or '"dataset_pk"' in text:  # SQLite, PostgreSQL
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return _chain_mentions(exc, "UNIQUE constraint failed: datasets.", '"dataset_pk"')  # SQLite, PostgreSQL
 
 
 def log_file_dataset(client: MlflowClient, run_id: str, path: Path, name: str, context: str) -> None:
