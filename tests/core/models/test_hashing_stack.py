@@ -58,6 +58,9 @@ def _train_both(epochs: int, batch_size: int, mining: str = "batch_hard", object
     return alone, stacked, histories_alone, histories_stacked, data
 
 
+LOGIT_ATOL = 5e-3
+
+
 def _assert_same_decoders(alone, stacked, data, steps: int, atol: float):
     for a, b, (kind, _, _, f) in zip(alone, stacked, SPECS, strict=True):
         sa, sb = a.state_dict(), b.state_dict()
@@ -69,8 +72,25 @@ def _assert_same_decoders(alone, stacked, data, steps: int, atol: float):
         # the bias before batch norm: rounding-noise gradient, Adam steps of at most lr each (see docstring)
         assert (sb["projection.bias"] - sa["projection.bias"]).abs().max() <= 2 * LR * steps
         assert not b.training
-        # what the decoders compute agrees (eval mode: running statistics, threshold, binarisation)
-        np.testing.assert_allclose(b.relaxed_numpy(data[f]), a.relaxed_numpy(data[f]), atol=max(atol, 1e-3))
+        # what the decoders compute agrees (eval mode: running statistics, threshold, binarisation). The
+        # pre-activations are continuous: within LOGIT_ATOL (the skipped bias and running mean drift together,
+        # which leaves ~2e-3 after 9 steps). The relaxed codes jump at the threshold band's edges (0.5 +- eps):
+        # a value closer to an edge than that drift can move it may land on either side (CI saw one of 144
+        # flip 0.4 -> 0 on another CPU), so those few are left out of the relaxed comparison.
+        x = torch.as_tensor(data[f])
+        with torch.inference_mode():
+            a.eval()
+            logits_a, logits_b = a.logits(x), b.logits(x)
+        torch.testing.assert_close(logits_b, logits_a, atol=LOGIT_ATOL, rtol=1e-4,
+                                   msg=lambda m, kind=kind: f"{kind} logits: {m}")
+        relaxed_a, relaxed_b = a.relaxed_numpy(data[f]), b.relaxed_numpy(data[f])
+        away_from_edges = np.ones_like(relaxed_a, dtype=bool)
+        if isinstance(a, hashing.HashDecoder):
+            s = torch.sigmoid(a.beta * logits_a).numpy()
+            reach = a.beta * LOGIT_ATOL / 4  # the sigmoid's slope is at most 1/4
+            away_from_edges = np.minimum(np.abs(s - (0.5 - a.eps)), np.abs(s - (0.5 + a.eps))) > reach
+        assert away_from_edges.mean() > 0.9, "the comparison must cover nearly every code"
+        np.testing.assert_allclose(relaxed_b[away_from_edges], relaxed_a[away_from_edges], atol=max(atol, 1e-3))
 
 
 def test_one_step_gives_every_decoder_the_parameters_it_gets_alone():
@@ -93,11 +113,15 @@ def test_several_epochs_follow_each_seeds_own_batches(mining, objective):
     alone, stacked, h_alone, h_stacked, data = _train_both(epochs=3, batch_size=20, mining=mining,
                                                            objective=objective)
     _assert_same_decoders(alone, stacked, data, steps=9, atol=1e-4)
-    for ha, hb in zip(h_alone, h_stacked, strict=True):
+    n_rows = len(data["fused"])
+    for ha, hb, (_, q, _, _) in zip(h_alone, h_stacked, SPECS, strict=True):
         assert [r.keys() for r in ha] == [r.keys() for r in hb]
         for ra, rb in zip(ha, hb, strict=True):
             for key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), key
+                # fraction_not_binary counts relaxed values inside the threshold band: up to two of them
+                # within float noise of a band edge may fall on the other side (see _assert_same_decoders)
+                tolerance = 2 / (n_rows * q) + 1e-9 if key == "fraction_not_binary" else 1e-5
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=tolerance), key
 
 
 def test_stacked_hash_bits_still_see_only_their_own_fifty_features():
