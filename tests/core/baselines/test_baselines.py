@@ -19,19 +19,13 @@ from mammo_core.errors import ParamsError
 from mammo_core.training.checkpoint import CHECKPOINT_NAME, load_safely
 from mammo_core.training.loop import TensorData
 from mammo_core.training.schedule import Schedule
+from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread here)
 
 CLASSES = ["NORMAL", "MASS", "CALC"]
 SCHEDULE = Schedule(epochs=3, batch_size=4, lr=0.02, warmup_epochs=1, warmup_lr=0.005, lr_step=2,
                     rollback_every=2, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest (and most predictably on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _data(n: int, seed: int, size: int = 32) -> TensorData:

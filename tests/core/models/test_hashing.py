@@ -14,6 +14,7 @@ import torch
 from mammo_core.codes import retrieval
 from mammo_core.evaluation import seed_summary
 from mammo_core.models import hashing
+from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread here)
 
 
 def _clusters(n: int, seed: int, dim: int = 64, n_classes: int = 3, separation: float = 0.5):
@@ -29,12 +30,6 @@ def _map(decoder, queries, query_labels, db, db_labels) -> float:
                                             retrieval.pack_codes(decoder.encode(db)), db_labels)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("q", [12, 48])

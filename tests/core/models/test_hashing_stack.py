@@ -14,16 +14,11 @@ import pytest
 import torch
 
 from mammo_core.models import hashing, hashing_stack
+from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread here)
 
 LR = 1e-2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _problem(n: int = 48, dim: int = 20):

@@ -10,17 +10,11 @@ import torch
 import torchvision
 
 from mammo_core.models import fused as M
+from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread here)
 
 SMALL = {"freeze1": "denseblock3", "freeze2": "denseblock3.denselayer19", "freeze3": "denseblock2"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches gain nothing from threads, and OpenMP spinning makes 2 threads crawl on a busy box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from mammo_core.training.loop import (
     train_separate,
 )
 from mammo_core.training.schedule import Schedule
+from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread here)
 
 FREEZE = {"freeze1": "denseblock3", "freeze2": "denseblock3.denselayer23", "freeze3": "denseblock3.denselayer22"}
 CLASSES = ["NORMAL", "MASS", "CALC"]
@@ -54,13 +55,6 @@ TRAIN = _data(12, 1)
 VAL = _data(6, 2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest (and most predictably on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
