@@ -2,8 +2,9 @@
 
 Codes are stored the way ``codes.h5`` stores them: ``numpy.packbits`` along each row (uint8, most
 significant bit first, the last byte zero-padded). Search XORs the packed codes byte plane by byte plane
-and counts the set bits (``np.bitwise_count`` on numpy >= 2, a 256-entry table otherwise), so one query
-touches ``ceil(q / 8)`` bytes per database row and nothing else (DESIGN.md section 8).
+and counts the set bits, so one query touches ``ceil(q / 8)`` bytes per database row and nothing else
+(DESIGN.md section 8): top-k search in one compiled pass (:mod:`mammo_core.codes.popcount_search`), full
+distance rows and MAP with numpy (``np.bitwise_count`` on numpy >= 2, a 256-entry table otherwise).
 
 Rankings are by Hamming distance with ties broken by database index (a stable order), so MAP and
 precision@k are reproducible numbers rather than artefacts of an unstable sort: with 12-bit codes most
@@ -18,18 +19,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mammo_core.codes import popcount_search
+
 _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 _HAVE_BITWISE_COUNT = hasattr(np, "bitwise_count")
 # Cap on query x database cells evaluated at once by MAP / precision@k, so memory stays bounded
 _CELLS_PER_CHUNK = 1 << 22
-# XOR buffer bytes per database chunk (about a core's L2 cache): one query streams chunks of this many
-# code bytes; a group of queries shares a chunk that many times smaller, so it stays in cache between them.
-# Larger chunks cost fewer numpy calls; on a busy 2-core machine 1 MiB beat 256 and 512 KiB by 10-15%.
+# XOR buffer bytes per database chunk of a full distance row (about a core's L2 cache). Larger chunks cost
+# fewer numpy calls; on a busy 2-core machine 1 MiB beat 256 and 512 KiB by 10-15%.
 _CHUNK_BYTES = 1 << 20
-_BATCH_CHUNK_BYTES = 1 << 20
-# Rows per block whose minimum distance is kept to find the top-k candidates (at most)
-_BLOCK_ROWS = 4096
-# Queries whose distance rows (N bytes each) are held at once by knn_batch, sharing each database chunk
+# Queries searched together by knn_batch, sharing each database chunk while it is in cache
 _QUERIES_PER_BLOCK = 16
 
 
@@ -79,11 +78,10 @@ class HammingIndex:
 
     ``planes`` is (n_bytes, N) uint8: plane j holds byte j of every code (the packed rows, transposed). A
     query XORs each plane with its own byte j, counts the bits of every byte and adds the planes up. Byte
-    planes rather than one uint64 word per row because ``np.bitwise_count`` is vectorised on uint8 but one
-    scalar popcount per element on uint64 (XOR + count of a million 48-bit codes: ~1.0 ms as words, ~0.6 ms
-    as planes on an idle core here), and because a 48-bit code then costs the 6 bytes it holds, not 8.
-    Searches reuse per-thread scratch buffers (distance rows, the XOR chunk): a fresh megabyte per query
-    costs page faults comparable to the search itself.
+    planes rather than one uint64 word per row because byte popcounts vectorise (numpy's ``bitwise_count``
+    and LLVM's ``ctpop`` alike) where a uint64 one is one scalar instruction per element, and because a
+    48-bit code then costs the 6 bytes it holds, not 8. Full distance rows reuse a per-thread XOR buffer:
+    a fresh megabyte per query costs page faults comparable to the search itself.
     """
 
     planes: np.ndarray
@@ -118,18 +116,13 @@ class HammingIndex:
         """Hamming distance from one packed query (n_bytes,) to every row: (N,) uint8 (uint16 past 255 bits)."""
         queries = self.query_bytes(query_packed)[None, :]
         out = np.empty((1, len(self)), dtype=self.distance_dtype)
-        rows = _chunk_rows(self.n_bytes, 1)
+        rows = _chunk_rows(self.n_bytes)
         for start in range(0, len(self), rows):
             self.distances_into(queries, start, out[:, start:start + rows])
         return out[0]
 
     def distances_into(self, queries: np.ndarray, start: int, out: np.ndarray) -> np.ndarray:
-        """Distances from Q packed queries (Q, n_bytes) to rows ``start:start + out.shape[1]``, into ``out``.
-
-        Meant for a chunk of rows small enough that the planes' chunk and the XOR buffer stay in the core's
-        cache: every query after the first then reads the chunk from cache, not memory, which is what makes
-        a batch cheaper per query than one query at a time.
-        """
+        """Distances from Q packed queries (Q, n_bytes) to rows ``start:start + out.shape[1]``, into ``out``."""
         planes = self.planes[None, :, start:start + out.shape[1]]
         xor = self.scratch("xor", (queries.shape[0], *planes.shape[1:]), np.uint8)
         np.bitwise_xor(planes, queries[:, :, None], out=xor)
@@ -177,7 +170,7 @@ def knn_batch(queries_packed: np.ndarray, db: np.ndarray | HammingIndex, k: int)
     """:func:`knn` for many queries at once: (Q, k) indices and distances, row i answering query i.
 
     Same answers as calling :func:`knn` per query; cheaper per query because each database chunk is read
-    from memory once for a block of queries and from cache by the others (:meth:`HammingIndex.distances_into`).
+    from memory once for a group of queries and from cache by the others (:mod:`mammo_core.codes.popcount_search`).
     """
     index = _index(db)
     queries = _as_packed(queries_packed, "query codes")
@@ -189,76 +182,27 @@ def knn_batch(queries_packed: np.ndarray, db: np.ndarray | HammingIndex, k: int)
     return _search(index, queries, k)
 
 
-def _chunk_rows(n_bytes: int, n_queries: int, multiple: int = 1) -> int:
-    """Database rows per chunk, a multiple of ``multiple``, such that the XOR buffer of ``n_queries``
-    queries fits the chunk budget: one query streams larger chunks, a batch keeps its chunk in cache."""
-    budget = _CHUNK_BYTES if n_queries == 1 else _BATCH_CHUNK_BYTES
-    return multiple * max(1, budget // (n_bytes * n_queries * multiple))
-
-
-def _block_rows(n: int, k: int) -> int:
-    """Rows per block whose minimum distance is kept: at least 4k blocks, so the k-th smallest minimum is tight."""
-    return max(1, min(_BLOCK_ROWS, n // (4 * k)))
+def _chunk_rows(n_bytes: int) -> int:
+    """Database rows per chunk of :meth:`HammingIndex.distances`: an XOR buffer of ``_CHUNK_BYTES``."""
+    return max(1, _CHUNK_BYTES // n_bytes)
 
 
 def _search(index: HammingIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k for each packed query (Q, n_bytes), in groups of queries sharing each database chunk.
+    """Top-k for each packed query (Q, n_bytes): the compiled one-pass search, in groups of queries.
 
-    Each query's distances are kept with the minimum of every block of ``_block_rows`` rows, taken while the
-    chunk is still in cache; :func:`_k_smallest_stable` then looks only at the few blocks that can hold a
-    top-k row. The distance rows are padded to whole blocks with the largest distance, which no search can
-    return (padding rows rank after every real row: largest distance, largest index, and k <= N).
+    A group shares each database chunk while it is in cache (:mod:`mammo_core.codes.popcount_search`);
+    groups bound the candidate buffers at ``_QUERIES_PER_BLOCK x (k + chunk)`` rows.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    n = len(index)
-    k = min(k, n)
-    n_queries = queries.shape[0]
-    dtype = index.distance_dtype
-    indices = np.empty((n_queries, k), dtype=np.int64)
-    distances = np.empty((n_queries, k), dtype=dtype)
-    if n_queries == 0:
-        return indices, distances
-    block_rows = _block_rows(n, k)
-    n_blocks = -(-n // block_rows)
-    group = min(n_queries, _QUERIES_PER_BLOCK)
-    chunk_rows = _chunk_rows(index.n_bytes, group, block_rows)
-    dist = index.scratch("dist", (group, n_blocks * block_rows), dtype)
-    minima = index.scratch("minima", (group, n_blocks), dtype)
-    dist[:, n:] = np.iinfo(dtype).max
-    for first in range(0, n_queries, group):
-        members = queries[first:first + group]
-        size = members.shape[0]
-        for start in range(0, n, chunk_rows):
-            index.distances_into(members, start, dist[:size, start:min(n, start + chunk_rows)])
-            stop = min(n_blocks * block_rows, start + chunk_rows)  # the last chunk's minima cover the padding
-            blocks = dist[:size, start:stop].reshape(size, -1, block_rows)
-            np.minimum.reduce(blocks, axis=2, out=minima[:size, start // block_rows:stop // block_rows])
-        for offset in range(size):
-            indices[first + offset], distances[first + offset] = _k_smallest_stable(
-                dist[offset].reshape(n_blocks, block_rows), minima[offset], k)
+    k = min(k, len(index))
+    indices = np.empty((queries.shape[0], k), dtype=np.int64)
+    distances = np.empty((queries.shape[0], k), dtype=index.distance_dtype)
+    for first in range(0, queries.shape[0], _QUERIES_PER_BLOCK):
+        group = slice(first, first + _QUERIES_PER_BLOCK)
+        indices[group], distances[group] = popcount_search.knn_planes(
+            index.planes, queries[group], k, index.distance_dtype)
     return indices, distances
-
-
-def _k_smallest_stable(dist: np.ndarray, minima: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the k smallest distances ordered by (distance, index), and those distances.
-
-    ``dist`` is one query's distances as (blocks, rows per block), ``minima`` each block's minimum, with at
-    least k blocks. The k-th smallest block minimum is a cutoff that k rows (one per block) reach, so every
-    top-k row lies at or below it, and only in a block whose minimum does: those blocks are gathered and
-    their rows at or below the cutoff are the candidates, found in index order and then sorted stably by
-    distance. No pass over the whole row beyond the per-block minimum (``np.argpartition`` over a million
-    uint8 costs ~50 ms here, dozens of times the whole search).
-    """
-    cutoff = np.partition(minima, k - 1)[k - 1]
-    blocks = np.flatnonzero(minima <= cutoff)
-    near = dist[blocks].ravel()
-    hits = np.flatnonzero(near <= cutoff)  # 1-D: np.nonzero on the 2-D blocks costs ten times more
-    block_of, offset = np.divmod(hits, dist.shape[1])
-    rows = blocks[block_of] * dist.shape[1] + offset
-    candidate_dist = near[hits]
-    order = np.argsort(candidate_dist, kind="stable")[:k]
-    return rows[order], candidate_dist[order]
 
 
 def stable_ranking(query_packed: np.ndarray, db: np.ndarray | HammingIndex) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mammo_core.codes import retrieval
+from mammo_core.codes import popcount_search, retrieval
 
 
 def _random_bits(n: int, q: int, seed: int) -> np.ndarray:
@@ -160,10 +160,10 @@ def _brute_force_top_k(query_bits: np.ndarray, db_bits: np.ndarray, k: int) -> t
 
 @pytest.mark.parametrize("q", [12, 48, 100, 300])
 def test_knn_and_knn_batch_equal_a_brute_force_reference(monkeypatch, q):
-    monkeypatch.setattr(retrieval, "_CHUNK_BYTES", 64)  # many database chunks, uneven last chunk
-    monkeypatch.setattr(retrieval, "_BATCH_CHUNK_BYTES", 100)
-    monkeypatch.setattr(retrieval, "_BLOCK_ROWS", 8)  # many blocks, the last one partial
-    monkeypatch.setattr(retrieval, "_QUERIES_PER_BLOCK", 3)  # several query blocks, uneven last block
+    monkeypatch.setattr(retrieval, "_CHUNK_BYTES", 64)  # many distance-row chunks, uneven last chunk
+    # many search chunks, the last one partial, and candidate lists (k + 16 rows) compacted again and again
+    monkeypatch.setattr(popcount_search, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(retrieval, "_QUERIES_PER_BLOCK", 3)  # several query groups, uneven last group
     db_bits = _random_bits(1001, q, seed=q)
     query_bits = _random_bits(7, q, seed=q + 1)
     db_bits[500] = query_bits[0]  # distance 0 exists, and duplicates make exact ties across the database
@@ -238,3 +238,15 @@ def test_index_reads_only_the_packed_code_bytes():
 def test_knn_batch_of_no_queries_is_empty():
     idx, dist = retrieval.knn_batch(np.zeros((0, 6), dtype=np.uint8), np.zeros((10, 6), dtype=np.uint8), k=3)
     assert idx.shape == dist.shape == (0, 3)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 4096])
+def test_knn_on_identical_codes_keeps_the_first_rows_in_index_order(monkeypatch, chunk_rows):
+    # Every row at distance 0 and, once the query flips, every row at distance 48: the cutoff never drops
+    # below a tie, so which rows survive each compaction decides the answer (the first k by index).
+    monkeypatch.setattr(popcount_search, "CHUNK_ROWS", chunk_rows)
+    db = retrieval.pack_codes(np.ones((500, 48), dtype=np.uint8))
+    same, flipped = db[0], np.zeros(6, dtype=np.uint8)
+    indices, distances = retrieval.knn_batch(np.stack([same, flipped]), db, k=20)
+    assert indices.tolist() == [list(range(20))] * 2
+    assert distances.tolist() == [[0] * 20, [48] * 20]
