@@ -37,12 +37,12 @@ PURPOSE: dict[str, str] = {
     "report": "write report.html: the paper's tables and figures from this run's numbers",
 }
 
-# Seconds per stage of the embedded default run (params/default.yaml) on an idle 2-core CPU, from the `done in`
-# lines of `mammo run -p params/default.yaml` on a fresh store (1272 s in all, 2026-12-03). Only the proportions
-# matter: they are rescaled by the stages already finished, and a store's own history replaces them.
+# Seconds per stage of the embedded default run (params/default.yaml) on a 2-core CPU, from the `done in`
+# lines of `mammo run -p params/default.yaml` on a fresh store (775.7 s in all, 2026-12-03). Only the
+# proportions matter: they are rescaled by the stages already finished, and a store's own history replaces them.
 REFERENCE_SECONDS: dict[str, float] = {
-    "acquire": 18.0, "curate": 9.0, "patches": 4.0, "augment": 1.0, "train": 216.0, "features": 8.0,
-    "hashing": 111.0, "classify": 16.0, "detect": 489.0, "baselines": 392.0, "report": 1.0,
+    "acquire": 26.0, "curate": 11.0, "patches": 4.0, "augment": 1.0, "train": 101.0, "features": 11.0,
+    "hashing": 37.0, "classify": 43.0, "detect": 302.0, "baselines": 224.0, "report": 7.0,
 }
 
 

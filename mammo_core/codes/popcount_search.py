@@ -26,9 +26,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-# Rows per chunk: the chunk's planes (6 x 4096 bytes for 48-bit codes) plus its distances stay in a
+# Rows per chunk: the chunk's planes (6 x 2048 bytes for 48-bit codes) plus two distance rows stay in a
 # core's 32 KiB L1 while every query of a batch is scored against them.
-CHUNK_ROWS = 4096
+CHUNK_ROWS = 2048
 
 
 @intrinsic
