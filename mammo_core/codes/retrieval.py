@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mammo_core.codes import popcount_search
-
 _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 _HAVE_BITWISE_COUNT = hasattr(np, "bitwise_count")
 # Cap on query x database cells evaluated at once by MAP / precision@k, so memory stays bounded
@@ -193,6 +191,10 @@ def _search(index: HammingIndex, queries: np.ndarray, k: int) -> tuple[np.ndarra
     A group shares each database chunk while it is in cache (:mod:`mammo_core.codes.popcount_search`);
     groups bound the candidate buffers at ``_QUERIES_PER_BLOCK x (k + chunk)`` rows.
     """
+    # Imported here: numba costs ~0.35 CPU-s to import, and every `mammo` command imports this module (the
+    # stage keys' closure) while only a search needs the compiled kernel.
+    from mammo_core.codes import popcount_search
+
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     k = min(k, len(index))
