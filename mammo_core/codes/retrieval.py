@@ -13,9 +13,7 @@ distances tie, and an unstable sort could move MAP by several points between run
 
 from __future__ import annotations
 
-import math
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,9 +21,6 @@ _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint
 _HAVE_BITWISE_COUNT = hasattr(np, "bitwise_count")
 # Cap on query x database cells evaluated at once by MAP / precision@k, so memory stays bounded
 _CELLS_PER_CHUNK = 1 << 22
-# XOR buffer bytes per database chunk of a full distance row (about a core's L2 cache). Larger chunks cost
-# fewer numpy calls; on a busy 2-core machine 1 MiB beat 256 and 512 KiB by 10-15%.
-_CHUNK_BYTES = 1 << 20
 # Queries searched together by knn_batch, sharing each database chunk while it is in cache
 _QUERIES_PER_BLOCK = 16
 
@@ -55,14 +50,6 @@ def popcount(words: np.ndarray) -> np.ndarray:
     return _popcount_lookup(words)
 
 
-def _popcount_into(words: np.ndarray, out: np.ndarray) -> None:
-    """Popcount of uint64 ``words`` written into the uint8 array ``out`` (no temporary with bitwise_count)."""
-    if _HAVE_BITWISE_COUNT:
-        np.bitwise_count(words, out=out)
-    else:
-        out[...] = _popcount_lookup(words)
-
-
 def _popcount_lookup(words: np.ndarray) -> np.ndarray:
     """Portable popcount: a 256-entry table over the bytes of each element (numpy < 2 has no bitwise_count)."""
     words = np.ascontiguousarray(words)
@@ -78,12 +65,12 @@ class HammingIndex:
     query XORs each plane with its own byte j, counts the bits of every byte and adds the planes up. Byte
     planes rather than one uint64 word per row because byte popcounts vectorise (numpy's ``bitwise_count``
     and LLVM's ``ctpop`` alike) where a uint64 one is one scalar instruction per element, and because a
-    48-bit code then costs the 6 bytes it holds, not 8. Full distance rows reuse a per-thread XOR buffer:
-    a fresh megabyte per query costs page faults comparable to the search itself.
+    48-bit code then costs the 6 bytes it holds, not 8. Top-k search runs compiled
+    (:mod:`mammo_core.codes.popcount_search`); :meth:`distances` is plain numpy, the independent reference
+    the tests hold the compiled search to.
     """
 
     planes: np.ndarray
-    _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     @classmethod
     def from_packed(cls, db_packed: np.ndarray) -> HammingIndex:
@@ -112,29 +99,11 @@ class HammingIndex:
 
     def distances(self, query_packed: np.ndarray) -> np.ndarray:
         """Hamming distance from one packed query (n_bytes,) to every row: (N,) uint8 (uint16 past 255 bits)."""
-        queries = self.query_bytes(query_packed)[None, :]
-        out = np.empty((1, len(self)), dtype=self.distance_dtype)
-        rows = _chunk_rows(self.n_bytes)
-        for start in range(0, len(self), rows):
-            self.distances_into(queries, start, out[:, start:start + rows])
-        return out[0]
-
-    def distances_into(self, queries: np.ndarray, start: int, out: np.ndarray) -> np.ndarray:
-        """Distances from Q packed queries (Q, n_bytes) to rows ``start:start + out.shape[1]``, into ``out``."""
-        planes = self.planes[None, :, start:start + out.shape[1]]
-        xor = self.scratch("xor", (queries.shape[0], *planes.shape[1:]), np.uint8)
-        np.bitwise_xor(planes, queries[:, :, None], out=xor)
-        _popcount_into(xor, xor)
-        return np.add.reduce(xor, axis=1, dtype=out.dtype, out=out)
-
-    def scratch(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-        """This thread's reusable buffer ``name`` of (at least) ``shape``; contents are garbage."""
-        size = math.prod(shape)
-        buf = getattr(self._scratch, name, None)
-        if buf is None or buf.dtype != dtype or buf.size < size:
-            buf = np.empty(size, dtype=dtype)
-            setattr(self._scratch, name, buf)
-        return buf[:size].reshape(shape)
+        query = self.query_bytes(query_packed)
+        out = np.zeros(len(self), dtype=self.distance_dtype)
+        for plane, byte in zip(self.planes, query, strict=True):
+            out += popcount(plane ^ byte)
+        return out
 
     def query_bytes(self, query_packed: np.ndarray) -> np.ndarray:
         """One packed query checked against the database's code length: (n_bytes,) uint8."""
@@ -178,11 +147,6 @@ def knn_batch(queries_packed: np.ndarray, db: np.ndarray | HammingIndex, k: int)
             f"database has {index.n_bytes} bytes"
         )
     return _search(index, queries, k)
-
-
-def _chunk_rows(n_bytes: int) -> int:
-    """Database rows per chunk of :meth:`HammingIndex.distances`: an XOR buffer of ``_CHUNK_BYTES``."""
-    return max(1, _CHUNK_BYTES // n_bytes)
 
 
 def _search(index: HammingIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -160,7 +160,6 @@ def _brute_force_top_k(query_bits: np.ndarray, db_bits: np.ndarray, k: int) -> t
 
 @pytest.mark.parametrize("q", [12, 48, 100, 300])
 def test_knn_and_knn_batch_equal_a_brute_force_reference(monkeypatch, q):
-    monkeypatch.setattr(retrieval, "_CHUNK_BYTES", 64)  # many distance-row chunks, uneven last chunk
     # many search chunks, the last one partial, and candidate lists (k + 16 rows) compacted again and again
     monkeypatch.setattr(popcount_search, "CHUNK_ROWS", 16)
     monkeypatch.setattr(retrieval, "_QUERIES_PER_BLOCK", 3)  # several query groups, uneven last group
@@ -184,7 +183,7 @@ def test_knn_and_knn_batch_equal_a_brute_force_reference(monkeypatch, q):
     assert batch_idx[0, :2].tolist() == [500, 900] and batch_dist[0, :2].tolist() == [0, 0]
 
 
-def test_search_results_do_not_share_the_reused_scratch_buffers():
+def test_search_results_are_not_overwritten_by_later_searches():
     db = retrieval.pack_codes(_random_bits(2000, 48, seed=11))
     index = retrieval.HammingIndex.from_packed(db)
     first_idx, first_dist = retrieval.knn(db[3], index, 5)
