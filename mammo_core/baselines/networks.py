@@ -51,6 +51,7 @@ import torchvision
 from torch import Tensor, nn
 
 from mammo_core.models.fused import _OLD_DENSELAYER_KEY
+from mammo_core.sources import weight_sources
 
 NETWORKS = ("vgg16", "inception_v3", "resnet50", "densenet121")
 INCEPTION_AUX_MIN_INPUT = 299
@@ -97,7 +98,8 @@ def input_size_for(network: str, patch_size: int) -> int:
 
 def imagenet_file(network: str) -> Path:
     """Where torchvision keeps ``network``'s ImageNet weights in the local torch hub cache."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(_info(network).weights.url).name
+    _info(network)  # an unknown network is a ValueError naming the four
+    return weight_sources.hub_file(network)
 
 
 def _read_state(path: Path) -> dict[str, Tensor]:

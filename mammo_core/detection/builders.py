@@ -32,14 +32,15 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from mammo_core.detection.backbone import FusedBackbone, FusedFeatureMaps
 from mammo_core.detection.heads import HashBoxPredictor, PlainBoxPredictor
 from mammo_core.models.fused import DEFAULT_FREEZE_UPTO, FusedDenseNet
+from mammo_core.sources import weight_sources
 from mammo_core.training.loop import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     from mammo_core.config import DetectParams
 
 MODELS = ("ours", "ours_nohash", "frcnn_r50")
-R50_COCO_FILE = "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
-R50_IMAGENET_FILE = "resnet50-0676ba61.pth"
+R50_COCO_FILE = weight_sources.HUB_FILE_NAMES["frcnn_r50"]
+R50_IMAGENET_FILE = weight_sources.HUB_FILE_NAMES["resnet50"]
 
 
 @dataclass
@@ -187,18 +188,6 @@ def build_ours(config: DetectorConfig, fused: FusedDenseNet | None = None) -> Fa
             box_predictor=predictor, **_common(config)))
 
 
-def _hub_file(name: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / name
-
-
-def r50_weights_file(weights: str) -> Path | None:
-    """The file :func:`build_frcnn_r50` reads for ``weights`` (None for ``none``); it may be absent."""
-    if weights == "none":
-        return None
-    return _hub_file(R50_COCO_FILE if weights == "coco" else R50_IMAGENET_FILE) if weights in ("coco", "imagenet") \
-        else Path(weights)
-
-
 def build_frcnn_r50(config: DetectorConfig, weights: str = "none") -> tuple[FasterRCNN, str]:
     """torchvision's ``fasterrcnn_resnet50_fpn`` architecture, and a tag saying which weights it starts from.
 
@@ -211,7 +200,7 @@ def build_frcnn_r50(config: DetectorConfig, weights: str = "none") -> tuple[Fast
     because no file was found trains all 5 layers, or the baseline would keep random frozen features.
     The tag ends with the trainable parameter count, so Table 8 states it.
     """
-    path = r50_weights_file(weights)
+    path = weight_sources.r50_detector_file(weights)
     loaded = path is not None and path.is_file()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

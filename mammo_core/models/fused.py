@@ -41,6 +41,7 @@ import torchvision
 from torch import Tensor, nn
 
 from mammo_core.models.densenet_parts import AttentionBlock, ClosingTransition, DenseLayers
+from mammo_core.sources import weight_sources
 
 STAGES = ("stem", "denseblock1", "transition1", "denseblock2", "transition2", "denseblock3")
 BRANCHES = ("freeze1", "freeze2", "freeze3")
@@ -52,7 +53,7 @@ DEFAULT_FREEZE_UPTO: Mapping[str, str] = {
 FEATURE_DIM = 512  # channels out of the closing transition (DenseNet's 0.5 compression of 1024)
 DENSE_LAYERS = {"denseblock1": 6, "denseblock2": 12, "denseblock3": 24}
 BLOCK_OUT_CHANNELS = {"denseblock1": 256, "denseblock2": 512, "denseblock3": 1024}
-IMAGENET_FILENAME = "densenet121-a639ec97.pth"
+IMAGENET_FILENAME = weight_sources.HUB_FILE_NAMES["densenet121"]
 _TORCHVISION_KEY_PREFIXES = ("features.conv0.", "features.norm0.") + tuple(
     f"features.{name}." for name in STAGES[1:]
 )
@@ -68,7 +69,7 @@ _OLD_DENSELAYER_KEY = re.compile(
 
 def imagenet_weights_path() -> Path:
     """Where torchvision keeps its DenseNet-121 ImageNet file in the local torch hub cache."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILENAME
+    return weight_sources.hub_file("densenet121")
 
 
 def load_backbone_weights(source: str | os.PathLike[str]) -> dict[str, Tensor] | None:

@@ -25,6 +25,8 @@ from urllib.request import Request, urlopen
 import torch
 import torchvision
 
+from mammo_core.sources import weight_sources
+
 BASE_URL_ENV = "MAMMO_WEIGHTS_BASE_URL"
 CHUNK = 1 << 16
 
@@ -64,7 +66,7 @@ def hash_prefix_of(filename: str) -> str:
 
 def checkpoints_dir() -> Path:
     """The torch hub cache folder torchvision loads weight files from (honours ``TORCH_HOME``)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    return weight_sources.hub_checkpoints_dir()
 
 
 def file_sha256(path: Path) -> str:

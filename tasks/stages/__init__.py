@@ -1,5 +1,12 @@
 """The pipeline stages, one module each (cache key, artifact folder, MLflow child run).
 
+A stage module imports torch, torchvision, scikit-learn, h5py, matplotlib and the ``mammo_core`` modules
+that need them inside the functions that run the stage, not at its top. Why: the registry imports every
+stage module to compute every key, so a module-level ``import torch`` is paid by every ``mammo`` command,
+including a cached rerun that trains nothing (7 of its 11 s on two cores).
+``tests/stages/test_light_imports.py`` holds this line; the cache keys still cover those imports, since
+:mod:`mammo_core.storage.code_closure` reads function bodies too.
+
 Modules:
 - ``acquire``: acquire: put a raw CBIS-DDSM-shaped dataset somewhere curate can read it, and inventory it.
 - ``augment``: augment: the paper's augmentation policy as seeded copies of the training patches.

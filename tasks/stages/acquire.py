@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mammo_core.config import DataParams, Params
-from mammo_core.data import layouts
-from mammo_core.sources import phantom, tcia
 from mammo_core.storage import stage_files
 from mammo_core.storage.data_fingerprint import data_fingerprint
 from mammo_core.storage.store import write_json_atomic
 from tasks import runtime
+
+if TYPE_CHECKING:
+    from mammo_core.sources import tcia
 
 SOURCE_FILE = stage_files.ACQUIRE.source
 
@@ -36,6 +37,8 @@ def download(data: DataParams, root: Path, **options: Any) -> tcia.DownloadSumma
     """Download (or finish downloading) the selected series into ``root``; raises
     :class:`mammo_core.sources.tcia.IncompleteDownload` naming the series that failed, so that acquire is never
     sealed over a dataset with holes and the next run retries them. ``options``: timeouts, retries."""
+    from mammo_core.sources import tcia
+
     summary = tcia.download_collection(
         root, collection=data.collection, base_url=data.base_url, limit=data.limit,
         workers=data.download_workers, **options,
@@ -45,6 +48,9 @@ def download(data: DataParams, root: Path, **options: Any) -> tcia.DownloadSumma
 
 
 def _run(ctx: runtime.StageContext) -> None:
+    from mammo_core.data import layouts
+    from mammo_core.sources import phantom
+
     data = ctx.params.data
     if data.source == "phantom":
         root = ctx.workdir / "raw"

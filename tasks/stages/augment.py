@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from mammo_core.data import augment
 from mammo_core.storage import stage_files
 from tasks import runtime
 from tasks.stages.patches import FILE as PATCHES_FILE
@@ -14,6 +13,8 @@ PREVIEW = FILES.preview
 
 
 def _run(ctx: runtime.StageContext) -> None:
+    from mammo_core.data import augment
+
     p = ctx.params.augment
     summary = augment.augment_split(
         ctx.upstream["patches"].file(PATCHES_FILE), ctx.workdir / FILE, copies=p.copies, seed=p.seed, batch=p.batch

@@ -21,25 +21,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from mammo_core.baselines import agnet, freeze3_fusion, latency, networks, sift_bovw, units
-from mammo_core.codes import features
 from mammo_core.config import BaselinesParams, Params
-from mammo_core.evaluation import figures, metrics
-from mammo_core.models import fused as model
-from mammo_core.sources.weight_sources import resolved_source
-from mammo_core.storage import h5io, stage_files
+from mammo_core.evaluation import metrics
+from mammo_core.sources import weight_sources
+from mammo_core.storage import stage_files
 from mammo_core.storage.store import write_json_atomic
-from mammo_core.training import loop as training
-from mammo_core.training import schedule
 from tasks import runtime
 from tasks.stages.augment import FILE as AUGMENTED_FILE
 from tasks.stages.features import FILE as FEATURES_FILE
 from tasks.stages.patches import FILE as PATCHES_FILE
+
+if TYPE_CHECKING:
+    from mammo_core.baselines import units
+    from mammo_core.training import schedule
 
 FILES = stage_files.BASELINES  # this stage's output files
 
@@ -60,6 +59,8 @@ PAIR_NAMES = {"vgg16": "Freeze3+VGG16", "inception_v3": "Freeze3+InceptionV3", "
 
 def baseline_schedule(params: Params) -> schedule.Schedule:
     """The schedule every baseline network trains under: the ``train:`` section's, as the branches'."""
+    from mammo_core.training import schedule
+
     return schedule.Schedule.from_params({**params.train.model_dump(), "device": params.run.device})
 
 
@@ -115,6 +116,10 @@ def _run(ctx: runtime.StageContext) -> None:
 
 def _load_data(ctx: runtime.StageContext) -> tuple[units.BaselineData, _TestColumns]:
     """The branches' training rows (augment) and the patches' val/test splits, with the test id columns."""
+    from mammo_core.baselines import units
+    from mammo_core.storage import h5io
+    from mammo_core.training import loop as training
+
     patches_file = ctx.upstream["patches"].file(PATCHES_FILE)
     data = units.BaselineData(
         train=training.load_tensor_data(ctx.upstream["augment"].file(AUGMENTED_FILE)),
@@ -135,6 +140,8 @@ def _load_data(ctx: runtime.StageContext) -> tuple[units.BaselineData, _TestColu
 def _train_networks(ctx: runtime.StageContext, data: units.BaselineData, sched: schedule.Schedule
                     ) -> dict[str, units.NetworkOutcome]:
     """Each single network trained (or its unit reused from the store) under the branches' schedule."""
+    from mammo_core.baselines import units
+
     p = ctx.params.baselines
     upstream = {s: ctx.upstream[s].key for s in ("augment", "patches")}
     outcomes: dict[str, units.NetworkOutcome] = {}
@@ -163,6 +170,9 @@ def _train_networks(ctx: runtime.StageContext, data: units.BaselineData, sched: 
 def _network_rows(p: BaselinesParams, outcomes: dict[str, units.NetworkOutcome], data: units.BaselineData,
                   cols: _TestColumns, device: Any) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Table 6's single-network rows (accuracy with CI, balanced accuracy, macro AUC, latency, counts)."""
+    from mammo_core.baselines import latency, networks
+    from mammo_core.models import fused as model
+
     class_names, y_test = data.class_names, cols.y_test
     # Latency side by side in this process: fresh builds (cost depends on the architecture, not the weights).
     built = {n: networks.build_baseline(n, len(class_names), data.patch_size, vgg_classifier=p.vgg_classifier,
@@ -191,6 +201,8 @@ def _network_rows(p: BaselinesParams, outcomes: dict[str, units.NetworkOutcome],
 def _classic_rows(ctx: runtime.StageContext, outcomes: dict[str, units.NetworkOutcome],
                   data: units.BaselineData, cols: _TestColumns) -> list[dict[str, Any]]:
     """Table 1's classic methods: SIFT bag of visual words + SVM, and AGNet's fusion of two networks."""
+    from mammo_core.baselines import agnet, sift_bovw
+
     p = ctx.params.baselines
     classic = []
     if "sift_bovw_svm" in p.classic:
@@ -218,6 +230,8 @@ def _write_outputs(ctx: runtime.StageContext, outcomes: dict[str, units.NetworkO
                    classic: list[dict[str, Any]], data: units.BaselineData, cols: _TestColumns,
                    sched: schedule.Schedule) -> None:
     """baselines.json, Tables 6 and 1, validation curves and Figure 10; logged as artifacts."""
+    from mammo_core.evaluation import figures
+
     class_names = data.class_names
     counts = np.bincount(cols.y_test, minlength=len(class_names))
     majority = float(counts.max() / counts.sum()) if counts.sum() else float("nan")
@@ -274,6 +288,9 @@ def _freeze3_fusions(ctx: runtime.StageContext, outcomes: dict[str, units.Networ
     """Section 4.7: Freeze3 + VGG16 / InceptionV3 / ResNet50 beside Freeze3 alone and the three-branch
     fusion, one head for all (:mod:`mammo_core.baselines.freeze3_fusion`); writes the JSON and the
     per-patch predictions; returns the JSON rows."""
+    from mammo_core.baselines import agnet, freeze3_fusion
+    from mammo_core.codes import features
+
     p = ctx.params.baselines
     path = ctx.upstream["features"].file(FEATURES_FILE)
     split = {s: features.read_branch_features(path, code) for s, code in SPLIT_CODES.items()}
@@ -325,7 +342,7 @@ def key_inputs(params: Params) -> dict[str, Any]:
     p = params.baselines
     if p.weights != "imagenet":
         return {}
-    return {"weights": {n: resolved_source(networks.imagenet_file(n)) for n in p.networks}}
+    return {"weights": {n: weight_sources.resolved_source(weight_sources.hub_file(n)) for n in p.networks}}
 
 
 SPEC = runtime.StageSpec(

@@ -11,16 +11,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mammo_core.baselines import latency, networks
-from mammo_core.codes import classifiers, model_io, retrieval
-from mammo_core.codes.classifier_tables import class_probabilities, prediction_rows, result_row
+from mammo_core.codes import retrieval
 from mammo_core.config import Params
-from mammo_core.evaluation import figures, metrics
-from mammo_core.inference.served_classifier import ClassifierPipeline
-from mammo_core.storage import h5io, stage_files
+from mammo_core.evaluation import metrics
+from mammo_core.storage import stage_files
 from mammo_core.storage.store import write_json_atomic
 from tasks import runtime
-from tasks.serving import classifier as serving
 from tasks.stages.hashing import SINGLE
 from tasks.stages.train import PREDICTIONS
 
@@ -37,6 +33,8 @@ ROWS = ("knn", "svm", "rf", "fusion", "voting", "stacking")
 
 def read_codes(path, decoder: str, bits: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(unpacked 0/1 codes, labels, patient ids) of one split from ``codes.h5``."""
+    from mammo_core.storage import h5io
+
     with h5io.open_for_reading(path) as fh:
         key = f"{decoder}/{bits}/{split}"
         if key not in fh:
@@ -49,11 +47,19 @@ def read_codes(path, decoder: str, bits: int, split: str) -> tuple[np.ndarray, n
 
 def read_source_ids(path, split: str) -> np.ndarray:
     """The patch ids (``source_id``) of one split of ``codes.h5``, in the codes' row order."""
+    from mammo_core.storage import h5io
+
     with h5io.open_for_reading(path) as fh:
         return np.array([s.decode() for s in fh[f"source_id/{split}"][:]])
 
 
 def _run(ctx: runtime.StageContext) -> None:
+    from mammo_core.codes import classifiers, model_io
+    from mammo_core.codes.classifier_tables import class_probabilities, prediction_rows, result_row
+    from mammo_core.evaluation import figures
+    from mammo_core.storage import h5io
+    from tasks.serving import classifier as serving
+
     p = ctx.params.classify
     codes_path = ctx.upstream["hashing"].file(CODES_FILE)
     with h5io.open_for_reading(codes_path) as fh:
@@ -144,6 +150,10 @@ def _single_branch(ctx: runtime.StageContext, codes_path, class_names: list[str]
     ``table5_single_freeze3.csv``, predictions in ``predictions.csv`` as ``freeze3/<classifier>``.
     Returns those prediction rows (none when the hashing stage wrote no single-branch codes).
     """
+    from mammo_core.codes import classifiers
+    from mammo_core.codes.classifier_tables import class_probabilities, prediction_rows, result_row
+    from mammo_core.storage import h5io
+
     p = ctx.params.classify
     decoder = f"{SINGLE}/{p.decoder}"
     with h5io.open_for_reading(codes_path) as fh:
@@ -188,6 +198,10 @@ def _measure_latency(ctx: runtime.StageContext, num_classes: int) -> None:
     tensors. Every (model, batch size) runs interleaved in this one process, on the CPU the served chain
     uses, so the rows compare like with like.
     """
+    from mammo_core.baselines import latency, networks
+    from mammo_core.inference.served_classifier import ClassifierPipeline
+    from tasks.serving import classifier as serving
+
     p = ctx.params.classify
     files, sha256 = serving.gather_artifacts(ctx.store_root, ctx.workdir, ctx.upstream["train"].key,
                                              ctx.upstream["hashing"].key)

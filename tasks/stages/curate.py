@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from mammo_core.data import curation
 from mammo_core.storage import stage_files
 from mammo_core.storage.store import write_json_atomic
 from tasks import runtime
@@ -12,6 +11,8 @@ FILES = stage_files.CURATE  # this stage's output files
 
 
 def _run(ctx: runtime.StageContext) -> None:
+    from mammo_core.data import curation
+
     root, layout = acquire.raw_root(ctx.upstream["acquire"])
     p = ctx.params
     settings = curation.CurationSettings(

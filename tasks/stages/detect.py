@@ -27,31 +27,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mammo_core.config import Params
-from mammo_core.detection import (
-    bootstrap,
-    builders,
-    data,
-    engine,
-    evaluate,
-    feature_cache,
-    latency,
-    plots,
-    records,
-    results,
-)
-from mammo_core.detection.inference import inference_copy
-from mammo_core.sources.weight_sources import resolved_source
+from mammo_core.sources import weight_sources
 from mammo_core.storage import stage_files
 from mammo_core.storage.store import file_sha256, write_json_atomic
-from mammo_core.training import checkpoint, devices
 from tasks import runtime
-from tasks.serving import detector as detector_serving
 from tasks.stages.train import load_trained
+
+if TYPE_CHECKING:
+    import torch
+
+    from mammo_core.detection import builders, data, feature_cache
 
 FILES = stage_files.DETECT  # this stage's output files
 
@@ -72,7 +60,7 @@ def _initialisation(name: str, p: Any, train_dir: Path) -> dict[str, Any]:
         weights = train_dir / stage_files.TRAIN.weights
         return {"source": "train stage fused DenseNet", "file": weights.name, "sha256": file_sha256(weights),
                 "extractor_frozen": not p.train_backbone}
-    path = builders.r50_weights_file(p.r50_weights)
+    path = weight_sources.r50_detector_file(p.r50_weights)
     if path is None or not path.is_file():
         return {"source": "random", "file": None, "sha256": None, "asked_for": p.r50_weights}
     return {"source": p.r50_weights if p.r50_weights in ("coco", "imagenet") else "file", "file": path.name,
@@ -103,6 +91,9 @@ class _Trained:
 
 
 def _run(ctx: runtime.StageContext) -> None:
+    from mammo_core.detection import builders, results
+    from mammo_core.training import devices
+
     p = ctx.params.detect
     device = devices.choose_device(ctx.params.run.device, runtime.dask_worker_name())
     splits, size_summary = _load_splits(ctx, device)
@@ -132,6 +123,8 @@ def _caches_extractor(p: Any) -> bool:
 
 def _load_splits(ctx: runtime.StageContext, device: torch.device) -> tuple[_Splits, dict[str, Any]]:
     """The curated images as detection data, logged with their lesion sizes (figure) against the anchors."""
+    from mammo_core.detection import data, plots, results
+
     p = ctx.params.detect
     dataset = data.load_detection_data(Path(ctx.upstream["curate"].path), p.classes, p.max_size, p.max_images)
     train, val, test = dataset.split("train"), dataset.split("val"), dataset.split("test")
@@ -150,6 +143,8 @@ def _train_detectors(ctx: runtime.StageContext, splits: _Splits, names: list[str
                      config_for: Callable[[str], builders.DetectorConfig], train_dir: Path, device: torch.device
                      ) -> _Trained:
     """Each detector on the same split and budget; ours and ours without hash read one cached extractor pass."""
+    from mammo_core.detection import builders, engine, evaluate, feature_cache, results
+
     p = ctx.params.detect
     use_cache = _caches_extractor(p)
     fused_left = sum(1 for n in names if n != "frcnn_r50") if use_cache else 0
@@ -213,6 +208,8 @@ def _train_detectors(ctx: runtime.StageContext, splits: _Splits, names: list[str
 def _score_saved(ctx: runtime.StageContext, splits: _Splits, trained: _Trained, names: list[str]
                  ) -> tuple[list[Path], dict[str, Any]]:
     """Write the val and test detections, then Table 8's intervals and the paired differences read back."""
+    from mammo_core.detection import bootstrap, records, results
+
     p = ctx.params.detect
     record_files = [*records.write_split(ctx.workdir, "val", trained.val, splits.val),
                     *records.write_split(ctx.workdir, "test", trained.test, splits.test)]
@@ -231,6 +228,11 @@ def _score_saved(ctx: runtime.StageContext, splits: _Splits, trained: _Trained, 
 def _time_latency(ctx: runtime.StageContext, splits: _Splits, trained: _Trained, device: torch.device
                   ) -> tuple[dict[str, float], torch.Tensor]:
     """Every detector timed at batch 1 side by side as its inference copy (BatchNorm folded etc.: same outputs)."""
+    import torch
+
+    from mammo_core.detection import engine, latency
+    from mammo_core.detection.inference import inference_copy
+
     p = ctx.params.detect
     started = time.perf_counter()
     images = splits.test or splits.dataset.images
@@ -247,6 +249,8 @@ def _summary(p: Any, splits: _Splits, trained: _Trained, size_summary: dict[str,
              times: dict[str, float], probe: torch.Tensor, device: torch.device, record_files: list[Path]
              ) -> dict[str, Any]:
     """``detection.json``: the rows and everything a reader needs to know what they were measured on."""
+    from mammo_core.detection import feature_cache
+
     return {
         "classes": splits.dataset.classes, "input_size": p.max_size, "rows": trained.rows,
         "fast_rcnn": FAST_RCNN_ABSENT, "lesion_sizes": size_summary, "dropped_boxes": dict(splits.dataset.dropped),
@@ -273,6 +277,10 @@ def _summary(p: Any, splits: _Splits, trained: _Trained, size_summary: dict[str,
 def _write_outputs(ctx: runtime.StageContext, splits: _Splits, trained: _Trained, record_files: list[Path],
                    ours_config: builders.DetectorConfig) -> None:
     """Table 8, histories, example figures, our detector's weights and config; log them and register ours."""
+    from mammo_core.detection import plots, results
+    from mammo_core.training import checkpoint
+    from tasks.serving import detector as detector_serving
+
     p = ctx.params.detect
     results.write_table(trained.rows, ctx.workdir / TABLE_FILE)
     write_json_atomic(ctx.workdir / FILES.history, trained.history)
@@ -292,7 +300,7 @@ def key_inputs(params: Params) -> dict[str, Any]:
     p = params.detect
     if "frcnn_r50" not in p.baselines:
         return {}
-    return {"r50_weights": resolved_source(builders.r50_weights_file(p.r50_weights))}
+    return {"r50_weights": weight_sources.resolved_source(weight_sources.r50_detector_file(p.r50_weights))}
 
 
 SPEC = runtime.StageSpec(

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from mammo_core.codes import features, fusion  # noqa: E402
-from mammo_core.storage import (
-    h5io,  # noqa: E402
-    stage_files,
-)
-from mammo_core.storage.store import write_json_atomic  # noqa: E402
-from tasks import runtime  # noqa: E402
-from tasks.stages import train  # noqa: E402
-from tasks.stages.patches import FILE as PATCHES_FILE  # noqa: E402
+from mammo_core.storage import stage_files
+from mammo_core.storage.store import write_json_atomic
+from tasks import runtime
+from tasks.stages import train
+from tasks.stages.patches import FILE as PATCHES_FILE
 
 FILES = stage_files.FEATURES  # this stage's output files
 
@@ -24,6 +15,11 @@ SPLITS = train.SPLIT_CODES
 
 
 def _grid_figure(table, best, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 4))
     sc = ax.scatter(table["w_freeze1"], table["w_freeze2"], c=table["val_acc"], cmap="viridis", s=60)
     ax.scatter([best[0]], [best[1]], marker="x", color="red", s=80, label=f"chosen {best}")
@@ -37,6 +33,9 @@ def _grid_figure(table, best, path) -> None:
 
 
 def _run(ctx: runtime.StageContext) -> None:
+    from mammo_core.codes import features, fusion
+    from mammo_core.storage import h5io
+
     p = ctx.params.features
     trained = ctx.upstream["train"]
     fused_model, _ = train.load_trained(trained.path)

@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import h5py
-import pandas as pd
-import torch
-
-from mammo_core.codes import features, retrieval
-from mammo_core.evaluation import figures, seed_summary
-from mammo_core.models import hashing, hashing_stack
-from mammo_core.storage import h5io, stage_files
+from mammo_core.storage import stage_files
 from mammo_core.storage.store import write_json_atomic
-from mammo_core.training import checkpoint
 from tasks import runtime
 from tasks.stages.features import FILE as FEATURES_FILE
 from tasks.stages.features import SPLITS
 from tasks.stages.patches import FILE as PATCHES_FILE
+
+if TYPE_CHECKING:
+    import h5py
+
+    from mammo_core.models.hashing import FCDecoder, HashDecoder
 
 FILES = stage_files.HASHING  # this stage's output files
 
@@ -49,6 +47,8 @@ def train_all(p, by_split: dict, sources: tuple[str, ...]) -> dict[tuple[str, st
     seed - trained on its source's training features, all together (:mod:`mammo_core.models.hashing_stack`: the
     same training problem per decoder as :func:`mammo_core.models.hashing.train_decoder`, one optimiser step for all).
     """
+    from mammo_core.models import hashing, hashing_stack
+
     jobs: dict[tuple[str, str, int, int], hashing_stack.DecoderJob] = {}
     for source in sources:
         features_train = by_split["train"][source]
@@ -67,6 +67,8 @@ def train_all(p, by_split: dict, sources: tuple[str, ...]) -> dict[tuple[str, st
 
 def _evaluate(decoder, by_split: dict, source: str) -> tuple[dict, dict]:
     """A trained decoder's packed codes per split and its test retrieval scores (test vs train database)."""
+    from mammo_core.codes import retrieval
+
     packed = {split: retrieval.pack_codes(decoder.encode(data[source])) for split, data in by_split.items()}
     args = (packed["test"], by_split["test"]["labels"], packed["train"], by_split["train"]["labels"])
     scores = {"map": retrieval.mean_average_precision(*args),
@@ -75,6 +77,14 @@ def _evaluate(decoder, by_split: dict, source: str) -> tuple[dict, dict]:
 
 
 def _run(ctx: runtime.StageContext) -> None:
+    import h5py
+    import pandas as pd
+
+    from mammo_core.codes import features, retrieval
+    from mammo_core.evaluation import figures, seed_summary
+    from mammo_core.storage import h5io
+    from mammo_core.training import checkpoint
+
     p = ctx.params.hashing
     feats_path = ctx.upstream["features"].file(FEATURES_FILE)
     attrs = h5io.read_attrs(feats_path)
@@ -174,8 +184,12 @@ def _single_rows(ctx: runtime.StageContext, p, seeds: list[int], by_split: dict,
     return rows
 
 
-def load_decoder(stage_path: str | Path, kind: str, q: int) -> hashing.HashDecoder | hashing.FCDecoder:
+def load_decoder(stage_path: str | Path, kind: str, q: int) -> HashDecoder | FCDecoder:
     """A trained decoder of a finished hashing stage (weights_only load)."""
+    import torch
+
+    from mammo_core.models import hashing
+
     config = json.loads((Path(stage_path) / FILES.summary).read_text(encoding="utf-8"))
     decoder = hashing.build_decoder(kind, config["in_dim"], q, config["beta"], config["eps"], 0)
     decoder.load_state_dict(torch.load(Path(stage_path) / "decoders" / f"{kind}_{q}.pt", weights_only=True))

@@ -7,8 +7,6 @@ It is computed here because this stage decides how patches are cut; the report p
 
 from __future__ import annotations
 
-from mammo_core.data import patches
-from mammo_core.evaluation import shortcut_probe
 from mammo_core.storage import stage_files
 from mammo_core.storage.store import write_json_atomic
 from tasks import runtime
@@ -37,6 +35,9 @@ def probe_metrics(probe: dict) -> dict[str, float]:
 
 
 def _run(ctx: runtime.StageContext) -> None:
+    from mammo_core.data import patches
+    from mammo_core.evaluation import shortcut_probe
+
     p = ctx.params.patches
     curate_dir = ctx.upstream["curate"].path
     summary = patches.extract_patches(

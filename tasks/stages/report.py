@@ -15,14 +15,10 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mammo_core.baselines import networks
 from mammo_core.config import Params
-from mammo_core.detection import builders
-from mammo_core.reporting import report
 from mammo_core.sources import weight_sources
 from mammo_core.storage import stage_files
 from tasks import runtime, tracking
-from tasks.stages.train import backbone_weights_file
 
 FILES = stage_files.REPORT  # this stage's output files
 
@@ -50,21 +46,23 @@ def initialisation(params: Params) -> list[dict[str, Any]]:
     on those stages' folders names the files, and sha256, they were trained from.
     """
     rows = [{"network": "Freeze1, Freeze2, Freeze3 (DenseNet-121 branches)", "stage": "train",
-             **weight_sources.describe(params.train.weights, backbone_weights_file(params.train.weights))}]
+             **weight_sources.describe(params.train.weights, weight_sources.backbone_file(params.train.weights))}]
     b = params.baselines
     for name in b.networks:
-        path = networks.imagenet_file(name) if b.weights == "imagenet" else None
+        path = weight_sources.hub_file(name) if b.weights == "imagenet" else None
         rows.append({"network": name, "stage": "baselines", **weight_sources.describe(b.weights, path)})
     d = params.detect
     rows.append({"network": "ours (detector on the fused DenseNets)", "stage": "detect", "requested": "train stage",
                  "initialisation": "the train stage's trained Freeze1-3 network", "file": "", "sha256": ""})
     if "frcnn_r50" in d.baselines:
         rows.append({"network": "frcnn_r50 (Faster R-CNN ResNet-50 FPN)", "stage": "detect",
-                     **weight_sources.describe(d.r50_weights, builders.r50_weights_file(d.r50_weights))})
+                     **weight_sources.describe(d.r50_weights, weight_sources.r50_detector_file(d.r50_weights))})
     return rows
 
 
 def _run(ctx: runtime.StageContext) -> None:
+    from mammo_core.reporting import report
+
     tags = ctx.client.get_run(ctx.run_id).data.tags  # git_commit and the parent (``mammo run``) run id
     run_info = {
         "params": ctx.params.model_dump(mode="json"),

@@ -12,26 +12,25 @@ import os
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import h5py
-import numpy as np
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
 from mammo_core.config import Params
-from mammo_core.evaluation import figures
-from mammo_core.models import fused as model
-from mammo_core.sources.weight_sources import resolved_source
-from mammo_core.storage import h5io, stage_files
+from mammo_core.sources import weight_sources
+from mammo_core.storage import stage_files
 from mammo_core.storage.store import write_json_atomic
-from mammo_core.training import checkpoint, devices, schedule
-from mammo_core.training import loop as training
 from tasks import runtime
 from tasks.stages.augment import FILE as AUGMENTED_FILE
 from tasks.stages.patches import FILE as PATCHES_FILE
+
+if TYPE_CHECKING:
+    import torch
+
+    from mammo_core.models.fused import FusedDenseNet
+    from mammo_core.training import schedule
 
 FILES = stage_files.TRAIN  # this stage's output files
 
@@ -41,8 +40,12 @@ PREDICTIONS = FILES.predictions
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
-def load_trained(stage_path: str | Path) -> tuple[model.FusedDenseNet, dict]:
+def load_trained(stage_path: str | Path) -> tuple[FusedDenseNet, dict]:
     """The fused model of a finished train stage (weights read with weights_only=True)."""
+    import torch
+
+    from mammo_core.models import fused as model
+
     folder = Path(stage_path)
     config = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8"))
     fused = model.FusedDenseNet(config["num_classes"], config["freeze_upto"])
@@ -53,6 +56,12 @@ def load_trained(stage_path: str | Path) -> tuple[model.FusedDenseNet, dict]:
 
 
 def _run(ctx: runtime.StageContext) -> None:
+    from mammo_core.evaluation import figures
+    from mammo_core.models import fused as model
+    from mammo_core.storage import h5io
+    from mammo_core.training import loop as training
+    from mammo_core.training import schedule
+
     p = ctx.params.train
     patches_file = ctx.upstream["patches"].file(PATCHES_FILE)
     class_names = list(h5io.read_attrs(patches_file)["class_names"])
@@ -81,6 +90,9 @@ def _train_branches(ctx: runtime.StageContext, train, val, sched: schedule.Sched
                     freeze_upto: dict[str, str], backbone) -> tuple[torch.nn.Module, dict, dict]:
     """Freeze1-3 trained on one shared trunk (``shared``) or as three networks (``separate``): the fused
     model, each branch's training result and its epoch history."""
+    from mammo_core.models import fused as model
+    from mammo_core.training import loop as training
+
     p = ctx.params.train
 
     def on_epoch(report: training.EpochReport, branch: str | None = None) -> None:
@@ -114,6 +126,9 @@ def _train_branches(ctx: runtime.StageContext, train, val, sched: schedule.Sched
 def _save_model(ctx: runtime.StageContext, fused: torch.nn.Module, history: dict, class_names: list[str],
                 freeze_upto: dict[str, str], patch_size: int) -> dict[str, dict[str, int]]:
     """Weights, model config (with frozen/trainable counts) and histories; returns the parameter counts."""
+    from mammo_core.models import fused as model
+    from mammo_core.training import checkpoint
+
     checkpoint.save_atomic(fused.state_dict(), ctx.workdir / WEIGHTS)
     counts = model.parameter_counts(fused)
     write_json_atomic(ctx.workdir / MODEL_CONFIG, {
@@ -128,6 +143,8 @@ def _save_model(ctx: runtime.StageContext, fused: torch.nn.Module, history: dict
 
 def _write_predictions(path: Path, evaluations: dict, data: dict, class_names: list[str]) -> None:
     """Per split and branch: probabilities and predictions beside the labels (what features/classify reuse)."""
+    import h5py
+
     with h5py.File(path, "w") as fh:
         for split, per_branch in evaluations.items():
             fh.create_dataset(f"{split}/labels", data=data[split].labels.numpy())
@@ -140,6 +157,10 @@ def _write_predictions(path: Path, evaluations: dict, data: dict, class_names: l
 def _log_test_results(ctx: runtime.StageContext, per_branch: dict, results: dict, counts: dict, test,
                       class_names: list[str]) -> None:
     """Each branch's test accuracy, balanced accuracy, best epoch and counts; confusion tables and figures."""
+    import numpy as np
+
+    from mammo_core.evaluation import figures
+
     metrics: dict[str, float] = {}
     for b, ev in per_branch.items():
         metrics[f"train/{b}/test_acc"] = ev.accuracy
@@ -169,6 +190,11 @@ def pretrain_branch(params: Params, upstream: Mapping[str, runtime.StageResult],
     resumes every branch from its final epoch, trains nothing more, and seals the same weights a
     single-process run produces.
     """
+    from mammo_core.models import fused as model
+    from mammo_core.storage import h5io
+    from mammo_core.training import loop as training
+    from mammo_core.training import schedule
+
     p = params.train
     patches_file = upstream["patches"].file(PATCHES_FILE)
     class_names = list(h5io.read_attrs(patches_file)["class_names"])
@@ -186,7 +212,9 @@ def pretrain_branch(params: Params, upstream: Mapping[str, runtime.StageResult],
 
 
 def branch_names(params: Params) -> list[str]:
-    return list(dict(params.train.freeze_upto or model.DEFAULT_FREEZE_UPTO))
+    from mammo_core.models.fused import DEFAULT_FREEZE_UPTO
+
+    return list(dict(params.train.freeze_upto or DEFAULT_FREEZE_UPTO))
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -195,6 +223,10 @@ def branch_task(ctx: runtime.RunContext, key: str, upstream: dict[str, runtime.S
 
     The ``gpu-<i>`` global concurrency limit (made by the flow) keeps a second task off the same GPU.
     """
+    import torch
+
+    from mammo_core.training import devices
+
     threads = os.environ.get("MAMMO_TORCH_THREADS")  # set by flows.runners for LocalCluster workers
     if threads:
         torch.set_num_threads(int(threads))
@@ -207,16 +239,9 @@ def branch_task(ctx: runtime.RunContext, key: str, upstream: dict[str, runtime.S
         return pretrain_branch(ctx.params, upstream, scratch, branch, device)
 
 
-def backbone_weights_file(source: str) -> Path | None:
-    """The file ``model.load_backbone_weights(source)`` reads; None for ``none``."""
-    if source == "none":
-        return None
-    return model.imagenet_weights_path() if source == "imagenet" else Path(source)
-
-
 def key_inputs(params: Params) -> dict[str, Any]:
     """The DenseNet weights the branches start from: the file's sha256, or ``random``."""
-    return {"weights": resolved_source(backbone_weights_file(params.train.weights))}
+    return {"weights": weight_sources.resolved_source(weight_sources.backbone_file(params.train.weights))}
 
 
 SPEC = runtime.StageSpec(

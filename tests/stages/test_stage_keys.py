@@ -168,12 +168,10 @@ def test_weights_that_fall_back_to_random_init_do_not_share_a_key(tmp_path: Path
     assert "train" in changed(missing, registry.stage_keys(params))
 
     # the baselines' ImageNet files come from the torch hub cache; absent ones mean random init
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     imagenet = load_params(SMOKE, ["baselines.weights=imagenet"])
     absent = registry.stage_keys(imagenet)
-    from mammo_core.baselines import networks
-
-    target = networks.imagenet_file("resnet50")
+    target = Path(torch.hub.get_dir()) / "checkpoints" / "resnet50-0676ba61.pth"  # where torchvision looks
     target.parent.mkdir(parents=True)
     torch.save({"fc.weight": torch.zeros(1)}, target)
     # detect too: its ResNet-50 baseline (r50_weights: imagenet in smoke) starts from the same file

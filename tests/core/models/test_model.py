@@ -217,7 +217,7 @@ def test_loads_a_torchvision_state_dict_file_with_old_keys(tmp_path: Path) -> No
 
 
 def test_missing_imagenet_file_says_where_to_put_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     expected = tmp_path / "hub" / "checkpoints" / "densenet121-a639ec97.pth"
     with pytest.raises(FileNotFoundError) as err:
         M.load_backbone_weights("imagenet")
