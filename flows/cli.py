@@ -189,7 +189,7 @@ def _run_checked(typed_params, params: Path, set_: list[str], from_: str | None,
         console.print(f"Starting temporary server on http://127.0.0.1:{server.port}", highlight=False)
         try:
             server.serve_when_alone(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")),
-                              give_up=stop_request.requested)
+                                    give_up=stop_request.requested, while_booting=lambda: _open_tracking(root))
         except prefect_server.ServerFailed as exc:
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
@@ -237,6 +237,14 @@ def _run_checked(typed_params, params: Path, set_: list[str], from_: str | None,
     console.print(f"done in {time.perf_counter() - started:.1f} s; store {root}")
     for line in where_to_look(outcomes, root):
         console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+def _open_tracking(root: Path) -> None:
+    """Open the tracking store the flow's first step opens (MLflow keeps it per URI): its SQL layer's imports
+    and engine cost about a second on two cores, paid here while the Prefect server boots."""
+    from tasks.tracking import default_tracking_uri, open_client
+
+    open_client(default_tracking_uri(root), root)
 
 
 def _say(line: str) -> None:

@@ -71,8 +71,12 @@ class LocalServer:
         )
         atexit.register(self.stop)
 
-    def serve_when_alone(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> None:
-        """:meth:`go`, then :meth:`wait_ready`, while no other run of this store is starting its server.
+    def serve_when_alone(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False,
+                         while_booting: Callable[[], None] = lambda: None) -> None:
+        """:meth:`go`, ``while_booting()``, then :meth:`wait_ready`, while no other run of this store is
+        starting its server.
+
+        ``while_booting``: work of ours that the server's start (seconds) would otherwise only wait for.
 
         Why: every run's server opens the same database (``PREFECT_HOME`` is in the store) and migrates it
         on start; two migrating one fresh SQLite file at once fail (one exits with code 3). An flock on
@@ -92,6 +96,7 @@ class LocalServer:
                         return
                     time.sleep(0.1)
             self.go()
+            while_booting()
             self.wait_ready(timeout_s, give_up)
         finally:
             os.close(fd)  # releases the lock
