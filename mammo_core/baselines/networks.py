@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from mammo_core.models.fused import _OLD_DENSELAYER_KEY
+from mammo_core.models.fused import OLD_DENSELAYER_KEY
 from mammo_core.sources import weight_sources
 
 NETWORKS = ("vgg16", "inception_v3", "resnet50", "densenet121")
@@ -216,7 +216,7 @@ def _load_imagenet(net: nn.Module, network: str, path: Path, vgg_classifier: str
     """Load every ImageNet weight except the classifier(s) the new head replaced; check the rest strictly."""
     state = _read_state(path)
     if network == "densenet121":  # pre-0.4 key names ("norm.1") in torchvision's published file
-        state = {(m.group(1) + m.group(2)) if (m := _OLD_DENSELAYER_KEY.match(k)) else k: v for k, v in state.items()}
+        state = {(m.group(1) + m.group(2)) if (m := OLD_DENSELAYER_KEY.match(k)) else k: v for k, v in state.items()}
     heads = ("classifier." if vgg_classifier == "pooled" else _HEAD_PREFIX[network], "AuxLogits.fc.")
     dropped = ("AuxLogits.",) if getattr(net, "AuxLogits", True) is None else ()
     body = {k: v for k, v in state.items() if not k.startswith(heads + dropped)}

@@ -58,7 +58,7 @@ _TORCHVISION_KEY_PREFIXES = ("features.conv0.", "features.norm0.") + tuple(
     f"features.{name}." for name in STAGES[1:]
 )
 # torchvision's own fix for pre-0.4 checkpoints whose dense layers have "norm.1"-style keys.
-_OLD_DENSELAYER_KEY = re.compile(
+OLD_DENSELAYER_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
 
@@ -117,7 +117,7 @@ def _check_densenet121_state(raw: object, origin: str) -> dict[str, Tensor]:
         raise ValueError(f"{origin}: not a state dict of tensors")
     state = {}
     for key, value in raw.items():
-        match = _OLD_DENSELAYER_KEY.match(key)
+        match = OLD_DENSELAYER_KEY.match(key)
         state[match.group(1) + match.group(2) if match else key] = value
     reference = _densenet121_shapes()
     for key, ref in reference.items():
