@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -25,10 +24,13 @@ from flows.run_lookup import (
     run_params,
     stage_folders,
 )
-from mammo_core.reporting import compare as cmp
-from mammo_core.reporting.report_render import format_value
 from mammo_core.storage import stage_files
 from mammo_core.storage.durable import write_text_atomic
+
+if TYPE_CHECKING:  # pandas and the comparison code load when a comparison runs, not with every `mammo` command
+    import pandas as pd
+
+    from mammo_core.reporting import compare as cmp
 
 console = Console(stderr=True)
 SHOWN_CELLS = 40  # differing table cells printed per table (compare.md and compare.csv hold all)
@@ -58,6 +60,8 @@ def report_tables(root: Path, client, run: PipelineRun) -> tuple[dict[str, pd.Da
 
 
 def _read_tables(folder: Path) -> dict[str, pd.DataFrame]:
+    import pandas as pd
+
     return {p.stem: pd.read_csv(p) for p in sorted(folder.glob("*.csv"))}
 
 
@@ -67,6 +71,8 @@ def paired_test_differences(root: Path, runs: tuple[PipelineRun, PipelineRun]) -
     None (with a note saying why) when a run has no classify folder or no saved predictions; an empty
     table with notes when the runs did not share a test split.
     """
+    import pandas as pd
+
     from mammo_core.evaluation import paired_bootstrap
     from tasks.stages.classify import PREDICTIONS_FILE
 
@@ -93,6 +99,7 @@ def detector_test_differences(root: Path, runs: tuple[PipelineRun, PipelineRun]
     import json
 
     from mammo_core.detection import records
+    from mammo_core.reporting import compare as cmp
 
     saved = []
     for run in runs:
@@ -115,6 +122,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _rich(frame: pd.DataFrame, keys: list[str], labels: tuple[str, str], title: str) -> Table:
+    from mammo_core.reporting.report_render import format_value
+
     table = Table(title=title)
     for column in (*keys, f"A {labels[0][:8]}", f"B {labels[1][:8]}", "B - A"):
         table.add_column(column)
@@ -127,6 +136,8 @@ def _rich(frame: pd.DataFrame, keys: list[str], labels: tuple[str, str], title: 
 
 def write_comparison(comparison: cmp.Comparison, out: Path) -> dict[str, Path]:
     """``compare.md``, ``compare.csv`` (and ``compare_paired_test.csv``) under ``out`` (written atomically)."""
+    from mammo_core.reporting import compare as cmp
+
     paths = {"md": Path(out) / "compare.md", "csv": Path(out) / "compare.csv"}
     _atomic_write(paths["md"], cmp.render_markdown(comparison))
     _atomic_write(paths["csv"], cmp.to_frame(comparison).to_csv(index=False))
@@ -178,6 +189,8 @@ def compare(
     images) also gets the paired bootstrap CI of B - A over test patients and a verdict: distinguishable from
     noise or not.
     """
+    from mammo_core.reporting import compare as cmp
+
     root, client = open_tracking(store)
     try:
         runs = (find_pipeline_run(client, run_a), find_pipeline_run(client, run_b))

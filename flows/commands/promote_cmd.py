@@ -26,14 +26,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import typer
 from rich.console import Console
 
 from flows import environment
-from mammo_core.evaluation import paired_bootstrap as pb
 from mammo_core.storage import stage_files
+
+if TYPE_CHECKING:  # pandas and the bootstrap load when a decision is made, not with every `mammo` command
+    import pandas as pd
+
+    from mammo_core.evaluation import paired_bootstrap as pb
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
@@ -103,12 +107,16 @@ def _stage_folder(client, root: Path, run_id: str, stage: str, needed: str) -> P
 
 def _predictions(client, root: Path, run_id: str) -> pd.DataFrame:
     """The classify stage's ``predictions.csv`` of the (classify child) run that registered a version."""
+    import pandas as pd
+
     from tasks.stages.classify import PREDICTIONS_FILE
 
     return pd.read_csv(_stage_folder(client, root, run_id, "classify", PREDICTIONS_FILE) / PREDICTIONS_FILE)
 
 
 def _classifier_evidence(client, root: Path, champion_run: str, candidate_run: str) -> pb.PairedDifference:
+    from mammo_core.evaluation import paired_bootstrap as pb
+
     pairs = pb.paired_predictions(_predictions(client, root, champion_run), _predictions(client, root, candidate_run),
                                   "val", "fusion")
     return pb.paired_difference(pairs, "accuracy", n_boot=N_BOOT, seed=BOOT_SEED, confidence=CONFIDENCE)
@@ -119,6 +127,7 @@ def _detector_evidence(client, root: Path, champion_run: str, candidate_run: str
     import json
 
     from mammo_core.detection import bootstrap, records
+    from mammo_core.evaluation import paired_bootstrap as pb
 
     runs = {}
     for who, run_id in (("champion", champion_run), ("candidate", candidate_run)):
@@ -139,6 +148,8 @@ EVIDENCE = {CLASSIFIER: _classifier_evidence, DETECTOR: _detector_evidence}
 
 def _decide(client, root: Path, model: str, version, champion) -> Decision:
     """One rule for every registered model: paired validation evidence or the champion stays."""
+    from mammo_core.evaluation import paired_bootstrap as pb
+
     tests = {"candidate": _metric_of(client, version.run_id, SHOWN_TEST_METRIC[model])}
     base = {"model": model, "version": str(version.version), "test_values": tests,
             "blocking": model == CLASSIFIER}  # a kept detector does not stop the classifier
