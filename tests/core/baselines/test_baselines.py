@@ -116,7 +116,8 @@ def test_inception_keeps_and_trains_its_aux_head_at_299():
 
 
 def test_imagenet_weights_come_from_the_local_hub_cache_or_random_init_is_tagged(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # the hub cache is $TORCH_HOME/hub, as torch.hub's
+    assert networks.imagenet_file("densenet121").is_relative_to(tmp_path)
     assert networks.build_baseline("densenet121", 3, 32, weights="imagenet").weights_tag == "none (random init)"
     reference = torchvision.models.densenet121(weights=None)
     state = reference.state_dict()
