@@ -24,6 +24,20 @@ def session_root(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_torch_hub(tmp_path_factory) -> Path:
+    """An empty torch hub cache of the session's own (``TORCH_HOME``), for every test and the ``mammo`` it starts.
+
+    Why: ImageNet or COCO files in the developer's ``~/.cache/torch`` would change what the stages load (and
+    their keys), so a test could pass there and fail on a clean clone; and a test that writes a weights file
+    into "the hub cache" must never write into the real one. Tests that need files there set their own.
+    """
+    home = session_root(tmp_path_factory) / "torch-home"
+    home.mkdir(exist_ok=True)
+    os.environ["TORCH_HOME"] = str(home)
+    return home
+
+
 @pytest.fixture(scope="session", params=["generated", pytest.param("vendor", marks=requires_vendor_dicoms)])
 def mg_cases(request, tmp_path_factory) -> dict[str, Path]:
     """Case name (tests.helpers.dicom_factory.CASES) -> a DICOM file of that case.
