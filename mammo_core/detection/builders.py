@@ -39,8 +39,6 @@ if TYPE_CHECKING:
     from mammo_core.config import DetectParams
 
 MODELS = ("ours", "ours_nohash", "frcnn_r50")
-R50_COCO_FILE = weight_sources.HUB_FILE_NAMES["frcnn_r50"]
-R50_IMAGENET_FILE = weight_sources.HUB_FILE_NAMES["resnet50"]
 
 
 @dataclass

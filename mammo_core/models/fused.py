@@ -53,7 +53,6 @@ DEFAULT_FREEZE_UPTO: Mapping[str, str] = {
 FEATURE_DIM = 512  # channels out of the closing transition (DenseNet's 0.5 compression of 1024)
 DENSE_LAYERS = {"denseblock1": 6, "denseblock2": 12, "denseblock3": 24}
 BLOCK_OUT_CHANNELS = {"denseblock1": 256, "denseblock2": 512, "denseblock3": 1024}
-IMAGENET_FILENAME = weight_sources.HUB_FILE_NAMES["densenet121"]
 _TORCHVISION_KEY_PREFIXES = ("features.conv0.", "features.norm0.") + tuple(
     f"features.{name}." for name in STAGES[1:]
 )

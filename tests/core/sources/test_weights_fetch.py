@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from mammo_core.sources import weights_fetch
+from mammo_core.sources import weight_sources, weights_fetch
 
 PAYLOAD = bytes(range(256)) * 400  # 100 kB
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -144,7 +144,6 @@ def test_the_command_fills_exactly_the_files_the_stages_read_and_stages_never_do
     import urllib.request
 
     from mammo_core.baselines import networks
-    from mammo_core.detection import builders
     from mammo_core.models import fused as model
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -154,7 +153,8 @@ def test_the_command_fills_exactly_the_files_the_stages_read_and_stages_never_do
     assert files["densenet121"] == model.imagenet_weights_path()
     for network in ("resnet50", "vgg16", "inception_v3", "densenet121"):
         assert files[network] == networks.imagenet_file(network)
-    assert files["frcnn_r50"].name == builders.R50_COCO_FILE and files["resnet50"].name == builders.R50_IMAGENET_FILE
+    assert files["frcnn_r50"] == weight_sources.r50_detector_file("coco")
+    assert files["resnet50"] == weight_sources.r50_detector_file("imagenet")
 
     def no_network(*args, **kwargs):
         raise AssertionError("a stage tried to download")
