@@ -241,10 +241,16 @@ def _run_checked(typed_params, params: Path, set_: list[str], from_: str | None,
 
 def _open_tracking(root: Path) -> None:
     """Open the tracking store the flow's first step opens (MLflow keeps it per URI): its SQL layer's imports
-    and engine cost about a second on two cores, paid here while the Prefect server boots."""
+    and engine cost about a second on two cores, paid here while the Prefect server boots.
+
+    Only an embedded database that exists already: a new one is created and migrated (seconds that a
+    Ctrl-C could not cut short, and a file written before the run began); the flow does that, as before.
+    """
     from tasks.tracking import default_tracking_uri, open_client
 
-    open_client(default_tracking_uri(root), root)
+    uri = default_tracking_uri(root)
+    if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).is_file():
+        open_client(uri, root)
 
 
 def _say(line: str) -> None:
