@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from mammo_core.detection import builders, inference
+from mammo_core.detection.strided_pools import StridedMaxPool2d
 from mammo_core.models.densenet_parts import AttentionBlock, DenseLayers
 
 CLASSES = ["MASS_BENIGN", "MASS_MALIGNANT", "CALC_BENIGN", "CALC_MALIGNANT"]
@@ -71,6 +72,9 @@ def test_inference_copy_of_ours_computes_the_same_maps_and_detections():
     counts = inference.rewrite_for_inference(copy.deepcopy(model))
     assert counts["batchnorms_folded"] >= 1 + 6 + 12 + 24  # stem + every dense layer's bottleneck
     assert counts["dense_blocks_buffered"] >= 3 and counts["transitions_pooled_first"] >= 2
+    # stem and three closing transitions (max), the trunk's and each branch's pretrained transition (average)
+    assert counts["pools_strided"] == 4 + 4 and counts["hash_decoders_folded"] == 1
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in fast.modules())
     image = _image()
     with torch.inference_mode():
         x = model.transform([image])[0].tensors
@@ -87,6 +91,7 @@ def test_inference_copy_of_the_resnet50_baseline_folds_its_frozen_batchnorms():
     model.eval()
     fast = inference.inference_copy(model)
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules())
+    assert sum(isinstance(m, StridedMaxPool2d) for m in fast.modules()) == 1  # the stem's, as in ours
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == 53  # all of ResNet-50's
     with torch.inference_mode():  # a random ResNet-50 finds no box here: its feature pyramid is compared
         x = model.transform([_image()])[0].tensors
@@ -112,3 +117,30 @@ def test_a_batchnorm_in_training_mode_is_not_folded():
         assert "eval" in str(exc)
     else:
         raise AssertionError("a BatchNorm using batch statistics was folded")
+
+
+def test_folded_hash_decoder_gives_the_decoders_relaxed_codes():
+    from mammo_core.models.hashing import HashDecoder
+
+    g = torch.Generator().manual_seed(4)
+    decoder = HashDecoder(24, 6, beta=2.0, eps=0.2, seed=3)
+    decoder.fit_input_scaling(3.0 + 2.0 * torch.randn(64, 24, generator=g))
+    with torch.no_grad():  # trained-looking statistics and slice weights, so that no fold can hide
+        norm = decoder.projection_norm
+        norm.running_mean.copy_(0.3 * torch.randn(norm.num_features, generator=g))
+        norm.running_var.copy_(0.5 + torch.rand(norm.num_features, generator=g))
+        norm.weight.copy_(0.8 + 0.4 * torch.rand(norm.num_features, generator=g))
+        norm.bias.copy_(0.1 * torch.randn(norm.num_features, generator=g))
+        decoder.slice_weight.mul_(40.0)
+    decoder.eval()
+    x = 3.0 + 2.0 * torch.randn(40, 24, generator=g)
+    with torch.no_grad():
+        expected, got = decoder.relaxed(x), inference.FoldedHashDecoder(decoder)(x)
+    assert 0 < int(((expected > 0) & (expected < 1)).sum()) < expected.numel()  # codes inside and outside the band
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    try:
+        inference.FoldedHashDecoder(decoder.train())
+    except ValueError as exc:
+        assert "eval" in str(exc)
+    else:
+        raise AssertionError("a decoder whose BatchNorm uses batch statistics was folded")
