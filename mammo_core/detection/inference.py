@@ -10,6 +10,12 @@ against the unrewritten model):
   bias ``b * s + t``. Applies to every conv -> BN pair: DenseNet's stem and each dense layer's bottleneck
   (``conv1`` -> ``norm2``), and every conv of torchvision's ResNet-50 (its ``FrozenBatchNorm2d`` too).
   A BN that follows a ReLU, pooling or concatenation (DenseNet's ``norm1``, transitions) cannot fold.
+* **BatchNorm + ReLU before a 1x1 convolution become a per-channel floor** (``relu_floor_and_conv``): with
+  the BN's scale s > 0 and shift t, ``relu(s x + t) = s max(x, -t/s) + t``, and a 1x1 convolution without
+  padding (after an average pool, too: both are linear and keep constants) takes ``s`` into its weights and
+  ``t`` into its bias. One ``maximum`` pass replaces BN and ReLU: DenseNet's ``norm1``/``relu1`` before every
+  bottleneck, which re-normalises the whole channel prefix in every layer, and its transitions. A channel
+  with s <= 0 keeps its layer as it was.
 * **Dense blocks write into one preallocated tensor** (``BufferedDenseLayers``): torchvision's dense layer
   concatenates all earlier outputs again in every layer (quadratic copying: 16% of our detector's CPU
   time at batch 1 in a 2-thread profile); here each layer reads a channel prefix of one buffer and writes its 32
@@ -94,6 +100,84 @@ def fold_batchnorms(model: nn.Module) -> int:
                 setattr(module, conv_name, folded_conv(getattr(module, conv_name), getattr(module, bn_name)))
                 setattr(module, bn_name, nn.Identity())
                 folded += 1
+    return folded
+
+
+class ReluFloor(nn.Module):
+    """``max(x, floor)`` per channel: what BatchNorm + ReLU leave once the next convolution took their affine map."""
+
+    def __init__(self, floor: Tensor):
+        super().__init__()
+        self.register_buffer("floor", floor.detach().reshape(1, -1, 1, 1).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.maximum(x, self.floor)
+
+
+def relu_floor_and_conv(bn: nn.Module, conv: nn.Conv2d) -> tuple[ReluFloor, nn.Conv2d] | None:
+    """``(floor, conv')`` with ``conv'(floor(x)) == conv(relu(bn(x)))``, or None where that does not hold.
+
+    It holds for a BatchNorm in eval whose every scale ``s`` is positive and a 1x1 convolution without
+    padding or groups: ``relu(s x + t) = s max(x, -t/s) + t``, the scales multiply the convolution's input
+    channels and the constant ``t`` adds ``W t`` to its bias (padding would see 0 instead of ``t``).
+    """
+    if not isinstance(bn, _NORMS) or (isinstance(bn, nn.BatchNorm2d) and (bn.training or not bn.track_running_stats)):
+        return None
+    if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.padding == (0, 0)
+            and conv.groups == 1 and conv.in_channels == bn.running_mean.numel()):
+        return None
+    weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+    bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    scale = weight / torch.sqrt(bn.running_var + bn.eps)
+    if not bool(torch.all(scale > 0)):
+        return None
+    shift = bias - bn.running_mean * scale
+    floor = -shift / scale
+    if not bool(torch.all(torch.isfinite(floor))):  # a scale so small that -t/s overflows
+        return None
+    new = copy.deepcopy(conv)
+    w = conv.weight.detach()
+    b = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=w.dtype, device=w.device)
+    new.weight = nn.Parameter(w * scale.reshape(1, -1, 1, 1), requires_grad=False)
+    new.bias = nn.Parameter(b + w[:, :, 0, 0] @ shift, requires_grad=False)
+    return ReluFloor(floor), new
+
+
+def _linear_pool(module: nn.Module) -> bool:
+    """An average pool without padding: linear, and it maps a per-channel constant to itself."""
+    return (isinstance(module, nn.AvgPool2d) and module.padding in (0, (0, 0)) and not module.ceil_mode
+            and module.divisor_override is None)
+
+
+def fold_batchnorm_relus(model: nn.Module) -> int:
+    """Rewrite, in place, every BN -> ReLU -> (average pool) -> 1x1 conv run that :func:`relu_floor_and_conv` takes.
+
+    Runs are found in dense layers (``norm1``, ``relu1``, ``conv1``) and in ``nn.Sequential`` children;
+    returns how many were rewritten.
+    """
+    folded = 0
+    for module in list(model.modules()):
+        if isinstance(module, _DenseLayer) and isinstance(module.relu1, nn.ReLU):
+            pair = relu_floor_and_conv(module.norm1, module.conv1)
+            if pair is not None:
+                module.norm1, module.conv1 = pair
+                module.relu1 = nn.Identity()
+                folded += 1
+        elif isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for i in range(len(names) - 2):
+                bn, relu = module._modules[names[i]], module._modules[names[i + 1]]
+                j = i + 2
+                while j < len(names) - 1 and _linear_pool(module._modules[names[j]]):
+                    j += 1
+                if not isinstance(relu, nn.ReLU):
+                    continue
+                pair = relu_floor_and_conv(bn, module._modules[names[j]])
+                if pair is not None:
+                    setattr(module, names[i], pair[0])
+                    setattr(module, names[i + 1], nn.Identity())
+                    setattr(module, names[j], pair[1])
+                    folded += 1
     return folded
 
 
@@ -186,6 +270,7 @@ def rewrite_for_inference(model: nn.Module) -> dict[str, int]:
                 order = names[:-2] + [names[-1], names[-2]]
                 setattr(module, name, nn.Sequential(*(child._modules[k] for k in order)))
                 counts["transitions_pooled_first"] += 1
+    counts["batchnorm_relus_folded"] = fold_batchnorm_relus(model)  # after the BN -> conv folds (conv1 -> norm2)
     counts["pools_strided"] = use_strided_pools(model)  # after the reordering, which rebuilds transitions
     return counts
 

@@ -74,6 +74,8 @@ def test_inference_copy_of_ours_computes_the_same_maps_and_detections():
     assert counts["dense_blocks_buffered"] >= 3 and counts["transitions_pooled_first"] >= 2
     # stem and three closing transitions (max), the trunk's and each branch's pretrained transition (average)
     assert counts["pools_strided"] == 4 + 4 and counts["hash_decoders_folded"] == 1
+    # every dense layer (6 + 12 in the trunk, 24 in each of three branches) and transition (1 + 3 + 3 closing)
+    assert counts["batchnorm_relus_folded"] == 6 + 12 + 3 * 24 + 7
     assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in fast.modules())
     image = _image()
     with torch.inference_mode():
@@ -144,3 +146,41 @@ def test_folded_hash_decoder_gives_the_decoders_relaxed_codes():
         assert "eval" in str(exc)
     else:
         raise AssertionError("a decoder whose BatchNorm uses batch statistics was folded")
+
+
+def _bn(channels: int, seed: int, negative: int | None = None) -> nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(channels).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(channels, generator=g))
+        bn.running_var.copy_(0.5 + torch.rand(channels, generator=g))
+        bn.weight.copy_(0.5 + torch.rand(channels, generator=g))
+        bn.bias.copy_(torch.randn(channels, generator=g))
+        if negative is not None:
+            bn.weight[negative] = -0.7
+    return bn
+
+
+def test_batchnorm_relu_before_a_1x1_convolution_becomes_a_floor_and_the_same_function():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 9, 8, generator=g)
+    conv = nn.Conv2d(6, 5, 1, stride=2, bias=True)
+    plain = nn.Sequential(_bn(6, 1), nn.ReLU(), nn.AvgPool2d(2), conv).eval()
+    fast = copy.deepcopy(plain)
+    assert inference.fold_batchnorm_relus(fast) == 1
+    assert isinstance(fast[0], inference.ReluFloor) and isinstance(fast[1], nn.Identity)
+    with torch.no_grad():
+        expected = plain(x)
+        assert float((plain[1](plain[0](x)) == 0).float().mean()) > 0.2  # the ReLU really cuts
+        torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-5)
+        floor, folded = inference.relu_floor_and_conv(plain[0], conv)
+        torch.testing.assert_close(folded(floor(x)), conv(plain[1](plain[0](x))), rtol=1e-5, atol=1e-5)
+
+
+def test_no_floor_where_the_identity_does_not_hold():
+    conv1x1 = nn.Conv2d(4, 3, 1)
+    assert inference.relu_floor_and_conv(_bn(4, 2, negative=1), conv1x1) is None  # relu(s x + t) with s < 0
+    assert inference.relu_floor_and_conv(_bn(4, 2), nn.Conv2d(4, 3, 3, padding=1)) is None  # padding sees 0, not t
+    assert inference.relu_floor_and_conv(_bn(4, 2).train(), conv1x1) is None  # batch statistics
+    untouched = nn.Sequential(_bn(4, 3, negative=0), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    assert inference.fold_batchnorm_relus(untouched) == 0 and isinstance(untouched[0], nn.BatchNorm2d)
