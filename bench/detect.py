@@ -12,8 +12,10 @@ run to run. The input is a synthetic breast-shaped image at the stage's input si
 ``max_size``, a 5:8 portrait).
 
 Each detector is timed twice: as built (torchvision's eval forward) and as its inference copy
-(``mammo_core.detection.inference``: BatchNorm folded, dense blocks buffered, transitions pooled first,
-identity attention removed; the ResNet-50 gets the BatchNorm folding, the rewrite that applies to it).
+(``mammo_core.detection.inference``: BatchNorm folded into the convolution before it, BatchNorm + ReLU before
+a 1x1 convolution turned into a per-channel floor, dense blocks buffered, transitions pooled first, identity
+attention removed, the hash decoder folded, pooling from strided views; the ResNet-50 gets the rewrites that
+apply to it: its BatchNorm folding and its stem's strided max pool).
 The headline ratio compares the two inference copies; both detectors use the same RPN/ROI settings
 (``proposals_test`` of the params). On a shared machine, ``--threads 1`` and the CPU figures are the
 comparable ones.
