@@ -63,12 +63,22 @@ _IN_ORDER = (nn.Sequential, IntermediateLayerGetter)
 _NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
 
-def folded_conv(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
-    """One convolution computing ``bn(conv(x))`` with ``bn`` in eval (running statistics)."""
-    if isinstance(bn, nn.BatchNorm2d) and (bn.training or not bn.track_running_stats):
+def foldable_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """``bn``'s affine weight and bias (1 and 0 where it has none), once it is known to be a fixed affine map.
+
+    ValueError for a BatchNorm in training mode or without running statistics: it normalises with the
+    statistics of its input, which no fold can know.
+    """
+    if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and (bn.training or not bn.track_running_stats):
         raise ValueError("only a BatchNorm in eval with running statistics is an affine map that can fold")
     weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
     bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    return weight, bias
+
+
+def folded_conv(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """One convolution computing ``bn(conv(x))`` with ``bn`` in eval (running statistics)."""
+    weight, bias = foldable_affine(bn)
     fused = copy.deepcopy(conv)
     w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, weight, bias)
     fused.weight, fused.bias = w, b
@@ -121,13 +131,13 @@ def relu_floor_and_conv(bn: nn.Module, conv: nn.Conv2d) -> tuple[ReluFloor, nn.C
     padding or groups: ``relu(s x + t) = s max(x, -t/s) + t``, the scales multiply the convolution's input
     channels and the constant ``t`` adds ``W t`` to its bias (padding would see 0 instead of ``t``).
     """
-    if not isinstance(bn, _NORMS) or (isinstance(bn, nn.BatchNorm2d) and (bn.training or not bn.track_running_stats)):
+    if not (isinstance(bn, _NORMS) and isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
+            and conv.padding == (0, 0) and conv.groups == 1 and conv.in_channels == bn.running_mean.numel()):
         return None
-    if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.padding == (0, 0)
-            and conv.groups == 1 and conv.in_channels == bn.running_mean.numel()):
+    try:
+        weight, bias = foldable_affine(bn)
+    except ValueError:
         return None
-    weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
-    bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
     scale = weight / torch.sqrt(bn.running_var + bn.eps)
     if not bool(torch.all(scale > 0)):
         return None
@@ -166,13 +176,12 @@ def fold_batchnorm_relus(model: nn.Module) -> int:
         elif isinstance(module, nn.Sequential):
             names = list(module._modules)
             for i in range(len(names) - 2):
-                bn, relu = module._modules[names[i]], module._modules[names[i + 1]]
+                if not isinstance(module._modules[names[i + 1]], nn.ReLU):
+                    continue
                 j = i + 2
                 while j < len(names) - 1 and _linear_pool(module._modules[names[j]]):
                     j += 1
-                if not isinstance(relu, nn.ReLU):
-                    continue
-                pair = relu_floor_and_conv(bn, module._modules[names[j]])
+                pair = relu_floor_and_conv(module._modules[names[i]], module._modules[names[j]])
                 if pair is not None:
                     setattr(module, names[i], pair[0])
                     setattr(module, names[i + 1], nn.Identity())
@@ -220,14 +229,11 @@ class FoldedHashDecoder(nn.Module):
     def __init__(self, decoder: HashDecoder):
         super().__init__()
         norm = decoder.projection_norm
-        if norm.training or not norm.track_running_stats:
-            raise ValueError("only a BatchNorm in eval with running statistics is an affine map that can fold")
+        norm_weight, norm_bias = foldable_affine(norm)
         weight = decoder.projection.weight / decoder.input_scale
         bias = decoder.projection.bias - weight @ decoder.input_mean
-        ones, zeros = torch.ones_like(norm.running_mean), torch.zeros_like(norm.running_mean)
         weight, bias = fuse_linear_bn_weights(weight, bias, norm.running_mean, norm.running_var, norm.eps,
-                                              ones if norm.weight is None else norm.weight,
-                                              zeros if norm.bias is None else norm.bias)
+                                              norm_weight, norm_bias)
         self.weight = nn.Parameter(weight[decoder.permutation].detach(), requires_grad=False)
         self.bias = nn.Parameter(bias[decoder.permutation].detach(), requires_grad=False)
         self.slice_weight = nn.Parameter(decoder.slice_weight.detach().clone(), requires_grad=False)
@@ -280,7 +286,7 @@ def use_strided_pools(model: nn.Module) -> int:
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module._modules.items()):
-            strided = strided_equivalent(child) if child is not None else None
+            strided = strided_equivalent(child)
             if strided is not None:
                 setattr(module, name, strided)
                 replaced += 1
