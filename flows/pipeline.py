@@ -3,11 +3,12 @@
 Stages are submitted as soon as their upstream futures exist, straight from ``registry.ORDER`` and each
 spec's ``upstream``: under a parallel task runner (``run.task_runner: dask`` or ``process``) independent
 branches (detect, baselines, the hashing branch) run at the same time; under the default thread runner
-the outcome is the same as running them one after the other.
+they run one after the other in the flow's own thread (see :func:`run_stages` for why).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow
@@ -72,75 +73,97 @@ def _split_training(params: Params, ctx: runtime.RunContext, name: str, key: str
 
 
 def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bool = True) -> list[dict]:
-    """Submit every selected stage once its upstream futures exist; collect outcomes in DAG order.
+    """Run every selected stage in DAG order, reusing sealed ones; return the outcome table.
 
-    ``sequential`` (the thread runner) also makes each stage wait for the one before it in
-    ``registry.ORDER``: one stage at a time, as on a laptop, where two trainings at once would only
-    fight over the same cores. Parallel runners drop it so that independent branches overlap.
+    ``sequential`` (the thread runner) runs the stages one after the other in this thread: one stage at a
+    time, as on a laptop, where two trainings at once would only fight over the same cores. In this thread
+    and not on the task runner's worker threads, because PyTorch's CPU ops give up much of their second
+    thread when more than one thread of the process has run them (each keeps an OpenMP team of its own): a
+    training step of the fused network took 1.3-1.6x as long on a fresh worker thread as on the thread that
+    had run torch before (``bench/stage_thread.py``). Parallel runners (``dask``, ``process``) submit every
+    stage as soon as its upstream futures exist, so that independent branches overlap.
 
-    Progress events (``flows.progress``) follow the collection order: a stage "starts" when the previous one
-    in DAG order has been collected, which under the sequential runner is when it really starts.
+    Progress events (``flows.progress``) follow DAG order: a stage "starts" when the previous one in DAG
+    order has been collected, which in sequential mode is when it really starts.
     """
     params = ctx.params
     to_run, to_lookup = plan(stages)
     keys = registry.stage_keys(params)
-    results: dict[str, Any] = {}  # stage -> StageResult (looked up) or a Prefect future
     sealed_before = {spec.name: spec.name not in ctx.force and runtime.lookup(spec, ctx, keys[spec.name]) is not None
                      for spec in registry.ORDER if spec.name in to_run}
     store = ArtifactStore(ctx.store)
     progress.planned([PlannedStage(spec.name, sealed_before[spec.name],
                                    previous_seconds(store, spec.name, spec.params_of(params)))
                       for spec in registry.ORDER if spec.name in to_run])
-    previous: Any = None
-    for spec in registry.ORDER:
-        key = keys[spec.name]
-        if spec.name in to_lookup:
-            found = runtime.lookup(spec, ctx, key)
-            if found is None:
-                raise PipelineFailed(
-                    f"{spec.name} (key {key}) has not finished; it is needed by the selected stages: "
-                    f"run it first (drop --only/--from)", spec.name,
-                    [{"stage": spec.name, "status": "failed", "seconds": 0.0, "key": key, "path": ""}],
-                )
-            results[spec.name] = found
-            continue
-        if spec.name not in to_run:
-            continue
+    results = _look_up_needed(ctx, to_lookup, keys)  # stage -> StageResult, or a Prefect future once submitted
+    selected = [spec for spec in registry.ORDER if spec.name in to_run]
+    for spec in selected:
         if spec.name in ctx.force:
-            runtime.discard_scratch(ctx, spec.name, key)
+            runtime.discard_scratch(ctx, spec.name, keys[spec.name])
+    outcomes: list[dict] = []
+    if sequential:
+        for spec in selected:
+            _collect(ctx, spec, keys[spec.name], lambda spec=spec: _run_here(ctx, spec, keys[spec.name], results),
+                     results, outcomes)
+        return outcomes
+    for spec in selected:
+        key = keys[spec.name]
         upstream = {u: results[u] for u in spec.upstream}
         wait_for = _submit_branch_trainings(ctx, params, key, upstream) if _split_training(
             params, ctx, spec.name, key) else []
-        if sequential and previous is not None:
-            wait_for.append(previous)
         task = runtime.stage_task.with_options(name=spec.name, task_run_name=spec.name)
-        results[spec.name] = previous = task.submit(spec.name, ctx, key, upstream, wait_for=wait_for or None)
-
-    outcomes: list[dict] = []
-    for spec in registry.ORDER:
-        if spec.name not in to_run:
-            continue
-        key = keys[spec.name]
-        progress.started(spec.name)
-        try:
-            result: runtime.StageResult = results[spec.name].result()
-        except Exception as exc:
-            stopped_by = stop_request.reason() or None
-            status = "stopped" if stopped_by else "failed"
-            progress.finished(spec.name, status)
-            outcomes.append({"stage": spec.name, "status": status, "seconds": 0.0, "key": key, "path": ""})
-            _drain(results)
-            raise PipelineFailed(_root_message(exc), spec.name, outcomes, ctx.parent_run_id, stopped_by) from exc
-        if result.parent_run_id != ctx.parent_run_id:
-            runtime.cache_hit_task.with_options(task_run_name=f"{spec.name}-cache-hit")(spec.name, ctx, result)
-            if spec.name == "report":  # the parent run carries the report even when it is reused
-                report_task(ctx, result)
-        # not ran: sealed before this run, or by a concurrent run while this one waited for the stage's lock
-        status = "ran" if result.ran else "cached"
-        progress.finished(spec.name, status, result.seconds if status == "ran" else None)
-        outcomes.append({"stage": spec.name, "status": status, "seconds": result.seconds, "key": key,
-                         "path": result.path})
+        results[spec.name] = task.submit(spec.name, ctx, key, upstream, wait_for=wait_for or None)
+    for spec in selected:
+        _collect(ctx, spec, keys[spec.name], results[spec.name].result, results, outcomes)
     return outcomes
+
+
+def _look_up_needed(ctx: runtime.RunContext, names: set[str], keys: dict[str, str]) -> dict[str, Any]:
+    """The sealed results of the stages the selection needs but does not run; a clear error when one is missing."""
+    found: dict[str, Any] = {}
+    for spec in registry.ORDER:
+        if spec.name not in names:
+            continue
+        result = runtime.lookup(spec, ctx, keys[spec.name])
+        if result is None:
+            raise PipelineFailed(
+                f"{spec.name} (key {keys[spec.name]}) has not finished; it is needed by the selected stages: "
+                f"run it first (drop --only/--from)", spec.name,
+                [{"stage": spec.name, "status": "failed", "seconds": 0.0, "key": keys[spec.name], "path": ""}],
+            )
+        found[spec.name] = result
+    return found
+
+
+def _run_here(ctx: runtime.RunContext, spec: runtime.StageSpec, key: str, results: dict[str, Any]) -> Any:
+    """Call the stage's Prefect task in this thread (a task run all the same) and keep its result."""
+    task = runtime.stage_task.with_options(name=spec.name, task_run_name=spec.name)
+    results[spec.name] = task(spec.name, ctx, key, {u: results[u] for u in spec.upstream})
+    return results[spec.name]
+
+
+def _collect(ctx: runtime.RunContext, spec: runtime.StageSpec, key: str, get_result: Callable[[], Any],
+             results: dict[str, Any], outcomes: list[dict]) -> None:
+    """Add one stage's outcome row: wait for (or run) it, record a reuse; PipelineFailed when it failed."""
+    progress.started(spec.name)
+    try:
+        result: runtime.StageResult = get_result()
+    except Exception as exc:
+        stopped_by = stop_request.reason() or None
+        status = "stopped" if stopped_by else "failed"
+        progress.finished(spec.name, status)
+        outcomes.append({"stage": spec.name, "status": status, "seconds": 0.0, "key": key, "path": ""})
+        _drain(results)
+        raise PipelineFailed(_root_message(exc), spec.name, outcomes, ctx.parent_run_id, stopped_by) from exc
+    if result.parent_run_id != ctx.parent_run_id:
+        runtime.cache_hit_task.with_options(task_run_name=f"{spec.name}-cache-hit")(spec.name, ctx, result)
+        if spec.name == "report":  # the parent run carries the report even when it is reused
+            report_task(ctx, result)
+    # not ran: sealed before this run, or by a concurrent run while this one waited for the stage's lock
+    status = "ran" if result.ran else "cached"
+    progress.finished(spec.name, status, result.seconds if status == "ran" else None)
+    outcomes.append({"stage": spec.name, "status": status, "seconds": result.seconds, "key": key,
+                     "path": result.path})
 
 
 def _drain(results: dict[str, Any]) -> None:
