@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	for b in curate trunk train_epoch export hamming detect baselines baselines_train hashing_train cached_rerun; do $(BIN)/python bench/$$b.py; done
+	for b in curate trunk train_epoch export hamming detect baselines baselines_train hashing_train cached_rerun stage_thread omp_wait; do $(BIN)/python bench/$$b.py; done
 
 clean:
 	rm -rf .mammo

@@ -41,11 +41,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# first: the pipeline's OpenMP wait setting must be in place when torch loads (mammo_core.runtime.openmp_wait)
+from mammo_core.runtime import openmp_wait  # noqa: E402, I001
+
+import torch  # noqa: E402
 from mammo_core.config import Params  # noqa: E402
 from mammo_core.detection import builders, data, inference  # noqa: E402
 from mammo_core.detection.backbone import FusedFeatureMaps  # noqa: E402
@@ -122,6 +125,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "detect", "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "omp_wait": openmp_wait.describe(),
         "input_hw": list(image.shape[-2:]), "proposals_test": p.proposals_test, "repeats": args.repeats,
         "latency_ms": {k: round(v["wall_ms"], 2) for k, v in times.items()},
         "cpu_ms": {k: round(v["cpu_ms"], 2) for k, v in times.items()},

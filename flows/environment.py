@@ -39,7 +39,6 @@ def configure(store: Path) -> None:
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "GIT_PYTHON_REFRESH": "quiet",
-        "OMP_WAIT_POLICY": "PASSIVE",  # see mammo_core/__init__.py
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)

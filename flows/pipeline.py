@@ -76,12 +76,14 @@ def run_stages(ctx: runtime.RunContext, stages: list[str] | None, sequential: bo
     """Run every selected stage in DAG order, reusing sealed ones; return the outcome table.
 
     ``sequential`` (the thread runner) runs the stages one after the other in this thread: one stage at a
-    time, as on a laptop, where two trainings at once would only fight over the same cores. In this thread
-    and not on the task runner's worker threads, because PyTorch's CPU ops give up much of their second
-    thread when more than one thread of the process has run them (each keeps an OpenMP team of its own): a
-    training step of the fused network took 1.3-1.6x as long on a fresh worker thread as on the thread that
-    had run torch before (``bench/stage_thread.py``). Parallel runners (``dask``, ``process``) submit every
-    stage as soon as its upstream futures exist, so that independent branches overlap.
+    time, as on a laptop, where two trainings at once would only fight over the same cores. In this thread,
+    not on the task runner's worker threads: with spinning OpenMP waits (exported by whoever owns the cores,
+    :mod:`mammo_core.runtime.openmp_wait`) PyTorch's CPU ops lose much of their second thread on a fresh
+    thread once another thread of the process has run them; a training step of the fused network took
+    1.44-1.52x as long there (``bench/stage_thread.py``). Under the default passive waits the two threads were
+    equally fast (0.90x), and the default run took as long either way. Parallel runners (``dask``,
+    ``process``) submit every stage as soon as its upstream futures exist, so that independent branches
+    overlap.
 
     Progress events (``flows.progress``) follow DAG order: a stage "starts" when the previous one in DAG
     order has been collected, which in sequential mode is when it really starts.

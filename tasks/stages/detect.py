@@ -249,13 +249,18 @@ def _summary(p: Any, splits: _Splits, trained: _Trained, size_summary: dict[str,
              times: dict[str, float], probe: torch.Tensor, device: torch.device, record_files: list[Path]
              ) -> dict[str, Any]:
     """``detection.json``: the rows and everything a reader needs to know what they were measured on."""
+    import torch
+
     from mammo_core.detection import feature_cache
+    from mammo_core.runtime import openmp_wait
 
     return {
         "classes": splits.dataset.classes, "input_size": p.max_size, "rows": trained.rows,
         "fast_rcnn": FAST_RCNN_ABSENT, "lesion_sizes": size_summary, "dropped_boxes": dict(splits.dataset.dropped),
         "latency_input_hw": list(probe.shape[-2:]), "device": str(device),
         "latency_models": "inference copies (mammo_core.detection.inference), batch 1",
+        # both move the CPU figures by 1.5x and more (mammo_core.runtime.openmp_wait): a reader must see them
+        "latency_threads": torch.get_num_threads(), "latency_omp_wait": openmp_wait.settings(),
         "split_images": {"train": len(splits.train), "val": len(splits.val),
                          "val_scored_per_epoch": len(splits.val_scored), "test": len(splits.test)},
         "training": {"epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr, "train_crop": p.train_crop,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,10 @@ def test_table8_intervals_come_from_the_saved_per_image_detections(store):
         assert stored["map50"]["b"] == pytest.approx(result["rows"][0]["map50"], abs=1e-9)
     assert result["latency_ratio_vs_r50"] == pytest.approx(result["rows"][0]["latency_ms"]
                                                            / result["rows"][2]["latency_ms"])
+    # the conditions that move a CPU latency by 1.5x and more are recorded beside it (mammo_core.runtime.openmp_wait)
+    assert 1 <= result["latency_threads"] <= os.cpu_count()
+    assert result["latency_omp_wait"] == {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+                                          "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT")}
     # every detector's validation detections too (mammo promote), with image/patient keys, no readable id
     val = records.read_split(folder, "val")
     assert set(val.predictions) == set(MODELS) and len(val.targets) == result["split_images"]["val"]

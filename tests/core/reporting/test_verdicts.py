@@ -232,6 +232,7 @@ def test_the_detector_claim_reads_the_detect_stages_bootstrap_intervals(tmp_path
     for row in det["rows"]:
         low, high = intervals[row["model"]]
         row["ci95"] = {"map50": {"value": row["map50"], "low": low, "high": high}}
+    det["latency_threads"], det["latency_omp_wait"] = 2, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}
     _write_json(dirs["detect"] / "detection.json", det)
     _reseal(dirs["detect"], "detect")
     build_report(dirs, tmp_path / "report", {})
@@ -240,6 +241,8 @@ def test_the_detector_claim_reads_the_detect_stages_bootstrap_intervals(tmp_path
     row = parts.set_index("metric").loc["mAP@0.5"]
     assert (row["claimed better (ours)"], row["other (ours)"]) == (0.4375, 0.3125)
     assert "ours [0.4000, 0.4700], frcnn_r50 [0.2500, 0.3500]" in row["from"]
+    speed = parts.set_index("metric").filter(like="latency", axis=0)["from"].item()
+    assert "2 threads, OMP_WAIT_POLICY=PASSIVE)" in speed  # what moves a CPU latency by 1.5x is said beside it
 
 
 @pytest.mark.parametrize("ours_finds, verdict", [("90 %", vd.REPRODUCED), ("the same", vd.NOISE)])
