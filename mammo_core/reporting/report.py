@@ -1138,9 +1138,10 @@ def _detector_claim(reader: _Reader) -> vd.Claim:
                                         float(r50.get("map50", nan)), _ci_of(ours, "map50"), _ci_of(r50, "map50"),
                                         "detect/detection.json (bootstrap intervals over test images, unpaired)")]
     ratio = det.get("latency_ratio_vs_r50")
+    on_cpu = str(det.get("device", "cpu")).startswith("cpu")  # threads and OpenMP waits move CPU figures only
     conditions = [f"ratio ours / frcnn_r50 {ratio:.2f}" if ratio is not None else "",
-                  f"{det['latency_threads']} threads" if det.get("latency_threads") else "",
-                  openmp_wait.describe(det["latency_omp_wait"]) if det.get("latency_omp_wait") else ""]
+                  f"{det['latency_threads']} threads" if on_cpu and det.get("latency_threads") else "",
+                  openmp_wait.describe(det["latency_omp_wait"]) if on_cpu and det.get("latency_omp_wait") else ""]
     parts.append(vd.speed_comparison("ours", "frcnn_r50", float(ours.get("latency_ms", nan)),
                                      float(r50.get("latency_ms", nan)),
                                      "detect/detection.json latency_ms (measured side by side in one process"

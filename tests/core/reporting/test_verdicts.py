@@ -243,6 +243,13 @@ def test_the_detector_claim_reads_the_detect_stages_bootstrap_intervals(tmp_path
     assert "ours [0.4000, 0.4700], frcnn_r50 [0.2500, 0.3500]" in row["from"]
     speed = parts.set_index("metric").filter(like="latency", axis=0)["from"].item()
     assert "2 threads, OMP_WAIT_POLICY=PASSIVE)" in speed  # what moves a CPU latency by 1.5x is said beside it
+    det["device"] = "cuda:0"  # on a GPU neither applies, and the verdict does not claim them
+    _write_json(dirs["detect"] / "detection.json", det)
+    _reseal(dirs["detect"], "detect")
+    build_report(dirs, tmp_path / "report_gpu", {})
+    _, parts, _ = _verdicts(tmp_path / "report_gpu")
+    speed = parts.set_index("metric").filter(like="latency", axis=0)["from"].item()
+    assert "latency_ms (measured side by side in one process)" in speed
 
 
 @pytest.mark.parametrize("ours_finds, verdict", [("90 %", vd.REPRODUCED), ("the same", vd.NOISE)])
