@@ -6,11 +6,17 @@ call of every model on the same input, after warm-up calls that are not timed; t
 reported (robust to the occasional scheduler hiccup). Process CPU milliseconds per call are recorded
 too: on a machine shared with other work they are far less inflated than wall time (with one torch
 thread, CPU time is the model's own work, whatever else runs).
+
+Why a one-thread figure beside the process's: with two or more intra-op threads, how OpenMP threads wait
+between ops (:mod:`mammo_core.runtime.openmp_wait`) moves a model of many small ops by 1.5x and more, and
+the pipeline's setting is not the bench's or a server's; on one thread nobody waits, so that ratio holds
+under any setting.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -32,3 +38,21 @@ def measure_latency_detail(models: Mapping[str, nn.Module], image: Tensor, repea
         m.eval()
     return interleaved_detail({name: (lambda m=m: m([image])) for name, m in models.items()}, repeats=repeats,
                               warmup=warmup, sync=cuda_sync(image.device))
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``threads`` intra-op threads, then give the process its count back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure_latency_on_threads(models: Mapping[str, nn.Module], image: Tensor, threads: int, repeats: int = 10,
+                               warmup: int = 2) -> dict[str, float]:
+    """:func:`measure_latency` with ``threads`` intra-op threads (CPU), the process's count restored after."""
+    with torch_threads(threads):
+        return measure_latency(models, image, repeats, warmup)

@@ -1141,7 +1141,9 @@ def _detector_claim(reader: _Reader) -> vd.Claim:
     on_cpu = str(det.get("device", "cpu")).startswith("cpu")  # threads and OpenMP waits move CPU figures only
     conditions = [f"ratio ours / frcnn_r50 {ratio:.2f}" if ratio is not None else "",
                   f"{det['latency_threads']} threads" if on_cpu and det.get("latency_threads") else "",
-                  openmp_wait.describe(det["latency_omp_wait"]) if on_cpu and det.get("latency_omp_wait") else ""]
+                  openmp_wait.describe(det["latency_omp_wait"]) if on_cpu and det.get("latency_omp_wait") else "",
+                  (f"on 1 thread {det['latency_ratio_vs_r50_1_thread']:.2f}"
+                   if on_cpu and det.get("latency_ratio_vs_r50_1_thread") else "")]
     parts.append(vd.speed_comparison("ours", "frcnn_r50", float(ours.get("latency_ms", nan)),
                                      float(r50.get("latency_ms", nan)),
                                      "detect/detection.json latency_ms (measured side by side in one process"

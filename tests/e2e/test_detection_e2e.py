@@ -96,6 +96,10 @@ def test_table8_intervals_come_from_the_saved_per_image_detections(store):
                                                            / result["rows"][2]["latency_ms"])
     # the conditions that move a CPU latency by 1.5x and more are recorded beside it (mammo_core.runtime.openmp_wait)
     assert 1 <= result["latency_threads"] <= os.cpu_count()
+    # and on one thread, where no wait setting moves the ratio
+    assert all(row["latency_ms_1_thread"] > 0 for row in result["rows"])
+    assert result["latency_ratio_vs_r50_1_thread"] == pytest.approx(result["rows"][0]["latency_ms_1_thread"]
+                                                                    / result["rows"][2]["latency_ms_1_thread"])
     assert result["latency_omp_wait"] == {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
                                           "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT")}
     # every detector's validation detections too (mammo promote), with image/patient keys, no readable id

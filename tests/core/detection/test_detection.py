@@ -368,6 +368,24 @@ def test_latency_is_measured_for_every_model_side_by_side():
     assert set(times) == {"fast", "slow"} and times["slow"] > times["fast"] > 0
 
 
+def test_the_one_thread_latency_runs_on_one_thread_and_gives_the_count_back():
+    seen: list[int] = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, images):
+            seen.append(torch.get_num_threads())
+            return [images[0]]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # start from two, whatever the machine has
+    try:
+        times = latency.measure_latency_on_threads({"a": Recorder()}, torch.rand(3, 8, 8), 1, repeats=2, warmup=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1] and times["a"] > 0
+
+
 # ------------------------------------------------------------------------------ cached extractor maps
 
 
