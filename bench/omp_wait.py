@@ -26,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,17 +48,18 @@ def policy_env(policy: str) -> dict[str, str]:
 
 def child(repeats: int, steps: int) -> None:
     """Time both workloads in this process (its OpenMP policy came with its environment); print JSON."""
+    exported = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}  # before mammo_core adds one
     import torch
     import yaml
 
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "bench"))
     from detect import as_trained, synthetic_mammogram
+    from stage_thread import training_step_timer
 
     from mammo_core.config import Params
     from mammo_core.detection import builders, data, inference
     from mammo_core.detection.latency import measure_latency_detail
-    from mammo_core.models.fused import FusedDenseNet
 
     p = Params.model_validate(yaml.safe_load((REPO / "params" / "default.yaml").read_text()) or {}).detect
     models = {}
@@ -69,22 +69,9 @@ def child(repeats: int, steps: int) -> None:
     image = synthetic_mammogram(p.max_size, round(p.max_size * 5 / 8))
     latency = measure_latency_detail(models, image, repeats=repeats, warmup=1)
 
-    model = FusedDenseNet(7, seed=0).train()
-    optimizer = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.01, momentum=0.9)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(32, 3, 64, 64, generator=generator)
-    labels = torch.randint(0, 7, (32,), generator=generator)
-    step_s = []
-    for i in range(steps + 1):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        sum(torch.nn.functional.cross_entropy(out, labels) for out in model(images).values()).backward()
-        optimizer.step()
-        if i:  # the first step warms up
-            step_s.append(time.perf_counter() - start)
+    step_s = training_step_timer(steps=steps)()
     print(json.dumps({"ours_ms": latency["ours"]["wall_ms"], "frcnn_r50_ms": latency["frcnn_r50"]["wall_ms"],
-                      "train_step_ms": 1000 * statistics.median(step_s), "threads": torch.get_num_threads(),
-                      "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}}))
+                      "train_step_ms": 1000 * step_s, "threads": torch.get_num_threads(), "env": exported}))
 
 
 def run_child(policy: str, shared: bool, repeats: int, steps: int) -> dict:

@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +35,30 @@ import torch  # noqa: E402
 from mammo_core.models.fused import FusedDenseNet  # noqa: E402
 
 
+def training_step_timer(batch: int = 32, size: int = 64, classes: int = 7, steps: int = 4) -> Callable[[], float]:
+    """A function that times ``steps`` SGD steps of the fused DenseNet on this thread (median seconds, after one
+    untimed step): the train stage's workload, shared with ``bench/omp_wait.py``."""
+    model = FusedDenseNet(classes, seed=0).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=generator)
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+
+    def seconds_per_step() -> float:
+        times = []
+        for i in range(steps + 1):
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(images)  # one head per branch, trained together as in the train stage
+            sum(torch.nn.functional.cross_entropy(out, labels) for out in logits.values()).backward()
+            optimizer.step()
+            if i:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return seconds_per_step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
@@ -44,25 +69,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-
-    model = FusedDenseNet(args.classes, seed=0).train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, args.size, args.size, generator=generator)
-    labels = torch.randint(0, args.classes, (args.batch,), generator=generator)
-
-    def seconds_per_step() -> float:
-        """The median over ``--steps`` steps, after one untimed step on this thread."""
-        times = []
-        for i in range(args.steps + 1):
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(images)  # one head per branch, trained together as in the train stage
-            sum(torch.nn.functional.cross_entropy(out, labels) for out in logits.values()).backward()
-            optimizer.step()
-            if i:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    seconds_per_step = training_step_timer(args.batch, args.size, args.classes, args.steps)
 
     main_s, worker_s = [], []
     for _ in range(args.repeats):
