@@ -35,6 +35,17 @@ def settings() -> dict[str, str | None]:
     return {name: os.environ.get(name) for name in SETTINGS}
 
 
+def threads_sleep(values: dict[str, str | None] | None = None) -> bool:
+    """Whether a thread that ends its share of a parallel region sleeps at once (PASSIVE, no spin count).
+
+    Why callers ask: then every parallel region of a small op pays a wake-up, and work of many small ops
+    runs faster as separate one-thread tasks than on the shared team (``concurrent_branches``).
+    """
+    values = settings() if values is None else values
+    policy = (values.get("OMP_WAIT_POLICY") or "").upper()
+    return values.get("GOMP_SPINCOUNT") is None and policy == "PASSIVE"
+
+
 def describe(values: dict[str, str | None] | None = None) -> str:
     """One phrase for a report: how OpenMP threads waited when a figure was measured."""
     values = settings() if values is None else values

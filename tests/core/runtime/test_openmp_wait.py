@@ -43,3 +43,15 @@ def test_what_the_user_exported_wins(exported):
 def test_describe_names_what_libgomp_obeys(values, phrase):
     """GOMP_SPINCOUNT overrides the policy's spin count in libgomp, so it is what the phrase names."""
     assert openmp_wait.describe(values) == phrase
+
+
+@pytest.mark.parametrize(("values", "sleep"), [
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}, True),
+    ({"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": None}, True),
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000000"}, False),
+    ({"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}, False),
+    ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None}, False),
+])
+def test_threads_sleep_only_under_passive_without_a_spin_count(values, sleep):
+    """What decides whether the extractor's branches run on one-thread workers (concurrent_branches)."""
+    assert openmp_wait.threads_sleep(values) is sleep

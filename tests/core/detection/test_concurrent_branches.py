@@ -1,0 +1,132 @@
+"""The fused extractor's branch chains run concurrently on one-thread workers, and compute the same maps
+(mammo_core.detection.concurrent_branches); elsewhere the wrapped module runs as it is."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from mammo_core.detection import concurrent_branches
+from mammo_core.detection.backbone import FusedFeatureMaps
+from mammo_core.detection.concurrent_branches import ConcurrentBranchMaps, branch_chains
+from mammo_core.models.fused import FusedDenseNet
+from mammo_core.runtime import openmp_wait
+from tests.helpers.paths import REPO
+
+
+def trained_extractor() -> FusedFeatureMaps:
+    """Ours' extractor with its trainable weights moved (so that only the really frozen segments are shared),
+    then frozen, in eval: as the detect stage holds it."""
+    maps = FusedFeatureMaps(FusedDenseNet(2, seed=0), (0.5, 0.3, 0.2))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in maps.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+            p.requires_grad_(False)
+    return maps.eval()
+
+
+@pytest.fixture
+def sleeping_waits(monkeypatch):
+    """Whatever the test process's environment says: the concurrent path is taken under sleeping waits."""
+    monkeypatch.setattr(openmp_wait, "threads_sleep", lambda values=None: True)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def segment_threads(maps: FusedFeatureMaps) -> list[str]:
+    """Record, per branch segment call, the name of the thread that ran it."""
+    names: list[str] = []
+    for branch in maps.fused.branches.values():
+        for segment in branch.children():
+            segment.register_forward_pre_hook(lambda *_: names.append(threading.current_thread().name))
+    return names
+
+
+@pytest.mark.parametrize(("plan", "chains"), [
+    ([(-1, 0), (0, 2), (-1, 0)], [[0, 1], [2]]),
+    ([(-1, 0), (-1, 0), (1, 3)], [[0], [1, 2]]),
+    ([(-1, 0), (-1, 0), (-1, 0)], [[0], [1], [2]]),
+    ([(-1, 0), (0, 1), (1, 2)], [[0, 1, 2]]),
+])
+def test_a_branch_runs_after_the_branch_whose_segments_it_reuses(plan, chains):
+    assert branch_chains(plan) == chains
+
+
+def test_branches_run_on_one_thread_workers_and_give_the_same_maps(sleeping_waits, two_threads):
+    maps = trained_extractor()
+    plan = maps.shared_segments()
+    assert len(branch_chains(plan)) >= 2, plan  # otherwise nothing could run concurrently
+    wrapped = ConcurrentBranchMaps(maps)
+    x = torch.rand(1, 3, 96, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = maps(x)
+        threads = segment_threads(maps)
+        got = wrapped(x)
+        assert wrapped.workers_for(x) == 2
+    ran = set(threads)
+    assert ran and all(name.startswith("mammo-branch") for name in ran), ran  # none on the caller's thread
+    assert list(got) == ["trunk", "middle", "final"]
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5 * float(expected[name].abs().max()))
+    pool = concurrent_branches.single_thread_workers(2)
+    assert pool.submit(torch.get_num_threads).result() == 1
+    assert torch.get_num_threads() == 2  # the caller's count is its own again
+
+
+@pytest.mark.parametrize("case", ["one thread", "autograd", "spinning waits"])
+def test_otherwise_the_wrapped_module_runs_on_the_callers_thread(case, monkeypatch, two_threads):
+    """A one-thread latency must stay one thread; autograd and spinning waits gain nothing from workers."""
+    if case == "one thread":
+        torch.set_num_threads(1)
+        monkeypatch.setattr(openmp_wait, "threads_sleep", lambda values=None: True)
+    elif case == "spinning waits":
+        monkeypatch.setattr(openmp_wait, "threads_sleep", lambda values=None: False)
+    else:
+        monkeypatch.setattr(openmp_wait, "threads_sleep", lambda values=None: True)
+    maps = trained_extractor()
+    wrapped = ConcurrentBranchMaps(maps)
+    x = torch.rand(1, 3, 64, 64)
+    threads = segment_threads(maps)
+    with contextlib.nullcontext() if case == "autograd" else torch.inference_mode():
+        wrapped(x)
+        assert wrapped.workers_for(x) == 1
+    assert set(threads) == {threading.current_thread().name}
+
+
+def test_starting_the_workers_leaves_the_callers_thread_count_and_the_one_new_threads_inherit():
+    """torch.set_num_threads in a worker also sets the count of threads started later; that is undone."""
+    probe = (
+        "import json, threading, torch\n"
+        "from mammo_core.detection import concurrent_branches\n"
+        "torch.set_num_threads(2)\n"
+        "pool = concurrent_branches.single_thread_workers(2)\n"
+        "later = []\n"
+        "t = threading.Thread(target=lambda: later.append(torch.get_num_threads())); t.start(); t.join()\n"
+        "workers = sorted(pool.submit(torch.get_num_threads).result() for _ in range(4))\n"
+        "print(json.dumps({'caller': torch.get_num_threads(), 'new_thread': later[0], 'workers': workers}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True,
+                         timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"caller": 2, "new_thread": 2, "workers": [1] * 4}
+
+
+def test_the_inference_copy_of_the_extractor_alone_is_wrapped():
+    """The feature cache copies the extractor itself, not a detector holding it."""
+    from mammo_core.detection.inference import inference_copy
+
+    copy = inference_copy(trained_extractor())
+    assert isinstance(copy, ConcurrentBranchMaps) and isinstance(copy.maps, FusedFeatureMaps)
