@@ -14,8 +14,9 @@ run to run. The input is a synthetic breast-shaped image at the stage's input si
 Each detector is timed twice: as built (torchvision's eval forward) and as its inference copy
 (``mammo_core.detection.inference``: BatchNorm folded into the convolution before it, BatchNorm + ReLU before
 a 1x1 convolution turned into a per-channel floor, dense blocks buffered, transitions pooled first, identity
-attention removed, the hash decoder folded, pooling from strided views; the ResNet-50 gets the rewrites that
-apply to it: its BatchNorm folding and its stem's strided max pool).
+attention removed, the hash decoder folded, pooling from strided views, and on the CPU under sleeping OpenMP
+waits the fused extractor's branch chains run concurrently on one-thread workers; the ResNet-50 gets the
+rewrites that apply to it: its BatchNorm folding and its stem's strided max pool).
 The headline ratio compares the two inference copies; both detectors use the same RPN/ROI settings
 (``proposals_test`` of the params). On a shared machine, ``--threads 1`` and the CPU figures are the
 comparable ones.
