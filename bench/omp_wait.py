@@ -1,7 +1,7 @@
 """How OpenMP threads wait between parallel regions: the pipeline's torch work under each policy, idle and shared.
 
 Why: libgomp (torch's OpenMP runtime on Linux) makes a thread that reaches the end of a parallel region wait
-for the next one, spinning up to ``GOMP_SPINCOUNT`` iterations (3,000,000 by default, 0 with
+for the next one, spinning up to ``GOMP_SPINCOUNT`` iterations (300,000 by default, 0 with
 ``OMP_WAIT_POLICY=PASSIVE``) before it sleeps on a futex. Spinning long collapses when another busy process
 shares the cores (the thread that spins takes the core its partner needs); not spinning at all makes every
 region of a small op pay a futex wake-up, and ours (about ten times as many small ops as the ResNet-50 FPN)

@@ -7,7 +7,7 @@ runner (``flows.pipeline.run_stages``); this bench measures the gap on the train
 of the fused DenseNet (Freeze1-3 on a shared trunk) on a batch of 64-px patches, as ``train:`` in
 ``params/default.yaml``. It runs under the pipeline's OpenMP wait setting (:mod:`mammo_core.runtime.openmp_wait`,
 named in the output): PASSIVE unless exported; ``GOMP_SPINCOUNT=3000000 python bench/stage_thread.py`` times
-libgomp's own spinning.
+long spinning waits (ten times libgomp's default count).
 
 Each repeat times ``--steps`` steps on the main thread, then on a fresh ``ThreadPoolExecutor`` thread, so
 machine noise hits both alike; medians over repeats are reported, and ``worker_vs_main`` is their ratio.

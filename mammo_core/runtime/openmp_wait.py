@@ -1,9 +1,9 @@
 """How torch's OpenMP threads wait between parallel regions: the pipeline's default, and what a run reports.
 
 libgomp (torch's OpenMP runtime on Linux) reads its environment once, when torch is loaded: a thread that
-finishes its share of a parallel region spins up to ``GOMP_SPINCOUNT`` iterations (3,000,000 unless set, 0
-with ``OMP_WAIT_POLICY=PASSIVE``) before it sleeps. Neither choice is right everywhere
-(``bench/omp_wait.py``, 2 cores, 2026-12-04):
+finishes its share of a parallel region spins up to ``GOMP_SPINCOUNT`` iterations (300,000 unless set, 0
+with ``OMP_WAIT_POLICY=PASSIVE``, 30 billion with ``ACTIVE``: libgomp's documentation) before it sleeps.
+Neither choice is right everywhere (``bench/omp_wait.py``, 2 cores, 2026-12-04):
 
 - idle machine: spinning is faster. A training step of the fused DenseNet took 395-526 ms spinning against
   681-934 ms passive; ours (the detector's inference copy, batch 1, many small ops) 157-196 ms against
@@ -13,7 +13,7 @@ with ``OMP_WAIT_POLICY=PASSIVE``) before it sleeps. Neither choice is right ever
 
 The pipeline sets ``PASSIVE`` (:func:`set_default`): a run that takes 1.5-1.8x longer on an idle machine is
 better than one that takes 3-5x longer whenever anything else runs. Whoever owns the cores exports
-``GOMP_SPINCOUNT=3000000`` (libgomp's own spin) and gets the faster figures; what the user exported wins.
+``GOMP_SPINCOUNT=3000000`` (ten times libgomp's default count) and gets the faster figures; what the user exported wins.
 """
 
 from __future__ import annotations
@@ -54,4 +54,4 @@ def describe(values: dict[str, str | None] | None = None) -> str:
         return f"OpenMP threads spin {spin} iterations, then sleep (GOMP_SPINCOUNT)"
     if policy:
         return f"OMP_WAIT_POLICY={policy}"
-    return "libgomp's default wait (3,000,000 spins, then sleep)"
+    return "libgomp's default wait (300,000 spins, then sleep)"

@@ -38,7 +38,7 @@ def test_what_the_user_exported_wins(exported):
     ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}, "OMP_WAIT_POLICY=PASSIVE"),
     ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000000"},
      "OpenMP threads spin 3000000 iterations, then sleep (GOMP_SPINCOUNT)"),
-    ({"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}, "libgomp's default wait (3,000,000 spins, then sleep)"),
+    ({"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}, "libgomp's default wait (300,000 spins, then sleep)"),
 ])
 def test_describe_names_what_libgomp_obeys(values, phrase):
     """GOMP_SPINCOUNT overrides the policy's spin count in libgomp, so it is what the phrase names."""
