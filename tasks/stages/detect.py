@@ -282,7 +282,7 @@ def _summary(p: Any, splits: _Splits, trained: _Trained, size_summary: dict[str,
                      "cache_extractor": _caches_extractor(p), "augment": p.augment,
                      "roi_samples": p.roi_samples, "proposals_train": p.proposals_train,
                      "proposals_test": p.proposals_test, "max_size": p.max_size, "max_images": p.max_images,
-                     "val_images": p.val_images},
+                     "val_images": p.val_images, "seed": p.seed},  # the seed moves AP50 at small budgets
         "bootstrap": {"n_boot": p.n_boot, "confidence": 0.95, "unit": "test images, a patient's images drawn "
                       "together", "source": [DETECTIONS_FILE, TRUTH_FILE, TEST_IMAGES_FILE]},
         "paired_test": paired_test,  # B - A = ours - baseline, both scored on the same patient resamples
