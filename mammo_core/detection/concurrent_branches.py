@@ -96,23 +96,25 @@ class ConcurrentBranchMaps(nn.Module):
         super().__init__()
         self.maps = maps
 
-    def workers_for(self, x: Tensor) -> int:
-        """How many one-thread workers this call uses; 1 means the wrapped module's own forward."""
+    def workers_for(self, x: Tensor, chains: int | None = None) -> int:
+        """How many one-thread workers this call uses for ``chains`` chains; 1: the wrapped module's forward."""
         if x.device.type != "cpu" or torch.is_grad_enabled() or not openmp_wait.threads_sleep():
             return 1
-        return min(len(branch_chains(self.maps.shared_segments())), torch.get_num_threads())
+        chains = len(branch_chains(self.maps.shared_segments())) if chains is None else chains
+        return min(chains, torch.get_num_threads())
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        workers = self.workers_for(x)
-        if workers < 2:
-            return self.maps(x)
         body = self.maps
-        trunk = body.fused.trunk_output(x)
         plan = body.shared_segments()
+        chains = branch_chains(plan)
+        workers = self.workers_for(x, len(chains))
+        if workers < 2:
+            return body(x)
+        trunk = body.fused.trunk_output(x)
         segments = [list(branch.children()) for branch in body.fused.branches.values()]
         pool = single_thread_workers(workers)
         inference = torch.is_inference_mode_enabled()
-        futures = [pool.submit(run_chain, chain, plan, segments, trunk, inference) for chain in branch_chains(plan)]
+        futures = [pool.submit(run_chain, chain, plan, segments, trunk, inference) for chain in chains]
         steps: BranchSteps = {}
         for future in futures:
             steps.update(future.result())
