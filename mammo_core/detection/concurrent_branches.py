@@ -128,6 +128,16 @@ class ConcurrentBranchMaps(nn.Module):
         return OrderedDict([("trunk", trunk), ("middle", middle), ("final", final)])
 
 
+def branch_workers(model: nn.Module, device: torch.device | str = "cpu") -> int:
+    """How many one-thread workers an inference call of ``model`` uses for its branches here (0: none wrapped).
+
+    For reports: a latency measured with them is not the latency of the same copy without them.
+    """
+    probe = torch.empty(0, device=device)
+    with torch.inference_mode():
+        return max((m.workers_for(probe) for m in model.modules() if isinstance(m, ConcurrentBranchMaps)), default=0)
+
+
 def run_branches_concurrently(model: nn.Module) -> int:
     """Wrap, in place, every :class:`FusedFeatureMaps` child of ``model``; returns how many were wrapped."""
     wrapped = 0

@@ -231,6 +231,7 @@ def _time_latency(ctx: runtime.StageContext, splits: _Splits, trained: _Trained,
     import torch
 
     from mammo_core.detection import engine, latency
+    from mammo_core.detection.concurrent_branches import branch_workers
     from mammo_core.detection.inference import inference_copy
 
     p = ctx.params.detect
@@ -246,6 +247,7 @@ def _time_latency(ctx: runtime.StageContext, splits: _Splits, trained: _Trained,
     trained.profile["latency_s"] = round(time.perf_counter() - started, 2)
     for row in trained.rows:
         row["latency_ms"] = times[row["model"]]
+        row["latency_branch_workers"] = branch_workers(copies[row["model"]], device)  # at the stage's thread count
         if one_thread:
             row["latency_ms_1_thread"] = one_thread[row["model"]]
     return times, probe

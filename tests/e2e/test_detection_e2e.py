@@ -51,6 +51,8 @@ def test_detect_stage_writes_the_table8_contract(store):
     assert result["rows"][0]["weights"].startswith("train-stage fused DenseNet, extractor frozen")
     assert result["training"]["train_crop"] == 96 and result["training"]["train_backbone"] is False
     assert result["training"]["seed"] == 0  # AP50 at these budgets moves with it: the file says which
+    workers = {row["model"]: row["latency_branch_workers"] for row in result["rows"]}  # concurrent_branches
+    assert workers["frcnn_r50"] == 0 and workers["ours"] >= 1 and workers["ours_nohash"] == workers["ours"]
     assert result["rows"][2]["weights"].startswith(("imagenet", "none (random init"))
     assert result["lesion_sizes"]["count"] > 0 and result["lesion_sizes"]["quantiles_px"]["q50"] > 0
     assert "fast_rcnn" in result and isinstance(result["dropped_boxes"], dict)

@@ -130,3 +130,16 @@ def test_the_inference_copy_of_the_extractor_alone_is_wrapped():
 
     copy = inference_copy(trained_extractor())
     assert isinstance(copy, ConcurrentBranchMaps) and isinstance(copy.maps, FusedFeatureMaps)
+
+
+def test_branch_workers_says_what_an_inference_call_uses(monkeypatch, two_threads):
+    from mammo_core.detection.concurrent_branches import branch_workers
+
+    wrapped = ConcurrentBranchMaps(trained_extractor())
+    monkeypatch.setattr(openmp_wait, "threads_sleep", lambda values=None: True)
+    assert branch_workers(wrapped) == 2 and branch_workers(torch.nn.Sequential(torch.nn.ReLU())) == 0
+    torch.set_num_threads(1)
+    assert branch_workers(wrapped) == 1
+    torch.set_num_threads(2)
+    monkeypatch.setattr(openmp_wait, "threads_sleep", lambda values=None: False)
+    assert branch_workers(wrapped) == 1
