@@ -234,6 +234,7 @@ def test_the_detector_claim_reads_the_detect_stages_bootstrap_intervals(tmp_path
         row["ci95"] = {"map50": {"value": row["map50"], "low": low, "high": high}}
     det["latency_threads"], det["latency_omp_wait"] = 2, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}
     det["latency_ratio_vs_r50_1_thread"] = 0.4567
+    next(row for row in det["rows"] if row["model"] == "ours")["latency_branch_workers"] = 2
     _write_json(dirs["detect"] / "detection.json", det)
     _reseal(dirs["detect"], "detect")
     build_report(dirs, tmp_path / "report", {})
@@ -243,7 +244,8 @@ def test_the_detector_claim_reads_the_detect_stages_bootstrap_intervals(tmp_path
     assert (row["claimed better (ours)"], row["other (ours)"]) == (0.4375, 0.3125)
     assert "ours [0.4000, 0.4700], frcnn_r50 [0.2500, 0.3500]" in row["from"]
     speed = parts.set_index("metric").filter(like="latency", axis=0)["from"].item()
-    assert "2 threads, OMP_WAIT_POLICY=PASSIVE, on 1 thread 0.46)" in speed  # what moves a CPU latency is said
+    # what moves a CPU latency is said
+    assert "2 threads, OMP_WAIT_POLICY=PASSIVE, ours' branches on 2 one-thread workers, on 1 thread 0.46)" in speed
     det["device"] = "cuda:0"  # on a GPU neither applies, and the verdict does not claim them
     _write_json(dirs["detect"] / "detection.json", det)
     _reseal(dirs["detect"], "detect")
