@@ -15,8 +15,6 @@ Only training patches are read; validation and test patches never enter the file
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from mammo_core.data.patches import SPLIT_CODES
+from mammo_core.runtime.intra_op_threads import torch_threads
 from mammo_core.storage import h5io
 from mammo_core.storage.durable import atomic_path
 
@@ -86,18 +85,6 @@ def augment_patch(patch: torch.Tensor, params: AugmentParams, fill: float = WHIT
         out = F.affine(out, angle=0.0, translate=[0.0, 0.0], scale=1.0,
                        shear=[params.shear_x_deg, params.shear_y_deg], interpolation=_INTERPOLATION, fill=[fill])
     return out
-
-
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread while augmenting: a 64-224 px patch is far too small to split, and on a busy
-    2-core machine torch's thread hand-offs made each op 10-50x slower than running it on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass
@@ -172,7 +159,9 @@ def augment_split(
     per_label = np.zeros(max(len(class_names), 1), dtype=np.int64)
     originals = 0
     train = SPLIT_CODES["train"]
-    with _single_thread(), h5io.ChunkedH5Writer(out_path, specs, attrs=out_attrs, compression=compression) as out:
+    # one intra-op thread: a 64-224 px patch is far too small to split, and on a busy 2-core machine torch's
+    # thread hand-offs made each op 10-50x slower than running it on one thread
+    with torch_threads(1), h5io.ChunkedH5Writer(out_path, specs, attrs=out_attrs, compression=compression) as out:
         for start, block in h5io.iter_blocks(patches_h5, PATCH_DATASETS, batch):
             rows = np.flatnonzero(block["split"] == train)
             if rows.size == 0:

@@ -16,12 +16,12 @@ under any setting.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from mammo_core.evaluation.latency import cuda_sync, interleaved_detail
+from mammo_core.runtime.intra_op_threads import torch_threads
 
 
 def measure_latency(models: Mapping[str, nn.Module], image: Tensor, repeats: int = 10, warmup: int = 2
@@ -38,17 +38,6 @@ def measure_latency_detail(models: Mapping[str, nn.Module], image: Tensor, repea
         m.eval()
     return interleaved_detail({name: (lambda m=m: m([image])) for name, m in models.items()}, repeats=repeats,
                               warmup=warmup, sync=cuda_sync(image.device))
-
-
-@contextmanager
-def torch_threads(threads: int):
-    """Run the block with ``threads`` intra-op threads, then give the process its count back."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def measure_latency_on_threads(models: Mapping[str, nn.Module], image: Tensor, threads: int, repeats: int = 10,
