@@ -29,13 +29,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# openmp_wait.SETTINGS, not imported from there: importing mammo_core exports PASSIVE when neither is set
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def policy_env(policy: str) -> dict[str, str]:
     """The child's environment: ``passive``, ``default`` (libgomp's own), ``spin:N`` (GOMP_SPINCOUNT=N) or
     ``passive+spin:N`` (both exported: GOMP_SPINCOUNT wins, as when a user exports it over the pipeline's
     PASSIVE)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_SETTINGS}
     for part in policy.split("+"):
         if part == "passive":
             env["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -48,7 +50,7 @@ def policy_env(policy: str) -> dict[str, str]:
 
 def child(repeats: int, steps: int) -> None:
     """Time both workloads in this process (its OpenMP policy came with its environment); print JSON."""
-    exported = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}  # before mammo_core adds one
+    exported = {k: os.environ.get(k) for k in WAIT_SETTINGS}  # before mammo_core adds one
     import torch
     import yaml
 
