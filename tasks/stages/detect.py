@@ -227,11 +227,13 @@ def _score_saved(ctx: runtime.StageContext, splits: _Splits, trained: _Trained, 
 
 def _time_latency(ctx: runtime.StageContext, splits: _Splits, trained: _Trained, device: torch.device
                   ) -> tuple[dict[str, float], torch.Tensor]:
-    """Every detector timed at batch 1 side by side as its inference copy (BatchNorm folded etc.: same outputs)."""
+    """Every detector timed at batch 1 side by side as its inference copy (BatchNorm folded etc.: same outputs);
+    on a GPU with its backbone replayed from a CUDA graph, every detector alike (launch-bound at batch 1)."""
     import torch
 
     from mammo_core.detection import engine, latency
     from mammo_core.detection.concurrent_branches import branch_workers
+    from mammo_core.detection.cuda_graphs import graph_backbone
     from mammo_core.detection.inference import inference_copy
 
     p = ctx.params.detect
@@ -239,6 +241,9 @@ def _time_latency(ctx: runtime.StageContext, splits: _Splits, trained: _Trained,
     images = splits.test or splits.dataset.images
     probe = images[0].image if images else torch.rand(1, p.max_size, p.max_size)
     copies = {name: inference_copy(m) for name, m in trained.models.items()}
+    if device.type == "cuda":
+        for copy in copies.values():
+            graph_backbone(copy)
     image = engine.as_input(probe, device)
     times = latency.measure_latency(copies, image, repeats=p.latency_repeats)
     # on the CPU, also on one thread: a ratio that no OpenMP wait setting moves (mammo_core.detection.latency)
@@ -273,7 +278,8 @@ def _summary(p: Any, splits: _Splits, trained: _Trained, size_summary: dict[str,
         "classes": splits.dataset.classes, "input_size": p.max_size, "rows": trained.rows,
         "fast_rcnn": FAST_RCNN_ABSENT, "lesion_sizes": size_summary, "dropped_boxes": dict(splits.dataset.dropped),
         "latency_input_hw": list(probe.shape[-2:]), "device": str(device),
-        "latency_models": "inference copies (mammo_core.detection.inference), batch 1",
+        "latency_models": "inference copies (mammo_core.detection.inference), batch 1"
+                          + (", backbone replayed from a CUDA graph" if device.type == "cuda" else ""),
         # both move the CPU figures by 1.5x and more (mammo_core.runtime.openmp_wait): a reader must see them
         "latency_threads": torch.get_num_threads(), "latency_omp_wait": openmp_wait.settings(),
         "split_images": {"train": len(splits.train), "val": len(splits.val),
