@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= params/default.yaml
 
-.PHONY: run test lint setup clean bench
+.PHONY: run test lint setup clean bench bench-gpu
 
 setup: $(STAMP)
 
@@ -32,6 +32,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	for b in curate trunk train_epoch export hamming detect baselines baselines_train hashing_train cached_rerun stage_thread omp_wait; do $(BIN)/python bench/$$b.py; done
+
+# On a machine with a CUDA GPU: every GPU check (tests, detector latency, the pipeline at paper sizes), then the
+# README's "GPU figures" from their output (bench/results/gpu.jsonl).
+bench-gpu: $(STAMP)
+	MAMMO_COMMIT=$$(git rev-parse --short HEAD) bash bench/gpu_device.sh .mammo/gpu $(BIN)/python
+	mkdir -p bench/results && cp .mammo/gpu/gpu.jsonl bench/results/gpu.jsonl
+	$(BIN)/python bench/gpu_readme.py
 
 clean:
 	rm -rf .mammo

@@ -144,7 +144,8 @@ def main() -> None:
     headline = "graphed" if graphed else "inference"
 
     print(json.dumps({
-        "bench": "detect", "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "bench": "detect", "argv": sys.argv[1:],
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
         "omp_wait": openmp_wait.describe(),

@@ -70,3 +70,22 @@ def test_the_branch_learning_rate_decays_within_the_configured_epochs(name):
     schedule = Schedule.from_params(load_params(REPO / "params" / f"{name}.yaml").train)
     after_warmup = [schedule.lr_at(e) for e in range(schedule.warmup_epochs, schedule.epochs)]
     assert after_warmup[0] == schedule.lr and min(after_warmup) <= schedule.lr / schedule.lr_gamma
+
+
+# what params/paper_phantom.yaml may change from paper.yaml, each said in its header (issue 18, goal 7)
+PHANTOM_CHANGES = {"run": {"name", "device"}, "data": {"source", "root", "n_patients", "image_shape", "seed",
+                                                       "download_workers"},
+                   "train": {"weights", "epochs", "warmup_epochs"}, "hashing": {"epochs"}, "classify": {"n_boot"},
+                   "detect": {"epochs", "r50_weights", "n_boot"}, "baselines": {"weights", "n_boot"}}
+
+
+def test_paper_phantom_keeps_every_size_of_paper():
+    """The GPU check runs paper.yaml's sizes: any other difference would make it a check of something else."""
+    paper = load_params(REPO / "params" / "paper.yaml").model_dump()
+    phantom = load_params(REPO / "params" / "paper_phantom.yaml").model_dump()
+    differing = {(section, key) for section, values in paper.items() for key, value in values.items()
+                 if phantom[section][key] != value}
+    allowed = {(section, key) for section, keys in PHANTOM_CHANGES.items() for key in keys}
+    assert differing - allowed == set()
+    assert ("train", "epochs") in differing and ("data", "source") in differing  # the comparison sees changes
+    assert phantom["patches"]["size"] == 224 and phantom["detect"]["max_size"] == 1024
