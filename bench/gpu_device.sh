@@ -25,7 +25,7 @@ print(json.dumps({"bench": "machine", "gpu": torch.cuda.get_device_name(0), "tor
 EOF
 
 say "CUDA tests"
-timeout 240 "$py" -m pytest -q -p no:cacheprovider tests/core/detection/test_cuda_graphs.py \
+timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/core/detection/test_cuda_graphs.py \
     tests/core/training/test_devices.py >"$out/pytest.log" 2>&1
 tail -3 "$out/pytest.log"
 "$py" - "$out/pytest.log" <<'EOF' | tee -a "$jsonl"
@@ -37,7 +37,7 @@ print(json.dumps({"bench": "cuda_tests", "command": "python -m pytest tests/core
 EOF
 
 say "detector latency at batch 1 (paper sizes)"
-timeout 240 "$py" bench/detect.py --params params/paper_phantom.yaml --repeats "${REPEATS:-30}" >>"$jsonl" 2>"$out/detect.log"
+timeout 150 "$py" bench/detect.py --params params/paper_phantom.yaml --repeats "${REPEATS:-30}" >>"$jsonl" 2>"$out/detect.log"
 tail -c 600 "$jsonl"; echo
 
 say "pipeline on the GPU: shared trunk, then separate on one GPU"

@@ -79,8 +79,9 @@ def run_cli(args: list[str], store: Path, log: Path, timeout_s: float) -> tuple[
 
 
 def stage_seconds(folders: dict[str, Path]) -> dict[str, float]:
-    return {stage: round(float(json.loads((f / "manifest.json").read_text())["seconds"]), 1)
-            for stage, f in folders.items()}
+    """Each sealed stage's own seconds, in the order the stages were sealed."""
+    ordered = sorted(folders.items(), key=lambda item: (item[1] / "manifest.json").stat().st_mtime)
+    return {stage: round(float(json.loads((f / "manifest.json").read_text())["seconds"]), 1) for stage, f in ordered}
 
 
 def detection_summary(folder: Path | None) -> dict | None:
