@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -120,7 +121,7 @@ class LocalServer:
             code = self.process.poll()
             if code is not None:
                 raise ServerFailed(f"the temporary Prefect server exited with code {code} before it was ready "
-                                   f"(port {self.port}; its output: {self._log_path})")
+                                   f"(port {self.port}; its output: {self._log_path}){_last_lines(self._log_path)}")
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
                     if response.status == 200:
@@ -144,17 +145,39 @@ class LocalServer:
             self.process.wait()
 
 
-def _serve(port: int, log_path: Path) -> None:
-    """The server process: import, wait for the go, then serve on 127.0.0.1:``port`` (log to ``log_path``)."""
-    import uvicorn
-    from prefect.server.api.server import create_app  # the slow part, done while the parent checks the store
+def _last_lines(path: Path, count: int = 12) -> str:
+    """The end of the server's log, to show beside its exit code (empty when it wrote nothing)."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[-count:]
+    except OSError:
+        return ""
+    return "".join(f"\n  {line}" for line in lines)
 
+
+def _serve(port: int, log_path: Path) -> None:
+    """The server process: import, wait for the go, then serve on 127.0.0.1:``port`` (log to ``log_path``).
+
+    An import that fails (a missing or incompatible package) is written to the log after the go, like
+    everything else the server says: its stdout and stderr go nowhere before that, and the parent's error
+    message sends the user to the log.
+    """
+    try:
+        import uvicorn
+        from prefect.server.api.server import create_app  # the slow part, done while the parent checks the store
+    except BaseException:
+        failed_import = traceback.format_exc()
+    else:
+        failed_import = None
     if sys.stdin.readline().strip() != "go":
         return  # the run was refused by its checks (or ended): nothing was written
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    if failed_import is not None:
+        sys.stderr.write(f"the Prefect server's modules did not import:\n{failed_import}")
+        sys.stderr.flush()
+        sys.exit(1)
     uvicorn.run(create_app, factory=True, host="127.0.0.1", port=port, log_level="error", lifespan="on")
 
 

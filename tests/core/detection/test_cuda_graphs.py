@@ -108,7 +108,7 @@ def test_replayed_backbone_matches_eager_and_reads_each_new_input(name):
         assert not torch.equal(maps_first["0"], maps_second["0"])  # the first call's outputs were copies
         assert graphed.backbone.captured_shapes == [tuple(batch.shape)]
         a, b = eager([second])[0], graphed([second])[0]
-    assert len(a["boxes"]) > 0 and a["labels"].tolist() == b["labels"].tolist()
+    assert a["labels"].tolist() == b["labels"].tolist()  # the random R50 may keep no box: the maps are the check
     torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-4, atol=1e-4)
 
 
