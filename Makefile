@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	for b in curate trunk train_epoch export hamming detect baselines baselines_train hashing_train cached_rerun stage_thread omp_wait; do $(BIN)/python bench/$$b.py; done
+	for b in curate trunk train_epoch trunk_cache_read export hamming detect baselines baselines_train hashing_train cached_rerun stage_thread omp_wait; do $(BIN)/python bench/$$b.py; done
 
 # On a machine with a CUDA GPU: every GPU check (tests, detector latency, the pipeline at paper sizes), then the
 # README's "GPU figures" from their output (bench/results/gpu.jsonl).

@@ -22,14 +22,18 @@ from mammo_core.errors import ParamsError
 from mammo_core.models.fused import FusedDenseNet, branch_state_dict, build_single
 from mammo_core.training.checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, load_safely, previous_path, save_atomic
 from mammo_core.training.loop import (
+    CUDA_CACHE_SHARE,
+    DEFAULT_CACHE_MAX_BYTES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     TensorData,
     TrainingDiverged,
+    cache_budget_bytes,
     check_training_classes,
     evaluate,
     load_tensor_data,
     prepare_images,
+    read_rows,
     train_branches,
     train_separate,
 )
@@ -196,6 +200,22 @@ def test_cached_mode_through_scratch_hdf5_gives_identical_weights(base, referenc
                    cache_max_bytes=0)
     _assert_same_weights(model, reference[0].model)
     assert not list(tmp_path.glob("*trunk_cache*"))  # scratch removed
+
+
+def test_cache_rows_are_read_back_in_the_batch_order(tmp_path):
+    values = np.arange(6 * 2 * 3, dtype=np.float32).reshape(6, 2, 3)
+    with h5py.File(tmp_path / "cache.h5", "w") as fh:
+        fh.create_dataset("trunk", data=values, chunks=(1, 2, 3))
+    with h5py.File(tmp_path / "cache.h5", "r") as fh:
+        rows = read_rows(fh["trunk"], np.array([4, 0, 5, 2]))
+    assert np.array_equal(rows, values[[4, 0, 5, 2]])
+
+
+def test_the_cache_budget_is_the_devices():
+    assert cache_budget_bytes(torch.device("cpu")) == DEFAULT_CACHE_MAX_BYTES
+    if torch.cuda.is_available():  # on a GPU, a share of its free memory: far beyond the CPU's 2 GiB on an H200
+        free, _ = torch.cuda.mem_get_info()
+        assert cache_budget_bytes(torch.device("cuda")) == int(free * CUDA_CACHE_SHARE)
 
 
 def test_separate_training_matches_the_shared_branch(reference, tmp_path):
