@@ -76,14 +76,22 @@ def _detect(d: dict | None) -> list[str]:
     return lines
 
 
+def _ended(run: dict) -> str:
+    """How a ``mammo run`` of the bench ended, in words."""
+    code = run["exit_code"]
+    if code == "timed out":
+        return f"stopped by the bench's time limit after {run['wall_s']:.0f} s (SIGINT to its process group, as Ctrl-C)"
+    return f"{'finished' if code == 0 else f'exit code {code}'} in {run['wall_s']:.0f} s"
+
+
 def _pipeline(p: dict | None) -> list[str]:
     if not p:
         return ["**Pipeline on the GPU:** no `gpu_pipeline` line (the bench did not finish)."]
     shared = p["shared"]
     lines = [f"**The whole pipeline on the GPU** (`{shared['command']}`; sizes of `params/paper.yaml`, the "
              "phantom, few epochs and random init: it checks the CUDA path, its accuracy figures mean nothing): "
-             f"exit code {shared['exit_code']}, {shared['wall_s']:.0f} s in all, Prefect server and MLflow "
-             "included. Seconds per stage, from each sealed folder's manifest:", "",
+             f"{_ended(shared)}, Prefect server and MLflow included. Seconds of each stage it sealed, from the "
+             "stage folder's manifest:", "",
              "| " + " | ".join(shared["stage_seconds"]) + " |", "|" + "---:|" * len(shared["stage_seconds"]),
              "| " + " | ".join(f"{s:.1f}" for s in shared["stage_seconds"].values()) + " |"]
     det = shared.get("detect")
@@ -100,10 +108,12 @@ def _pipeline(p: dict | None) -> list[str]:
         train_shared = shared["stage_seconds"].get("train")
         each = "; ".join(f"{name} {t['state']} in {_ms(t['seconds'])} s on {t['device']} (slot {t['gpu_slot']})"
                          for name, t in tasks.items())
-        lines += ["", f"**Freeze1-3 as three tasks on one GPU** (`{sep['command']}`): exit code {sep['exit_code']}, "
-                  f"{sep['wall_s']:.0f} s in all. From the Prefect server's database: {each or 'no branch tasks'}. "
+        lines += ["", f"**Freeze1-3 as three tasks on one GPU** (`{sep['command']}`): {_ended(sep)}. "
+                  f"From the Prefect server's database: {each or 'no branch tasks'}. "
                   + (f"All three were running at once for {sep['overlap_s']:.1f} s. "
                      if sep.get("all_running_at_once") else "They did not all run at once. ")
+                  + (f"The train stage then sealed the three in {sep['stage_seconds']['train']:.1f} s. "
+                     if "train" in sep.get("stage_seconds", {}) else "")
                   + (f"Shared-trunk training (run above) took {train_shared:.1f} s for all three." if train_shared
                      else "")]
     return lines

@@ -25,7 +25,8 @@ PIPELINE = {"bench": "gpu_pipeline", "shared": {
     "stage_seconds": {"acquire": 20.5, "train": 41.25},
     "detect": {"device": "cuda", "latency_models": "inference copies", "input_hw": [1024, 640],
                "latency_ms": {"ours": 7.0, "frcnn_r50": 9.0}, "latency_ratio_vs_r50": 0.778}},
-    "separate": {"command": "mammo run ... separate", "exit_code": 0, "wall_s": 80.0, "stage_seconds": {"train": 3.0},
+    "separate": {"command": "mammo run ... separate", "exit_code": "timed out", "wall_s": 80.0,
+                 "stage_seconds": {"train": 3.0},
                  "branch_tasks": {"train-freeze1": {"state": "COMPLETED", "seconds": 30.0, "device": "cuda:0",
                                                     "gpu_slot": 0}},
                  "all_running_at_once": True, "overlap_s": 21.5}}
@@ -45,6 +46,7 @@ def test_ratios_and_stage_seconds_come_from_the_lines(tmp_path):
     assert "| acquire | train |" in text and "| 20.5 | 41.2 |" in text
     assert "ours / ResNet-50 **0.78**" in text
     assert "train-freeze1 COMPLETED in 30.0 s on cuda:0 (slot 0)" in text and "at once for 21.5 s" in text
+    assert "finished in 201 s" in text and "stopped by the bench's time limit after 80 s" in text
     assert text.startswith(gpu_readme.BEGIN) and text.endswith(gpu_readme.END)
 
 
