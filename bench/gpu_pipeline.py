@@ -84,6 +84,15 @@ def stage_seconds(folders: dict[str, Path]) -> dict[str, float]:
     return {stage: round(float(json.loads((f / "manifest.json").read_text())["seconds"]), 1) for stage, f in ordered}
 
 
+def epoch_seconds(folder: Path | None) -> list[float] | None:
+    """Seconds of each shared-trunk training epoch (all three branches), from the train stage's history."""
+    if folder is None or not (folder / "history.json").is_file():
+        return None
+    history = json.loads((folder / "history.json").read_text())
+    first = next(iter(history.values()), [])
+    return [round(float(epoch["seconds"]), 1) for epoch in first]
+
+
 def detection_summary(folder: Path | None) -> dict | None:
     """Latency at batch 1 and the test mAP50 per detector, as the detect stage sealed them."""
     if folder is None or not (folder / "detection.json").is_file():
@@ -148,7 +157,9 @@ def main() -> None:
     code, wall = run_cli(["-p", args.params], store, logs / "run_shared.log", args.timeout_s[0])
     sealed = new_folders(before, stage_folders(store))
     result["shared"] = {"command": f"mammo run -p {args.params}", "exit_code": code, "wall_s": wall,
-                        "stage_seconds": stage_seconds(sealed), "detect": detection_summary(sealed.get("detect"))}
+                        "stage_seconds": stage_seconds(sealed),
+                        "train_epoch_seconds": epoch_seconds(sealed.get("train")),
+                        "detect": detection_summary(sealed.get("detect"))}
     if not args.skip_separate:
         before = stage_folders(store)
         code, wall = run_cli(["-p", args.params, *SEPARATE], store, logs / "run_separate.log", args.timeout_s[1])

@@ -94,6 +94,9 @@ def _pipeline(p: dict | None) -> list[str]:
              "stage folder's manifest:", "",
              "| " + " | ".join(shared["stage_seconds"]) + " |", "|" + "---:|" * len(shared["stage_seconds"]),
              "| " + " | ".join(f"{s:.1f}" for s in shared["stage_seconds"].values()) + " |"]
+    if shared.get("train_epoch_seconds"):
+        lines += ["", "Shared-trunk training epochs (all three branches, validation included), seconds: "
+                  + ", ".join(f"{s:.1f}" for s in shared["train_epoch_seconds"]) + "."]
     det = shared.get("detect")
     if det:
         lat = det["latency_ms"]

@@ -22,7 +22,7 @@ DETECT = {"bench": "detect", "argv": ["--params", "params/paper_phantom.yaml", "
           "paper_claim_ms": {"ours": 105, "faster_rcnn": 325}}
 PIPELINE = {"bench": "gpu_pipeline", "shared": {
     "command": "mammo run -p params/paper_phantom.yaml", "exit_code": 0, "wall_s": 201.4,
-    "stage_seconds": {"acquire": 20.5, "train": 41.25},
+    "stage_seconds": {"acquire": 20.5, "train": 41.25}, "train_epoch_seconds": [9.5, 8.25],
     "detect": {"device": "cuda", "latency_models": "inference copies", "input_hw": [1024, 640],
                "latency_ms": {"ours": 7.0, "frcnn_r50": 9.0}, "latency_ratio_vs_r50": 0.778}},
     "separate": {"command": "mammo run ... separate", "exit_code": "timed out", "wall_s": 80.0,
@@ -46,6 +46,7 @@ def test_ratios_and_stage_seconds_come_from_the_lines(tmp_path):
     assert "| acquire | train |" in text and "| 20.5 | 41.2 |" in text
     assert "ours / ResNet-50 **0.78**" in text
     assert "train-freeze1 COMPLETED in 30.0 s on cuda:0 (slot 0)" in text and "at once for 21.5 s" in text
+    assert "epochs (all three branches, validation included), seconds: 9.5, 8.2." in text
     assert "finished in 201 s" in text and "stopped by the bench's time limit after 80 s" in text
     assert text.startswith(gpu_readme.BEGIN) and text.endswith(gpu_readme.END)
 
