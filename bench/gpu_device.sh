@@ -5,6 +5,8 @@
 # bench/gpu_readme.py turns the JSON lines into the README's "GPU figures" section.
 #
 # Usage, from the repository root: [MAMMO_COMMIT=$(git rev-parse --short HEAD)] bash bench/gpu_device.sh OUT [PYTHON]
+# STEPS (default "tests detect pipeline") picks the checks, so that a lease of a few minutes can split them over
+# calls; SHARED_S / SEPARATE_S bound the two pipeline runs (default 420 / 150 s), REPEATS the latency rounds.
 set -u
 out=${1:?usage: bash bench/gpu_device.sh OUT [PYTHON]}
 py=${2:-python3}
@@ -24,6 +26,8 @@ print(json.dumps({"bench": "machine", "gpu": torch.cuda.get_device_name(0), "tor
                   "commit": os.environ.get("MAMMO_COMMIT", "?")}))
 EOF
 
+steps=" ${STEPS:-tests detect pipeline} "
+if [[ $steps == *" tests "* ]]; then
 say "CUDA tests"
 timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/core/detection/test_cuda_graphs.py \
     tests/core/training/test_devices.py >"$out/pytest.log" 2>&1
@@ -36,12 +40,19 @@ print(json.dumps({"bench": "cuda_tests", "command": "python -m pytest tests/core
                   "tests/core/training/test_devices.py", **counts}))
 EOF
 
+fi
+
+if [[ $steps == *" detect "* ]]; then
 say "detector latency at batch 1 (paper sizes)"
 timeout 150 "$py" bench/detect.py --params params/paper_phantom.yaml --repeats "${REPEATS:-30}" >>"$jsonl" 2>"$out/detect.log"
 tail -c 600 "$jsonl"; echo
 
+fi
+
+if [[ $steps == *" pipeline "* ]]; then
 say "pipeline on the GPU: shared trunk, then separate on one GPU"
 "$py" bench/gpu_pipeline.py -p params/paper_phantom.yaml --store "${GPU_STORE:-/tmp/mammo-gpu-store}" \
-    --log-dir "$out" --timeout-s "${SHARED_S:-300}" "${SEPARATE_S:-120}" >>"$jsonl" 2>"$out/gpu_pipeline.log"
+    --log-dir "$out" --timeout-s "${SHARED_S:-420}" "${SEPARATE_S:-150}" >>"$jsonl" 2>"$out/gpu_pipeline.log"
 tail -c 1500 "$jsonl"; echo
+fi
 say "done"
