@@ -12,9 +12,10 @@ MLflow run tree, sealed stage folders):
 
 Each run's figures are read from what it sealed, not from its console: the ``seconds`` of every stage
 folder it produced (``manifest.json``), the detect stage's ``detection.json`` (latency at batch 1 and
-device). For run 2, the temporary Prefect server's own database (``<store>/prefect/prefect.db``) says when
-each ``train-freeze<i>`` task ran and in which state it ended, and its log table holds each task's "train:
-branch ... on cuda:0 (GPU slot i)" line: whether the three trainings overlapped is read from there.
+device), the train stage's history (each shared-trunk epoch's seconds). For run 2, the temporary Prefect
+server's own database (``<store>/prefect/prefect.db``) says when each ``train-freeze<i>`` task ran and in which
+state it ended, and its log table holds each task's "train: branch ... on cuda:0 (GPU slot i)" line: whether
+the three trainings overlapped is read from there.
 
 Prints one JSON line. Usage: python bench/gpu_pipeline.py [-p params/paper_phantom.yaml] [--store DIR]
 [--log-dir DIR] [--skip-separate] [--timeout-s SHARED SEPARATE]
@@ -35,16 +36,22 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from mammo_core.storage.stage_files import DETECT, TRAIN  # noqa: E402
+from mammo_core.storage.store import MANIFEST, ArtifactStore  # noqa: E402
+
 SEPARATE = ["--until", "train", "--set", "train.mode=separate", "--set", "run.task_runner=dask",
             "--set", "run.dask_workers=3", "--set", "run.gpus=1"]
 BRANCH_LINE = re.compile(r"train: branch (\w+) on (\S+) \(GPU slot (\d+)\)")
 
 
 def stage_folders(store: Path) -> dict[str, set[Path]]:
-    """Every sealed stage folder in the store, per stage."""
-    root = store / "stages"
-    return {d.name: {f for f in d.iterdir() if (f / "manifest.json").is_file()} for d in root.iterdir()
-            } if root.is_dir() else {}
+    """Every sealed stage folder in the store, per stage (the layout is ``ArtifactStore``'s)."""
+    from tasks.registry import STAGES
+
+    artifacts = ArtifactStore(store)
+    return {stage: {f for f in artifacts.stage_dir(stage).iterdir() if (f / MANIFEST).is_file()}
+            for stage in STAGES if artifacts.stage_dir(stage).is_dir()}
 
 
 def new_folders(before: dict[str, set[Path]], after: dict[str, set[Path]]) -> dict[str, Path]:
@@ -80,24 +87,24 @@ def run_cli(args: list[str], store: Path, log: Path, timeout_s: float) -> tuple[
 
 def stage_seconds(folders: dict[str, Path]) -> dict[str, float]:
     """Each sealed stage's own seconds, in the order the stages were sealed."""
-    ordered = sorted(folders.items(), key=lambda item: (item[1] / "manifest.json").stat().st_mtime)
-    return {stage: round(float(json.loads((f / "manifest.json").read_text())["seconds"]), 1) for stage, f in ordered}
+    ordered = sorted(folders.items(), key=lambda item: (item[1] / MANIFEST).stat().st_mtime)
+    return {stage: round(float(json.loads((f / MANIFEST).read_text())["seconds"]), 1) for stage, f in ordered}
 
 
 def epoch_seconds(folder: Path | None) -> list[float] | None:
     """Seconds of each shared-trunk training epoch (all three branches), from the train stage's history."""
-    if folder is None or not (folder / "history.json").is_file():
+    if folder is None or not (folder / TRAIN.history).is_file():
         return None
-    history = json.loads((folder / "history.json").read_text())
+    history = json.loads((folder / TRAIN.history).read_text())
     first = next(iter(history.values()), [])
     return [round(float(epoch["seconds"]), 1) for epoch in first]
 
 
 def detection_summary(folder: Path | None) -> dict | None:
     """Latency at batch 1 and the test mAP50 per detector, as the detect stage sealed them."""
-    if folder is None or not (folder / "detection.json").is_file():
+    if folder is None or not (folder / DETECT.summary).is_file():
         return None
-    d = json.loads((folder / "detection.json").read_text())
+    d = json.loads((folder / DETECT.summary).read_text())
     rows = {r["model"]: r for r in d["rows"]}
     return {"device": d["device"], "latency_models": d["latency_models"], "input_hw": d["latency_input_hw"],
             "latency_ms": {m: round(r["latency_ms"], 2) for m, r in rows.items()},
