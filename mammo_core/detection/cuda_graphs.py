@@ -33,9 +33,14 @@ class _Captured:
     static_output: OrderedDict[str, Tensor]
 
 
-def graphable(x: Tensor) -> bool:
-    """A call a graph can replay: a CUDA tensor, outside autograd (a graph does not record a backward)."""
-    return x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad)
+def graphable(x: Tensor, module: nn.Module | None = None) -> bool:
+    """A call a graph can replay: a CUDA tensor, outside autograd (a graph does not record a backward): with
+    grad mode on, neither the input nor a parameter of ``module`` may require a gradient."""
+    if not x.is_cuda:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not x.requires_grad and (module is None or not any(p.requires_grad for p in module.parameters()))
 
 
 class GraphedBackbone(nn.Module):
@@ -57,7 +62,7 @@ class GraphedBackbone(nn.Module):
         return [key[0] for key in self._captured]
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        if not graphable(x) or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+        if not graphable(x, self):
             return self.backbone(x)
         key = (tuple(x.shape), x.dtype, x.device)
         captured = self._captured.get(key)
