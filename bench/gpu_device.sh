@@ -6,7 +6,8 @@
 #
 # Usage, from the repository root: [MAMMO_COMMIT=$(git rev-parse --short HEAD)] bash bench/gpu_device.sh OUT [PYTHON]
 # STEPS (default "tests detect pipeline") picks the checks, so that a lease of a few minutes can split them over
-# calls; SHARED_S / SEPARATE_S bound the two pipeline runs (default 420 / 150 s), REPEATS the latency rounds.
+# calls; RUNS (default "shared separate") the pipeline runs, SHARED_S / SEPARATE_S bound them (default 420 / 150 s),
+# REPEATS the latency rounds.
 set -u
 out=${1:?usage: bash bench/gpu_device.sh OUT [PYTHON]}
 py=${2:-python3}
@@ -52,7 +53,8 @@ fi
 if [[ $steps == *" pipeline "* ]]; then
 say "pipeline on the GPU: shared trunk, then separate on one GPU"
 "$py" bench/gpu_pipeline.py -p params/paper_phantom.yaml --store "${GPU_STORE:-/tmp/mammo-gpu-store}" \
-    --log-dir "$out" --timeout-s "${SHARED_S:-420}" "${SEPARATE_S:-150}" >>"$jsonl" 2>"$out/gpu_pipeline.log"
+    --log-dir "$out" --runs ${RUNS:-shared separate} --timeout-s "${SHARED_S:-420}" "${SEPARATE_S:-150}" \
+    >>"$jsonl" 2>"$out/gpu_pipeline.log"
 tail -c 1500 "$jsonl"; echo
 fi
 say "done"

@@ -14,11 +14,13 @@ Each run's figures are read from what it sealed, not from its console: the ``sec
 folder it produced (``manifest.json``), the detect stage's ``detection.json`` (latency at batch 1 and
 device), the train stage's history (each shared-trunk epoch's seconds). For run 2, the temporary Prefect
 server's own database (``<store>/prefect/prefect.db``) says when each ``train-freeze<i>`` task ran and in which
-state it ended, and its log table holds each task's "train: branch ... on cuda:0 (GPU slot i)" line: whether
-the three trainings overlapped is read from there.
+state it ended, and its log table holds each task's "train: branch ... on cuda:0 (GPU slot i)" line and its
+per-epoch lines: whether the three trainings overlapped, and each one's epoch seconds, are read from there.
 
-Prints one JSON line. Usage: python bench/gpu_pipeline.py [-p params/paper_phantom.yaml] [--store DIR]
-[--log-dir DIR] [--skip-separate] [--timeout-s SHARED SEPARATE]
+``--runs`` picks the runs, so that a short GPU lease can take them in separate calls (run 2 alone computes
+its own upstream stages). Prints one JSON line per run (``gpu_pipeline_shared``, ``gpu_pipeline_separate``),
+each with the commit under test (``MAMMO_COMMIT``). Usage: python bench/gpu_pipeline.py
+[-p params/paper_phantom.yaml] [--store DIR] [--log-dir DIR] [--runs shared separate] [--timeout-s SHARED SEPARATE]
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from mammo_core.storage.store import MANIFEST, ArtifactStore  # noqa: E402
 SEPARATE = ["--until", "train", "--set", "train.mode=separate", "--set", "run.task_runner=dask",
             "--set", "run.dask_workers=3", "--set", "run.gpus=1"]
 BRANCH_LINE = re.compile(r"train: branch (\w+) on (\S+) \(GPU slot (\d+)\)")
+EPOCH_LINE = re.compile(r"train: branch \w+ epoch (\d+) val_acc \S+ \(([\d.]+) s\)")
 
 
 def stage_folders(store: Path) -> dict[str, set[Path]]:
@@ -124,15 +127,20 @@ def branch_tasks(store: Path) -> dict:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         runs = con.execute("SELECT id, name, start_time, end_time, state_type FROM task_run "
                            "WHERE name LIKE 'train-%' ORDER BY start_time").fetchall()
-        lines = {row[0]: row[1] for row in con.execute("SELECT task_run_id, message FROM log "
-                                                       "WHERE message LIKE 'train: branch %'")}
+        lines: dict[str, list[str]] = {}
+        for run_id, message in con.execute("SELECT task_run_id, message FROM log "
+                                           "WHERE message LIKE 'train: branch %'"):
+            lines.setdefault(run_id, []).append(message)
     tasks = {}
     for run_id, name, start, end, state in runs:
-        where = BRANCH_LINE.search(lines.get(run_id, ""))
+        messages = lines.get(run_id, [])
+        where = next((m for m in map(BRANCH_LINE.search, messages) if m), None)
+        epochs = sorted((int(m.group(1)), float(m.group(2))) for m in map(EPOCH_LINE.search, messages) if m)
         tasks[name] = {"state": state, "start": start, "end": end,
                        "seconds": _between(start, end) if start and end else None,
                        "device": where.group(2) if where else None,
-                       "gpu_slot": int(where.group(3)) if where else None}
+                       "gpu_slot": int(where.group(3)) if where else None,
+                       "epoch_seconds": [seconds for _, seconds in epochs]}
     timed = [t for t in tasks.values() if t["start"] and t["end"]]
     overlap = _between(max(t["start"] for t in timed), min(t["end"] for t in timed)) if timed else None
     return {"branch_tasks": tasks, "all_running_at_once": bool(len(timed) == 3 and overlap and overlap > 0),
@@ -148,8 +156,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-p", "--params", default="params/paper_phantom.yaml")
     ap.add_argument("--store", default=None, help="a fresh folder (default: a new temporary one)")
-    ap.add_argument("--log-dir", default=None, help="where the two consoles are written (default: the store)")
-    ap.add_argument("--skip-separate", action="store_true")
+    ap.add_argument("--log-dir", default=None, help="where the consoles are written (default: the store)")
+    ap.add_argument("--runs", nargs="+", choices=("shared", "separate"), default=["shared", "separate"])
     ap.add_argument("--timeout-s", type=float, nargs=2, default=(1800.0, 900.0), metavar=("SHARED", "SEPARATE"),
                     help="each run is stopped (SIGINT, as Ctrl-C) after this long; its figures are still read")
     args = ap.parse_args()
@@ -158,22 +166,23 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     import torch
 
-    result: dict = {"bench": "gpu_pipeline", "params": args.params, "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-    before = stage_folders(store)
-    code, wall = run_cli(["-p", args.params], store, logs / "run_shared.log", args.timeout_s[0])
-    sealed = new_folders(before, stage_folders(store))
-    result["shared"] = {"command": f"mammo run -p {args.params}", "exit_code": code, "wall_s": wall,
-                        "stage_seconds": stage_seconds(sealed),
-                        "train_epoch_seconds": epoch_seconds(sealed.get("train")),
-                        "detect": detection_summary(sealed.get("detect"))}
-    if not args.skip_separate:
+    common = {"params": args.params, "torch": torch.__version__, "commit": os.environ.get("MAMMO_COMMIT", "?"),
+              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    if "shared" in args.runs:
+        before = stage_folders(store)
+        code, wall = run_cli(["-p", args.params], store, logs / "run_shared.log", args.timeout_s[0])
+        sealed = new_folders(before, stage_folders(store))
+        print(json.dumps({"bench": "gpu_pipeline_shared", **common, "command": f"mammo run -p {args.params}",
+                          "exit_code": code, "wall_s": wall, "stage_seconds": stage_seconds(sealed),
+                          "train_epoch_seconds": epoch_seconds(sealed.get("train")),
+                          "detect": detection_summary(sealed.get("detect"))}), flush=True)
+    if "separate" in args.runs:
         before = stage_folders(store)
         code, wall = run_cli(["-p", args.params, *SEPARATE], store, logs / "run_separate.log", args.timeout_s[1])
         sealed = new_folders(before, stage_folders(store))
-        result["separate"] = {"command": " ".join(["mammo run -p", args.params, *SEPARATE]), "exit_code": code,
-                              "wall_s": wall, "stage_seconds": stage_seconds(sealed), **branch_tasks(store)}
-    print(json.dumps(result))
+        print(json.dumps({"bench": "gpu_pipeline_separate", **common,
+                          "command": " ".join(["mammo run -p", args.params, *SEPARATE]), "exit_code": code,
+                          "wall_s": wall, "stage_seconds": stage_seconds(sealed), **branch_tasks(store)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ PURPOSE: dict[str, str] = {
     "curate": "read and check every DICOM, crop the breast, resize, split patients into train/val/test",
     "patches": "cut lesion-centred and normal patches: what the classifiers learn from",
     "augment": "add rotated, sheared and flipped copies of the training patches",
-    "train": "train the three DenseNets (Freeze1-3: different frozen blocks) on one shared trunk",
+    "train": "train the three DenseNets (Freeze1-3: different frozen blocks; train.mode says shared trunk or not)",
     "features": "export each network's features and find the best fusion of the three",
     "hashing": "train the hash decoder that turns fused features into short binary codes",
     "classify": "train SVM, kNN and random forest on the hash codes and fuse their votes",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from mammo_core.models.fused import FusedDenseNet
+    from mammo_core.training import loop as training
     from mammo_core.training import schedule
 
 FILES = stage_files.TRAIN  # this stage's output files
@@ -116,7 +117,7 @@ def _train_branches(ctx: runtime.StageContext, train, val, sched: schedule.Sched
                for b, point in freeze_upto.items()}
     results = training.train_separate(
         singles, train, val, sched, checkpoint_dir=ctx.scratch, class_names=class_names,
-        on_epoch=lambda b, r: on_epoch(r, b),
+        on_epoch=lambda b, r: on_epoch(r, b), cache_frozen=p.cache_trunk,
     )
     fused = model.fused_from_singles({b: r.model for b, r in results.items()})
     ctx.log_metric("train/resumed_from_epoch", min(r.resumed_from_epoch for r in results.values()))
@@ -182,7 +183,7 @@ def _log_test_results(ctx: runtime.StageContext, per_branch: dict, results: dict
 
 
 def pretrain_branch(params: Params, upstream: Mapping[str, runtime.StageResult], scratch: Path, branch: str,
-                    device: str) -> int:
+                    device: str, on_epoch: Callable[[str, training.EpochReport], None] | None = None) -> int:
     """Train one ``separate``-mode branch into the train stage's checkpoint folder; returns its best epoch.
 
     Why: this lets a cluster train the three branches at once, one per GPU. Each branch writes exactly the
@@ -207,7 +208,7 @@ def pretrain_branch(params: Params, upstream: Mapping[str, runtime.StageResult],
     single = model.build_single(freeze_upto[branch], len(class_names), model.load_backbone_weights(p.weights),
                                 seed=p.seed, name=branch)
     result = training.train_separate({branch: single}, train, val, sched, checkpoint_dir=scratch,
-                                     class_names=class_names)
+                                     class_names=class_names, on_epoch=on_epoch, cache_frozen=p.cache_trunk)
     return int(result[branch].best_epoch[branch])
 
 
@@ -234,9 +235,15 @@ def branch_task(ctx: runtime.RunContext, key: str, upstream: dict[str, runtime.S
     device = devices.device_for(ctx.params.run.device, gpu, torch.cuda.device_count())
     scratch = Path(ctx.store) / "scratch" / "train" / key
     guard = concurrency(f"gpu-{gpu}", occupy=1) if gpu is not None else nullcontext()
+    logger = get_run_logger()
+
+    def on_epoch(name: str, report: training.EpochReport) -> None:
+        logger.info("train: branch %s epoch %d val_acc %.3f (%.1f s)", name, report.epoch, report.val_acc[name],
+                    report.seconds)
+
     with guard:
-        get_run_logger().info("train: branch %s on %s (GPU slot %s)", branch, device, gpu)
-        return pretrain_branch(ctx.params, upstream, scratch, branch, device)
+        logger.info("train: branch %s on %s (GPU slot %s)", branch, device, gpu)
+        return pretrain_branch(ctx.params, upstream, scratch, branch, device, on_epoch)
 
 
 def key_inputs(params: Params) -> dict[str, Any]:

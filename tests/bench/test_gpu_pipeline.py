@@ -62,11 +62,15 @@ def test_branch_tasks_overlap_is_read_from_prefects_database(tmp_path):
         ("2", "train-freeze2", "2026-12-04 14:57:58.798715", "2026-12-04 14:58:58.788976", "COMPLETED"),
         ("3", "train-freeze3", "2026-12-04 14:58:03.655742", "2026-12-04 14:59:07.640210", "COMPLETED"),
         ("4", "curate", "2026-12-04 14:50:00.000000", "2026-12-04 14:50:10.000000", "COMPLETED"),
-    ], [("1", "train: branch freeze1 on cuda:0 (GPU slot 0)"), ("2", "train: branch freeze2 on cuda:0 (GPU slot 2)")])
+    ], [("1", "train: branch freeze1 on cuda:0 (GPU slot 0)"), ("2", "train: branch freeze2 on cuda:0 (GPU slot 2)"),
+        ("2", "train: branch freeze2 epoch 2 val_acc 0.625 (1.5 s)"),
+        ("2", "train: branch freeze2 epoch 1 val_acc 0.031 (12.25 s)")])
     out = gpu_pipeline.branch_tasks(tmp_path)
     assert set(out["branch_tasks"]) == {"train-freeze1", "train-freeze2", "train-freeze3"}
     assert out["branch_tasks"]["train-freeze2"] | {"start": None, "end": None} == {
-        "state": "COMPLETED", "start": None, "end": None, "seconds": 60.0, "device": "cuda:0", "gpu_slot": 2}
+        "state": "COMPLETED", "start": None, "end": None, "seconds": 60.0, "device": "cuda:0", "gpu_slot": 2,
+        "epoch_seconds": [12.25, 1.5]}  # in epoch order, whatever the log's order
+    assert out["branch_tasks"]["train-freeze1"]["epoch_seconds"] == []
     assert out["branch_tasks"]["train-freeze3"]["device"] is None  # no log line: said, not guessed
     assert out["all_running_at_once"] and out["overlap_s"] == 55.0  # 14:58:03.74 .. 14:58:58.79
 

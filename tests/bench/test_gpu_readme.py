@@ -51,9 +51,27 @@ def test_ratios_and_stage_seconds_come_from_the_lines(tmp_path):
     assert text.startswith(gpu_readme.BEGIN) and text.endswith(gpu_readme.END)
 
 
+def test_runs_from_separate_calls_each_name_their_commit(tmp_path):
+    machine = {"bench": "machine", "gpu": "H200", "cpu_cores": 16, "torch": "2.11", "cuda": "13.0", "cudnn": 1,
+               "python": "3.12", "date": "2026-12-04"}
+    shared = {"bench": "gpu_pipeline_shared", **PIPELINE["shared"]}
+    separate = {"bench": "gpu_pipeline_separate", **PIPELINE["separate"], "branch_tasks": {
+        "train-freeze1": {"state": "COMPLETED", "seconds": 12.0, "device": "cuda:0", "gpu_slot": 0,
+                          "epoch_seconds": [3.25, 1.5]}}}
+    path = _write(tmp_path, {**machine, "commit": "aaa"}, DETECT, shared, {**machine, "commit": "bbb"}, separate)
+    results = gpu_readme.read_results(path)
+    assert results["detect"]["commit"] == results["gpu_pipeline_shared"]["commit"] == "aaa"
+    assert results["gpu_pipeline_separate"]["commit"] == "bbb"
+    text = gpu_readme.render(results)
+    assert "(`mammo run -p params/paper_phantom.yaml`; commit aaa, 2026-12-04;" in text
+    assert "(`mammo run ... separate`; commit bbb, 2026-12-04)" in text
+    assert "train-freeze1 COMPLETED in 12.0 s on cuda:0 (slot 0), epochs 3.2, 1.5 s" in text
+    assert "Shared-trunk training (run above) took 41.2 s" in text
+
+
 def test_missing_checks_are_said_not_invented(tmp_path):
     text = gpu_readme.render(gpu_readme.read_results(_write(tmp_path, DETECT)))
-    assert "no `gpu_pipeline` line" in text and "No `machine` line" in text
+    assert "no `gpu_pipeline_shared` line" in text and "No `machine` line" in text
 
 
 def test_a_later_line_of_one_bench_replaces_the_earlier(tmp_path):

@@ -231,6 +231,23 @@ def test_separate_training_matches_the_shared_branch(reference, tmp_path):
     assert (tmp_path / "freeze3" / CHECKPOINT_NAME).is_file()
 
 
+def test_separate_training_with_cached_frozen_prefix_matches_the_shared_branch(reference, tmp_path):
+    # Freeze1 freezes the most (a single network's frozen prefix is its ``trunk``): computed once, for the cache.
+    single = build_single(FREEZE["freeze1"], len(CLASSES), seed=0, name="freeze1")
+    calls = []
+    single.trunk.register_forward_hook(lambda *_: calls.append(1))
+    result = train_separate({"freeze1": single}, TRAIN, VAL, SCHEDULE, class_names=CLASSES, checkpoint_dir=tmp_path,
+                            cache_frozen=True)["freeze1"]
+    shared = reference[0]
+    assert result.mode == "separate" and result.trunk_cache_seconds > 0
+    assert [r.train_loss["freeze1"] for r in result.history] == [r.train_loss["freeze1"] for r in shared.history]
+    assert [r.val_acc["freeze1"] for r in result.history] == [r.val_acc["freeze1"] for r in shared.history]
+    mine, theirs = branch_state_dict(single, "freeze1"), branch_state_dict(shared.model, "freeze1")
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    chunks = sum(1 + -(-len(d) // SCHEDULE.batch_size) for d in (TRAIN, VAL))  # a shape probe + the chunks
+    assert len(calls) == chunks  # the frozen prefix ran for the cache only, never in the 3 epochs
+
+
 def test_evaluate_reports_consistent_predictions(reference):
     model = reference[0].model.train()
     out = evaluate(model, VAL, batch_size=4)
