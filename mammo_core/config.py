@@ -130,7 +130,11 @@ class TrainParams(_Schedule):
         "None = mammo_core.models.fused.DEFAULT_FREEZE_UPTO",
     )
     mode: Literal["shared", "separate"] = "shared"
-    cache_trunk: bool = True
+    cache_trunk: bool = Field(
+        default=True,
+        description="compute the frozen layers' outputs once, not every epoch (same weights): the shared "
+        "trunk and each branch's own frozen segments, or in mode separate each network's frozen prefix",
+    )
     num_workers: int = Field(default=0, ge=0, le=64)
     seed: int = 0
 
