@@ -511,7 +511,7 @@ def train_branches(
     if mode not in ("shared", "cached"):
         raise ValueError(f"mode must be 'shared' or 'cached', got {mode!r}")
     return _fit(model, train, val, schedule, mode, Path(checkpoint_dir), class_names, on_epoch, on_batch,
-                cache_max_bytes)
+                cache_max_bytes, cache_frozen=mode == "cached")
 
 
 def train_separate(
@@ -576,7 +576,7 @@ def _fit(
     on_batch: Callable[[int, int], None] | None,
     cache_max_bytes: int | None,
     *,
-    cache_frozen: bool = False,
+    cache_frozen: bool,
 ) -> TrainResult:
     check_training_sets(train, val, model.num_classes, class_names)
     device = schedule.resolve_device()
@@ -600,7 +600,7 @@ def _fit(
     cache_seconds = 0.0
     eval_chunk = schedule.batch_size
     try:
-        if (mode == "cached" or cache_frozen) and start < schedule.epochs:
+        if cache_frozen and start < schedule.epochs:
             began = time.perf_counter()
             model.train()  # the frozen parts are in eval mode whatever the model's mode
             cache = _FrozenCache(model, net, train, eval_chunk, device, cache_max_bytes,
