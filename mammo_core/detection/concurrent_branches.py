@@ -1,131 +1,110 @@
-"""The fused extractor's branches computed at the same time, each on its own one-thread worker (CPU inference).
+"""The fused extractor's branches computed at the same time on one-thread workers (CPU inference).
 
 Why: at batch 1 the Freeze1-3 branches work on maps of 24 x 16 cells, where one op is a few hundred
 microseconds of work. When OpenMP threads sleep between parallel regions (the pipeline's
 ``OMP_WAIT_POLICY=PASSIVE``, :mod:`mammo_core.runtime.openmp_wait`), every region of such an op first wakes
 the other thread, and on 2 cores the branches ran *slower* on two intra-op threads than on one: a branch's
 19 dense layers took 24.5 ms against 13.1 ms (2026-12-04, the default's 384 x 240 input). The branches do
-not depend on each other, except where one reuses another's frozen segments (``shared_segments``), so they
-are run as independent chains, one per worker thread, each with one intra-op thread: no op waits for a
-sleeping partner and both cores work. The trunk before them (large maps) stays on the caller's threads.
+not depend on each other, except where one reuses another's frozen segments (``shared_segments``), so
+their segments (and the two fusion sums) are tasks of a small graph (:mod:`~mammo_core.detection.task_graph`)
+run on one-thread workers (:mod:`~mammo_core.detection.worker_pool`): no op waits for a sleeping partner
+and both cores work. The trunk before them runs its dense blocks in bands of rows on the same workers
+(:mod:`~mammo_core.detection.row_bands`).
 
 What it computes is what :class:`~mammo_core.detection.backbone.FusedFeatureMaps` computes, in the same order
-(the fusion sums run in the caller in branch order); only the ops' thread count differs, which changes
-convolution results by float rounding at most. It is used only where it wins: CPU, no autograd, two or
-more intra-op threads, and sleeping OpenMP waits (with spinning waits the shared team was faster: the
-whole detector took 105 ms on it against 113 ms with the workers). Anything else runs the wrapped module as it is, so a
-one-thread latency stays a one-thread latency.
+(each fusion sum adds the branches in branch order); only the ops' thread count differs, which changes
+convolution results by float rounding at most. It is used only where it wins
+(:func:`~mammo_core.detection.worker_pool.concurrent_workers`); anything else runs the wrapped module as it is.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Hashable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mammo_core.detection.backbone import FusedFeatureMaps
-from mammo_core.runtime import openmp_wait
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-_START_TIMEOUT_S = 60.0
-
-BranchSteps = dict[int, tuple[list[Tensor], Tensor]]  # branch -> (maps after each segment but the last, last)
+from mammo_core.detection.task_graph import Task, run_graph
+from mammo_core.detection.worker_pool import concurrent_workers
 
 
-def _one_intra_op_thread() -> None:
-    torch.get_num_threads()  # torch gives a thread its count lazily, from the process's; take it first
-    torch.set_num_threads(1)
+def segment_producers(plan: list[tuple[int, int]], lengths: list[int]) -> dict[tuple[int, int], tuple[int, int]]:
+    """Per (branch, segment): the (branch, segment) whose run computes that map (itself, or a reused source's).
 
-
-def single_thread_workers(count: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``count`` threads, each running torch ops on one intra-op thread.
-
-    ``torch.set_num_threads`` in a worker also sets the count that threads started later inherit, so the
-    caller's count is set again once every worker has taken its own (the barrier makes them all start).
+    ``plan`` is :meth:`FusedFeatureMaps.shared_segments`: branch b reuses the first ``reused`` segments of
+    ``source``, which may in turn reuse another branch's.
     """
-    with _POOLS_LOCK:
-        pool = _POOLS.get(count)
-        if pool is None:
-            caller_threads = torch.get_num_threads()
-            pool = ThreadPoolExecutor(count, thread_name_prefix="mammo-branch", initializer=_one_intra_op_thread)
-            started = threading.Barrier(count)
-            for waiting in [pool.submit(started.wait, _START_TIMEOUT_S) for _ in range(count)]:
-                waiting.result()
-            torch.set_num_threads(caller_threads)
-            _POOLS[count] = pool
-        return pool
-
-
-def branch_chains(plan: list[tuple[int, int]]) -> list[list[int]]:
-    """Branches grouped so that a branch runs after the one whose segments it reuses (same chain), in order."""
-    chains: list[list[int]] = []
-    chain_of: dict[int, list[int]] = {}
+    producer: dict[tuple[int, int], tuple[int, int]] = {}
     for branch, (source, reused) in enumerate(plan):
-        chain = chain_of[source] if reused else []
-        if not reused:
-            chains.append(chain)
-        chain.append(branch)
-        chain_of[branch] = chain
-    return chains
+        for i in range(lengths[branch]):
+            producer[(branch, i)] = producer[(source, i)] if i < reused else (branch, i)
+    return producer
 
 
-def run_chain(chain: list[int], plan: list[tuple[int, int]], segments: list[list[nn.Module]], trunk: Tensor,
-              inference: bool) -> BranchSteps:
-    """Every branch of ``chain`` from the trunk's output, reusing its source's leading maps as the plan says."""
-    with torch.inference_mode() if inference else torch.no_grad():
-        steps: BranchSteps = {}
-        for branch in chain:
-            source, reused = plan[branch]
-            outputs = list(steps[source][0][:reused]) if reused else []
-            m = outputs[-1] if outputs else trunk
-            for segment in segments[branch][len(outputs):-1]:
-                m = segment(m)
-                outputs.append(m)
-            steps[branch] = (outputs, segments[branch][-1](m))
-        return steps
+def branch_tasks(plan: list[tuple[int, int]], segments: list[list[nn.Module]], trunk: Tensor,
+                 fusion_weights: Tensor) -> list[Task]:
+    """The segments each branch computes itself, and the two fusion sums, as tasks with their dependencies.
+
+    A segment's cost is its parameter count (every segment of a branch works at one map size, so that is
+    proportional to its convolutions' work); the sums cost next to nothing.
+    """
+    producer = segment_producers(plan, [len(s) for s in segments])
+
+    def input_of(branch: int, i: int) -> tuple[int, int] | None:
+        return producer[(branch, i - 1)] if i > 0 else None
+
+    def runner(branch: int, i: int):
+        source = input_of(branch, i)
+        return lambda results: segments[branch][i](trunk if source is None else results[source])
+
+    tasks = []
+    for (branch, i), made_by in producer.items():
+        if made_by == (branch, i):
+            source = input_of(branch, i)
+            cost = 1.0 + sum(p.numel() for p in segments[branch][i].parameters())
+            tasks.append(Task((branch, i), runner(branch, i), () if source is None else (source,), cost))
+    middles = [input_of(b, len(s) - 1) for b, s in enumerate(segments)]  # each branch's map before its tail
+    finals = [producer[(b, len(s) - 1)] for b, s in enumerate(segments)]
+
+    def weighted_sum(keys: list[tuple[int, int] | None]):
+        def run(results: Mapping[Hashable, Any]) -> Tensor:
+            total: Tensor | None = None
+            for key, w in zip(keys, fusion_weights, strict=True):
+                m = trunk if key is None else results[key]
+                total = w * m if total is None else total + w * m
+            assert total is not None
+            return total
+        return run
+
+    tasks.append(Task("middle", weighted_sum(middles), tuple(k for k in middles if k is not None)))
+    tasks.append(Task("final", weighted_sum(finals), tuple(finals)))
+    return tasks
 
 
 class ConcurrentBranchMaps(nn.Module):
-    """:class:`FusedFeatureMaps`' maps with its branch chains run concurrently where that is faster."""
+    """:class:`FusedFeatureMaps`' maps with its branch segments run concurrently where that is faster."""
 
     def __init__(self, maps: FusedFeatureMaps):
         super().__init__()
         self.maps = maps
 
-    def workers_for(self, x: Tensor, chains: int | None = None) -> int:
-        """How many one-thread workers this call uses for ``chains`` chains; 1: the wrapped module's forward."""
-        if x.device.type != "cpu" or torch.is_grad_enabled() or not openmp_wait.threads_sleep():
-            return 1
-        chains = len(branch_chains(self.maps.shared_segments())) if chains is None else chains
-        return min(chains, torch.get_num_threads())
+    def workers_for(self, x: Tensor) -> int:
+        """How many one-thread workers this call uses for the branches; 1: the wrapped module's forward."""
+        return concurrent_workers(x, len(self.maps.fused.branches))
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         body = self.maps
-        plan = body.shared_segments()
-        chains = branch_chains(plan)
-        workers = self.workers_for(x, len(chains))
+        workers = self.workers_for(x)
         if workers < 2:
             return body(x)
         trunk = body.fused.trunk_output(x)
         segments = [list(branch.children()) for branch in body.fused.branches.values()]
-        pool = single_thread_workers(workers)
-        inference = torch.is_inference_mode_enabled()
-        futures = [pool.submit(run_chain, chain, plan, segments, trunk, inference) for chain in chains]
-        steps: BranchSteps = {}
-        for future in futures:
-            steps.update(future.result())
-        middle: Tensor | None = None
-        final: Tensor | None = None
-        for branch, w in enumerate(body.fusion_weights):
-            outputs, last = steps[branch]
-            m = outputs[-1] if outputs else trunk
-            middle = w * m if middle is None else middle + w * m
-            final = w * last if final is None else final + w * last
-        return OrderedDict([("trunk", trunk), ("middle", middle), ("final", final)])
+        tasks = branch_tasks(body.shared_segments(), segments, trunk, body.fusion_weights)
+        results = run_graph(tasks, workers, torch.is_inference_mode_enabled())
+        return OrderedDict([("trunk", trunk), ("middle", results["middle"]), ("final", results["final"])])
 
 
 def branch_workers(model: nn.Module, device: torch.device | str = "cpu") -> int:

@@ -51,6 +51,7 @@ from torchvision.models.densenet import _DenseLayer
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
+from mammo_core.detection import row_bands
 from mammo_core.detection.backbone import FusedFeatureMaps
 from mammo_core.detection.concurrent_branches import ConcurrentBranchMaps, run_branches_concurrently
 from mammo_core.detection.strided_pools import strided_equivalent
@@ -199,7 +200,11 @@ class BufferedDenseLayers(nn.Module):
     """:class:`DenseLayers`' forward without re-concatenating: every layer writes into one output tensor.
 
     Layer k reads the first ``c_k`` channels of the buffer (the input and the k-1 earlier outputs, exactly
-    what torchvision's layer concatenates) and writes its own output behind them.
+    what torchvision's layer concatenates) and writes its own output behind them. Where
+    :func:`~mammo_core.detection.row_bands.bands_for` gives more than one band (CPU inference on two or more
+    threads under sleeping OpenMP waits), each layer is computed band by band of rows on one-thread
+    workers (:mod:`mammo_core.detection.row_bands`): a layer is pointwise up to its last convolution, whose
+    padding is the halo a band reads beyond its rows.
     """
 
     def __init__(self, block: DenseLayers):
@@ -209,6 +214,7 @@ class BufferedDenseLayers(nn.Module):
             if getattr(layer, "drop_rate", 0.0):
                 raise ValueError("dense layers with dropout are not inference-equivalent here")
         self.growth = [int(layer.conv2.out_channels) for layer in self.layers]
+        self.halo = _band_halo(self.layers)
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
@@ -216,11 +222,50 @@ class BufferedDenseLayers(nn.Module):
             memory_format=torch.channels_last) else torch.contiguous_format
         out = torch.empty((n, c + sum(self.growth), h, w), dtype=x.dtype, device=x.device, memory_format=layout)
         out[:, :c] = x
+        bands = row_bands.bands_for(x, h) if self.halo is not None else [(0, h)]
+        if len(bands) > 1:
+            starts = [c + sum(self.growth[:k]) for k in range(len(self.layers))]
+            row_bands.run_in_bands(lambda k, r0, r1: self._layer_rows(out, k, starts[k], r0, r1), len(self.layers),
+                                   bands, torch.is_inference_mode_enabled())
+            return out
         for layer, g in zip(self.layers, self.growth, strict=True):
             bottleneck = layer.conv1(layer.relu1(layer.norm1(out[:, :c])))
             out[:, c:c + g] = layer.conv2(layer.relu2(layer.norm2(bottleneck)))
             c += g
         return out
+
+    def _layer_rows(self, out: Tensor, k: int, c: int, r0: int, r1: int) -> None:
+        """Layer ``k``'s output rows ``r0:r1`` from the buffer's first ``c`` channels, rows ``r0-halo:r1+halo``."""
+        layer, halo = self.layers[k], int(self.halo or 0)
+        lo, hi = max(r0 - halo, 0), min(r1 + halo, out.shape[2])
+        bottleneck = layer.conv1(layer.relu1(layer.norm1(out[:, :c, lo:hi])))
+        rows = layer.conv2(layer.relu2(layer.norm2(bottleneck)))
+        out[:, c:c + self.growth[k], r0:r1] = rows[:, :, r0 - lo:r1 - lo]
+
+
+_POINTWISE = (nn.Identity, nn.ReLU, ReluFloor, *_NORMS)
+
+
+def _band_halo(layers: nn.ModuleList) -> int | None:
+    """Rows a band of dense-layer outputs reads beyond its own, or None when the layers cannot run in bands.
+
+    They can when everything before the last convolution is pointwise (per-pixel norms, ReLUs, floors and
+    a 1x1 convolution) and the last convolution keeps the map's size (stride 1, no dilation, odd kernel
+    padded by half its height): its padding is then the halo, and the zero rows it pads at the map's top
+    and bottom are the ones the whole map would see.
+    """
+    halos = set()
+    for layer in layers:
+        conv1, conv2 = getattr(layer, "conv1", None), getattr(layer, "conv2", None)
+        pointwise = all(isinstance(getattr(layer, name, None), _POINTWISE)
+                        for name in ("norm1", "relu1", "norm2", "relu2"))
+        if not (pointwise and isinstance(conv1, nn.Conv2d) and isinstance(conv2, nn.Conv2d)
+                and conv1.kernel_size == (1, 1) and conv1.stride == (1, 1) and conv1.padding == (0, 0)
+                and conv2.stride == (1, 1) and conv2.dilation == (1, 1) and conv2.kernel_size[0] % 2 == 1
+                and conv2.padding[0] == conv2.kernel_size[0] // 2 and conv2.padding_mode == "zeros"):
+            return None
+        halos.add(int(conv2.padding[0]))
+    return max(halos, default=0)
 
 
 class FoldedHashDecoder(nn.Module):

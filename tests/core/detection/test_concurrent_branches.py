@@ -1,4 +1,4 @@
-"""The fused extractor's branch chains run concurrently on one-thread workers, and compute the same maps
+"""The fused extractor's branch segments run concurrently on one-thread workers, and compute the same maps
 (mammo_core.detection.concurrent_branches); elsewhere the wrapped module runs as it is."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import threading
 import pytest
 import torch
 
-from mammo_core.detection import concurrent_branches
+from mammo_core.detection import worker_pool
 from mammo_core.detection.backbone import FusedFeatureMaps
-from mammo_core.detection.concurrent_branches import ConcurrentBranchMaps, branch_chains
+from mammo_core.detection.concurrent_branches import ConcurrentBranchMaps, branch_tasks, segment_producers
 from mammo_core.models.fused import FusedDenseNet
 from mammo_core.runtime import openmp_wait
 from tests.helpers.paths import REPO
@@ -56,20 +56,35 @@ def segment_threads(maps: FusedFeatureMaps) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize(("plan", "chains"), [
-    ([(-1, 0), (0, 2), (-1, 0)], [[0, 1], [2]]),
-    ([(-1, 0), (-1, 0), (1, 3)], [[0], [1, 2]]),
-    ([(-1, 0), (-1, 0), (-1, 0)], [[0], [1], [2]]),
-    ([(-1, 0), (0, 1), (1, 2)], [[0, 1, 2]]),
+@pytest.mark.parametrize(("plan", "producers"), [
+    ([(-1, 0), (0, 2), (-1, 0)], {(1, 0): (0, 0), (1, 1): (0, 1)}),
+    ([(-1, 0), (-1, 0), (1, 3)], {(2, 0): (1, 0), (2, 1): (1, 1), (2, 2): (1, 2)}),
+    ([(-1, 0), (-1, 0), (-1, 0)], {}),
+    ([(-1, 0), (0, 1), (1, 2)], {(1, 0): (0, 0), (2, 0): (0, 0), (2, 1): (1, 1)}),
 ])
-def test_a_branch_runs_after_the_branch_whose_segments_it_reuses(plan, chains):
-    assert branch_chains(plan) == chains
+def test_a_reused_segment_is_computed_by_the_branch_it_is_reused_from(plan, producers):
+    """Branch 2 reusing two of branch 1's segments, which reuses one of branch 0's, reads branch 0's first map."""
+    got = segment_producers(plan, [4, 4, 4])
+    assert {k: v for k, v in got.items() if k != v} == producers
+    assert all(got[(b, i)] == (b, i) for b in range(3) for i in range(4) if (b, i) not in producers)
+
+
+def test_the_tasks_are_the_segments_not_reused_and_the_two_fusion_sums():
+    maps = trained_extractor()
+    plan = maps.shared_segments()
+    segments = [list(branch.children()) for branch in maps.fused.branches.values()]
+    trunk = torch.rand(1, 512, 8, 8)
+    tasks = {t.name: t for t in branch_tasks(plan, segments, trunk, maps.fusion_weights)}
+    computed = {(b, i) for b in range(len(segments)) for i in range(len(segments[b])) if i >= plan[b][1]}
+    assert set(tasks) == computed | {"middle", "final"}
+    producer = segment_producers(plan, [len(s) for s in segments])
+    assert set(tasks["final"].after) == {producer[(b, len(s) - 1)] for b, s in enumerate(segments)}
+    for b, i in computed:  # each segment waits for the map before it (none: the trunk)
+        assert tasks[(b, i)].after == (() if i == 0 else (producer[(b, i - 1)],))
 
 
 def test_branches_run_on_one_thread_workers_and_give_the_same_maps(sleeping_waits, two_threads):
     maps = trained_extractor()
-    plan = maps.shared_segments()
-    assert len(branch_chains(plan)) >= 2, plan  # otherwise nothing could run concurrently
     wrapped = ConcurrentBranchMaps(maps)
     x = torch.rand(1, 3, 96, 64, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -78,13 +93,36 @@ def test_branches_run_on_one_thread_workers_and_give_the_same_maps(sleeping_wait
         got = wrapped(x)
         assert wrapped.workers_for(x) == 2
     ran = set(threads)
-    assert ran and all(name.startswith("mammo-branch") for name in ran), ran  # none on the caller's thread
+    assert ran and all(name.startswith("mammo-worker") for name in ran), ran  # none on the caller's thread
     assert list(got) == ["trunk", "middle", "final"]
     for name in got:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5 * float(expected[name].abs().max()))
-    pool = concurrent_branches.single_thread_workers(2)
+    pool = worker_pool.single_thread_workers(2)
     assert pool.submit(torch.get_num_threads).result() == 1
     assert torch.get_num_threads() == 2  # the caller's count is its own again
+
+
+@pytest.mark.timeout(300)
+def test_the_inference_copy_runs_the_trunk_in_bands_and_the_branches_as_tasks(sleeping_waits, two_threads):
+    """The whole rewritten extractor on workers (trunk maps of 36 rows: two bands) gives the as-built maps."""
+    from mammo_core.detection.inference import BufferedDenseLayers, inference_copy
+
+    maps = trained_extractor()
+    fast = inference_copy(maps)
+    trunk_blocks = [m for m in fast.maps.fused.trunk.modules() if isinstance(m, BufferedDenseLayers)]
+    assert len(trunk_blocks) == 2
+    trunk_threads: set[str] = set()
+    for block in trunk_blocks:
+        block.layers[0].conv2.register_forward_pre_hook(lambda *_: trunk_threads.add(threading.current_thread().name))
+    branch_threads = segment_threads(fast.maps)
+    x = torch.rand(1, 3, 288, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = maps(x)
+        got = fast(x)
+    assert len(trunk_threads) == 2 and all(n.startswith("mammo-worker") for n in trunk_threads), trunk_threads
+    assert set(branch_threads) and all(n.startswith("mammo-worker") for n in branch_threads)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4 * float(expected[name].abs().max()))
 
 
 @pytest.mark.parametrize("case", ["one thread", "autograd", "spinning waits"])
@@ -111,9 +149,9 @@ def test_starting_the_workers_leaves_the_callers_thread_count_and_the_one_new_th
     """torch.set_num_threads in a worker also sets the count of threads started later; that is undone."""
     probe = (
         "import json, threading, torch\n"
-        "from mammo_core.detection import concurrent_branches\n"
+        "from mammo_core.detection import worker_pool\n"
         "torch.set_num_threads(2)\n"
-        "pool = concurrent_branches.single_thread_workers(2)\n"
+        "pool = worker_pool.single_thread_workers(2)\n"
         "later = []\n"
         "t = threading.Thread(target=lambda: later.append(torch.get_num_threads())); t.start(); t.join()\n"
         "workers = sorted(pool.submit(torch.get_num_threads).result() for _ in range(4))\n"
