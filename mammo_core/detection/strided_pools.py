@@ -6,10 +6,12 @@ DenseNet stems took 12-13 ms of a 1x64x192x128 map (more than a dense layer's 3x
 2x2 average pools of DenseNet's transitions 1.5-3 ms each. A pooling window is separable: the max (or
 sum) over a kh x kw window is the max (or sum) over kh rows of the max (or sum) over kw columns, and each
 of those is an elementwise ``maximum`` (or ``add``) of k strided views, which PyTorch vectorises:
-1.4 ms for that stem pool, 0.3 ms for the largest transition pool (``bench/detect.py`` measures the
-effect on the whole detector).
+1.7 ms for that stem pool (3.0 ms while the -inf padding was built as a padded copy; 2026-12-04, same
+machine), 0.3 ms for the largest transition pool (``bench/detect.py`` measures the effect on the whole
+detector).
 
-Max pooling is exact (max is associative and the padding is -inf, as PyTorch pads). Average pooling
+Max pooling is exact (max is associative, and a window's padded elements are skipped, which is what
+PyTorch's -inf padding amounts to). Average pooling
 sums in another order and so agrees up to float rounding; it is rewritten only without padding and
 ``ceil_mode`` (every window then lies inside the map and divides by kh * kw). On other devices the modules
 call PyTorch's own kernel, which is fast there.
@@ -52,17 +54,41 @@ def _window_views(x: Tensor, dim: int, kernel: int, stride: int, out: int) -> li
 
 
 def max_along(x: Tensor, dim: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> Tensor:
-    """1-D max pooling of ``x`` along ``dim`` with PyTorch's output length and -inf padding."""
-    out = pooled_length(x.shape[dim], kernel, stride, padding, ceil_mode)
-    right = max(0, (out - 1) * stride + kernel - padding - x.shape[dim])
-    if padding or right:
-        x = F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [padding, right], value=-math.inf)
-    views = _window_views(x, dim, kernel, stride, out)
-    if kernel == 1:
-        return views[0].clone()
-    result = torch.maximum(views[0], views[1])
-    for view in views[2:]:
-        torch.maximum(result, view, out=result)
+    """1-D max pooling of ``x`` along ``dim`` with PyTorch's output length and -inf padding.
+
+    The padding is never built: element j of window i is input ``stride * i + j - padding``, and each
+    offset j is maximised into just the windows where that index lies inside the input (a padded copy of
+    the stem's 1 x 64 x 192 x 128 map cost more than the pooling itself: 3.5 ms of fills and copies).
+    """
+    length = x.shape[dim]
+    out = pooled_length(length, kernel, stride, padding, ceil_mode)
+    ranges = []  # per offset: the first and last window whose element j lies inside the input
+    for j in range(kernel):
+        first = max(0, -(-(padding - j) // stride))
+        last = min(out - 1, (length - 1 + padding - j) // stride)
+        ranges.append((j, first, last))
+    full = [j for j, first, last in ranges if first == 0 and last == out - 1]
+
+    def view(j: int, first: int, last: int) -> Tensor:
+        start = stride * first + j - padding
+        return x.narrow(dim, start, stride * (last - first) + 1)[
+            (slice(None),) * dim + (slice(None, None, stride),)]
+
+    if len(full) >= 2:
+        result = torch.maximum(view(full[0], 0, out - 1), view(full[1], 0, out - 1))
+        done = set(full[:2])
+    elif full:
+        result = view(full[0], 0, out - 1).clone(memory_format=torch.contiguous_format)  # never x itself
+        done = {full[0]}
+    else:
+        shape = list(x.shape)
+        shape[dim] = out
+        result = torch.full(shape, -math.inf, dtype=x.dtype, device=x.device)
+        done = set()
+    for j, first, last in ranges:
+        if j not in done and first <= last:
+            part = result.narrow(dim, first, last - first + 1)
+            torch.maximum(part, view(j, first, last), out=part)
     return result
 
 

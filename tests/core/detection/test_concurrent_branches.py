@@ -181,3 +181,37 @@ def test_branch_workers_says_what_an_inference_call_uses(monkeypatch, two_thread
     torch.set_num_threads(2)
     monkeypatch.setattr(openmp_wait, "threads_sleep", lambda values=None: False)
     assert branch_workers(wrapped) == 1
+
+
+@pytest.mark.timeout(300)
+def test_the_detectors_fpn_levels_run_in_the_task_graph_and_give_the_same_pyramid(sleeping_waits, two_threads):
+    from mammo_core.detection import builders
+    from mammo_core.detection.concurrent_branches import ConcurrentFusedBackbone
+    from mammo_core.detection.inference import inference_copy
+
+    model = builders.build_detector(builders.DetectorConfig(model="ours", classes=["mass"], input_size=288))[0]
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in model.backbone.body.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    builders.freeze_feature_extractor(model)
+    model.eval()
+    fast = inference_copy(model)
+    assert isinstance(fast.backbone, ConcurrentFusedBackbone)
+    fpn_threads: set[str] = set()
+    for block in (*fast.backbone.fpn.inner_blocks, *fast.backbone.fpn.layer_blocks):
+        block.register_forward_pre_hook(lambda *_: fpn_threads.add(threading.current_thread().name))
+    x = torch.rand(1, 3, 288, 96, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = model.backbone(x)
+        got = fast.backbone(x)
+    assert fpn_threads and all(n.startswith("mammo-worker") for n in fpn_threads), fpn_threads
+    assert list(got) == list(expected) == ["0", "1", "2", "pool"]
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4 * float(expected[name].abs().max()))
+    torch.set_num_threads(1)  # one thread: the plain FPN on the caller, the same pyramid
+    with torch.inference_mode():
+        single = fast.backbone(x)
+    for name, value in expected.items():
+        torch.testing.assert_close(single[name], value, rtol=1e-4, atol=1e-4 * float(value.abs().max()))

@@ -30,11 +30,13 @@ SHAPES = [(1, 5, 12, 10), (2, 3, 13, 11), (1, 4, 7, 2)]
 def test_max_pool_is_exact_on_even_and_odd_sizes(pool: nn.MaxPool2d, shape: tuple[int, ...]):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     x[0, 0, 0, 0] = -1e30  # a window whose only real value is far below zero must not see the padding
+    before = x.clone()
     strided = strided_equivalent(pool)
     assert isinstance(strided, StridedMaxPool2d)
     expected, got = pool(x), strided(x)
     assert got.shape == expected.shape and got.is_contiguous()
     assert torch.equal(got, expected)
+    assert torch.equal(x, before)  # the windows are maximised into a new tensor, never into the input's views
 
 
 @pytest.mark.parametrize("pool", AVG_POOLS, ids=repr)
