@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
-from torchvision.ops import FeaturePyramidNetwork
 
-from mammo_core.detection.backbone import FusedBackbone, FusedFeatureMaps
-from mammo_core.detection.task_graph import Task, run_graph
+from mammo_core.detection.backbone import FusedFeatureMaps
+from mammo_core.detection.task_graph import Task, TaskGraph
 from mammo_core.detection.worker_pool import concurrent_workers
+
+TRUNK = "trunk"  # the graph's input: the trunk's output, computed before the branches (in bands of rows)
 
 
 def segment_producers(plan: list[tuple[int, int]], lengths: list[int]) -> dict[tuple[int, int], tuple[int, int]]:
@@ -46,97 +46,42 @@ def segment_producers(plan: list[tuple[int, int]], lengths: list[int]) -> dict[t
     return producer
 
 
-def branch_tasks(plan: list[tuple[int, int]], segments: list[list[nn.Module]], trunk: Tensor,
-                 fusion_weights: Tensor) -> list[Task]:
+def branch_tasks(plan: list[tuple[int, int]], segments: list[list[nn.Module]], fusion_weights: Tensor) -> list[Task]:
     """The segments each branch computes itself, and the two fusion sums, as tasks with their dependencies.
 
-    A segment's cost is its parameter count (every segment of a branch works at one map size, so that is
-    proportional to its convolutions' work); the sums cost next to nothing.
+    The first segments read the graph's input :data:`TRUNK`. A segment's cost is its parameter count (every
+    segment of a branch works at one map size, so that is proportional to its convolutions' work); the
+    sums ("middle", "final": the branches' maps before and after their tails) cost next to nothing.
     """
     producer = segment_producers(plan, [len(s) for s in segments])
 
-    def input_of(branch: int, i: int) -> tuple[int, int] | None:
-        return producer[(branch, i - 1)] if i > 0 else None
+    def input_of(branch: int, i: int) -> Hashable:
+        return producer[(branch, i - 1)] if i > 0 else TRUNK
 
-    def runner(branch: int, i: int):
-        source = input_of(branch, i)
-        return lambda results: segments[branch][i](trunk if source is None else results[source])
+    def runner(module: nn.Module, source: Hashable):
+        return lambda results: module(results[source])
 
     tasks = []
     for (branch, i), made_by in producer.items():
         if made_by == (branch, i):
-            source = input_of(branch, i)
-            cost = 1.0 + sum(p.numel() for p in segments[branch][i].parameters())
-            tasks.append(Task((branch, i), runner(branch, i), () if source is None else (source,), cost))
+            module = segments[branch][i]
+            cost = 1.0 + sum(p.numel() for p in module.parameters())
+            tasks.append(Task((branch, i), runner(module, input_of(branch, i)), (input_of(branch, i),), cost))
     middles = [input_of(b, len(s) - 1) for b, s in enumerate(segments)]  # each branch's map before its tail
     finals = [producer[(b, len(s) - 1)] for b, s in enumerate(segments)]
 
-    def weighted_sum(keys: list[tuple[int, int] | None]):
+    def weighted_sum(keys: list[Hashable]):
         def run(results: Mapping[Hashable, Any]) -> Tensor:
             total: Tensor | None = None
             for key, w in zip(keys, fusion_weights, strict=True):
-                m = trunk if key is None else results[key]
-                total = w * m if total is None else total + w * m
+                total = w * results[key] if total is None else total + w * results[key]
             assert total is not None
             return total
         return run
 
-    tasks.append(Task("middle", weighted_sum(middles), tuple(k for k in middles if k is not None)))
-    tasks.append(Task("final", weighted_sum(finals), tuple(finals)))
+    tasks.append(Task("middle", weighted_sum(middles), tuple(dict.fromkeys(middles))))
+    tasks.append(Task("final", weighted_sum(finals), tuple(dict.fromkeys(finals))))
     return tasks
-
-
-def fpn_tasks(fpn: FeaturePyramidNetwork, sources: list[Hashable | None], trunk: Tensor,
-              level_work: list[float]) -> list[Task]:
-    """The FPN's lateral, top-down and output convolutions per level, as tasks after the maps they read.
-
-    ``sources``: per level, finest first, the task whose result is that level's input (None: the trunk).
-    ``level_work``: per level, a convolution's work per parameter there (its pixels, relative to the
-    branches' maps). The ops are :class:`~torchvision.ops.FeaturePyramidNetwork.forward`'s, level by level;
-    its ``extra_blocks`` run after the graph (:func:`fpn_outputs`).
-    """
-    top = len(sources) - 1
-
-    def lateral(i: int):
-        return lambda results: fpn.get_result_from_inner_blocks(trunk if sources[i] is None else results[sources[i]], i)
-
-    def merged(i: int):
-        def run(results: Mapping[Hashable, Any]) -> Tensor:
-            inner = results[("fpn_lateral", i)]
-            above = results[_merged_key(i + 1, top)]
-            return inner + F.interpolate(above, size=inner.shape[-2:], mode="nearest")
-        return run
-
-    def output(i: int):
-        return lambda results: fpn.get_result_from_layer_blocks(results[_merged_key(i, top)], i)
-
-    def work(blocks: nn.ModuleList, i: int) -> float:
-        return 1.0 + level_work[i] * sum(p.numel() for p in blocks[i].parameters())
-
-    tasks = []
-    for i, source in enumerate(sources):
-        tasks.append(Task(("fpn_lateral", i), lateral(i), () if source is None else (source,),
-                          work(fpn.inner_blocks, i)))
-    for i in range(top - 1, -1, -1):
-        tasks.append(Task(("fpn_merged", i), merged(i), (("fpn_lateral", i), _merged_key(i + 1, top))))
-    for i in range(len(sources)):
-        tasks.append(Task(("fpn_output", i), output(i), (_merged_key(i, top),), work(fpn.layer_blocks, i)))
-    return tasks
-
-
-def _merged_key(i: int, top: int) -> tuple[str, int]:
-    """The task whose result is level i's top-down map (the top level's is its lateral map itself)."""
-    return ("fpn_lateral", i) if i == top else ("fpn_merged", i)
-
-
-def fpn_outputs(fpn: FeaturePyramidNetwork, results: Mapping[Hashable, Any], inputs: list[Tensor]
-                ) -> OrderedDict[str, Tensor]:
-    """The FPN's output dict from the graph's results, with its extra blocks, named as FusedBackbone names them."""
-    maps = [results[("fpn_output", i)] for i in range(len(inputs))]
-    names = [str(i) for i in range(len(inputs))]
-    if fpn.extra_blocks is not None:
-        maps, names = fpn.extra_blocks(maps, inputs, names)
-    return OrderedDict(zip(names, maps, strict=True))
 
 
 class ConcurrentBranchMaps(nn.Module):
@@ -145,49 +90,33 @@ class ConcurrentBranchMaps(nn.Module):
     def __init__(self, maps: FusedFeatureMaps):
         super().__init__()
         self.maps = maps
+        self._graphs: tuple[object, tuple[Task, ...], TaskGraph] | None = None
 
     def workers_for(self, x: Tensor) -> int:
         """How many one-thread workers this call uses for the branches; 1: the wrapped module's forward."""
         return concurrent_workers(x, len(self.maps.fused.branches))
 
-    def tasks(self, trunk: Tensor) -> list[Task]:
-        """The branch segments and fusion sums from ``trunk``; their "middle" and "final" results are the maps."""
+    def tasks(self) -> list[Task]:
+        """The branch segments and fusion sums under the current shared-segment plan (input: :data:`TRUNK`)."""
         segments = [list(branch.children()) for branch in self.maps.fused.branches.values()]
-        return branch_tasks(self.maps.shared_segments(), segments, trunk, self.maps.fusion_weights)
+        return branch_tasks(self.maps.shared_segments(), segments, self.maps.fusion_weights)
+
+    def graph(self, extra: tuple[Task, ...] = ()) -> TaskGraph:
+        """The branch tasks plus ``extra``, checked once per shared-segment plan (rebuilt when the plan is)."""
+        plan = self.maps.shared_segments()  # the same object while every branch weight is unchanged
+        cached = self._graphs
+        if cached is None or cached[0] is not plan or cached[1] is not extra:
+            cached = (plan, extra, TaskGraph(self.tasks() + list(extra), (TRUNK,)))
+            self._graphs = cached
+        return cached[2]
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         workers = self.workers_for(x)
         if workers < 2:
             return self.maps(x)
         trunk = self.maps.fused.trunk_output(x)
-        results = run_graph(self.tasks(trunk), workers, torch.is_inference_mode_enabled())
+        results = self.graph().run(workers, torch.is_inference_mode_enabled(), {TRUNK: trunk})
         return OrderedDict([("trunk", trunk), ("middle", results["middle"]), ("final", results["final"])])
-
-
-class ConcurrentFusedBackbone(nn.Module):
-    """:class:`FusedBackbone` with its FPN's levels in the branches' task graph where that is faster.
-
-    Why: the FPN's lateral convolution of the trunk can run as soon as the trunk is done, the middle
-    level's as soon as the branches' middle maps are summed, and the three output convolutions side by
-    side; on the caller's two sleeping OpenMP threads the FPN's small ops ran at one thread's speed.
-    """
-
-    def __init__(self, backbone: FusedBackbone):
-        super().__init__()
-        self.body = ConcurrentBranchMaps(backbone.body)
-        self.fpn = backbone.fpn
-        self.out_channels = backbone.out_channels
-
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        workers = self.body.workers_for(x)
-        maps = self.body.maps
-        if workers < 2:
-            return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps(x).values())))
-        trunk = maps.fused.trunk_output(x)
-        level_work = [(maps.strides[1] / stride) ** 2 for stride in maps.strides]
-        tasks = self.body.tasks(trunk) + fpn_tasks(self.fpn, [None, "middle", "final"], trunk, level_work)
-        results = run_graph(tasks, workers, torch.is_inference_mode_enabled())
-        return fpn_outputs(self.fpn, results, [trunk, results["middle"], results["final"]])
 
 
 def branch_workers(model: nn.Module, device: torch.device | str = "cpu") -> int:
@@ -201,16 +130,8 @@ def branch_workers(model: nn.Module, device: torch.device | str = "cpu") -> int:
 
 
 def run_branches_concurrently(model: nn.Module) -> int:
-    """Wrap, in place, every :class:`FusedBackbone` and every other :class:`FusedFeatureMaps` child of ``model``.
-
-    Returns how many extractors were wrapped.
-    """
+    """Wrap, in place, every :class:`FusedFeatureMaps` child of ``model`` not wrapped yet; returns how many."""
     wrapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module._modules.items()):
-            if isinstance(child, FusedBackbone):
-                setattr(module, name, ConcurrentFusedBackbone(child))
-                wrapped += 1
     for module in list(model.modules()):
         if isinstance(module, ConcurrentBranchMaps):
             continue

@@ -54,6 +54,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from mammo_core.detection import row_bands
 from mammo_core.detection.backbone import FusedFeatureMaps
 from mammo_core.detection.concurrent_branches import ConcurrentBranchMaps, run_branches_concurrently
+from mammo_core.detection.concurrent_pyramid import run_pyramid_concurrently
 from mammo_core.detection.strided_pools import strided_equivalent
 from mammo_core.models.densenet_parts import AttentionBlock, DenseLayers
 from mammo_core.models.hashing import SLICE_WIDTH, HashDecoder, piecewise_threshold
@@ -328,7 +329,8 @@ def rewrite_for_inference(model: nn.Module) -> dict[str, int]:
                 counts["transitions_pooled_first"] += 1
     counts["batchnorm_relus_folded"] = fold_batchnorm_relus(model)  # after the BN -> conv folds (conv1 -> norm2)
     counts["pools_strided"] = use_strided_pools(model)  # after the reordering, which rebuilds transitions
-    counts["branch_maps_concurrent"] = run_branches_concurrently(model)  # last: it wraps the rewritten extractor
+    counts["pyramids_concurrent"] = run_pyramid_concurrently(model)  # last: they wrap the rewritten extractor
+    counts["branch_maps_concurrent"] = run_branches_concurrently(model)
     return counts
 
 

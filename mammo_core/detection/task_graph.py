@@ -15,7 +15,7 @@ task computes, so every result is the one a sequential run gives.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,20 +34,24 @@ class Task:
     cost: float = 1.0
 
 
-def critical_paths(tasks: Sequence[Task]) -> dict[Hashable, float]:
-    """Per task, its cost plus the largest such sum over the tasks that wait for it (the work still behind it)."""
+def critical_paths(tasks: Sequence[Task], given: Collection[Hashable] = ()) -> dict[Hashable, float]:
+    """Per task, its cost plus the largest such sum over the tasks that wait for it (the work still behind it).
+
+    ``given``: names of results that exist before any task runs (a task may wait for them).
+    """
     names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        raise ValueError("task names must be unique")
+    if len(set(names)) != len(names) or set(names) & set(given):
+        raise ValueError("task names must be unique and differ from the given results'")
     by_name = {t.name: t for t in tasks}
     for task in tasks:
-        missing = [d for d in task.after if d not in by_name]
+        missing = [d for d in task.after if d not in by_name and d not in given]
         if missing:
             raise ValueError(f"task {task.name!r} waits for unknown tasks {missing}")
     waiting: dict[Hashable, list[Hashable]] = {n: [] for n in names}
     for task in tasks:
         for d in task.after:
-            waiting[d].append(task.name)
+            if d in waiting:
+                waiting[d].append(task.name)
     path: dict[Hashable, float] = {}
     visiting: set[Hashable] = set()
 
@@ -65,55 +69,76 @@ def critical_paths(tasks: Sequence[Task]) -> dict[Hashable, float]:
     return path
 
 
-def run_graph(tasks: Sequence[Task], workers: int, inference: bool) -> dict[Hashable, Any]:
-    """Every task's result, computed on ``workers`` one-thread workers; a ready task with the longest path starts first.
+class TaskGraph:
+    """Tasks checked and ordered once (names, dependencies, critical paths), to run many times.
 
-    Ties go to the task listed first. A failing task stops the others from starting new tasks and its error
-    is raised here. ``inference``: tasks run under ``torch.inference_mode`` (a mode does not cross threads),
-    else under ``torch.no_grad``.
+    ``inputs``: names of results that every run is given before any task starts (a task may wait for them).
     """
-    path = critical_paths(tasks)
-    order = {t.name: i for i, t in enumerate(tasks)}
-    by_name = {t.name: t for t in tasks}
-    waiting_on = {t.name: len(set(t.after)) for t in tasks}
-    dependents: dict[Hashable, list[Hashable]] = {t.name: [] for t in tasks}
-    for task in tasks:
-        for d in set(task.after):
-            dependents[d].append(task.name)
-    ready = [t.name for t in tasks if not t.after]
-    results: dict[Hashable, Any] = {}
-    failed: list[BaseException] = []
-    changed = threading.Condition()
 
-    def work() -> None:
-        with torch.inference_mode() if inference else torch.no_grad():
-            while True:
-                with changed:
-                    while not ready and len(results) < len(tasks) and not failed:
-                        changed.wait()
-                    if failed or len(results) == len(tasks):
-                        return
-                    name = max(ready, key=lambda n: (path[n], -order[n]))
-                    ready.remove(name)
-                try:
-                    value = by_name[name].run(results)
-                except BaseException as exc:
+    def __init__(self, tasks: Sequence[Task], inputs: Collection[Hashable] = ()):
+        self.tasks = list(tasks)
+        self.inputs = frozenset(inputs)
+        self.path = critical_paths(self.tasks, self.inputs)
+        self.order = {t.name: i for i, t in enumerate(self.tasks)}
+        self.by_name = {t.name: t for t in self.tasks}
+        self.waits_for = {t.name: len(set(t.after) - self.inputs) for t in self.tasks}
+        self.dependents: dict[Hashable, list[Hashable]] = {t.name: [] for t in self.tasks}
+        for task in self.tasks:
+            for d in set(task.after) - self.inputs:
+                self.dependents[d].append(task.name)
+
+    def run(self, workers: int, inference: bool, given: Mapping[Hashable, Any] | None = None) -> dict[Hashable, Any]:
+        """Every task's result (and the given ones), on ``workers`` one-thread workers, longest path first.
+
+        Ties go to the task listed first. A failing task stops the others from starting new tasks and its
+        error is raised here. ``inference``: tasks run under ``torch.inference_mode`` (a mode does not cross
+        threads), else under ``torch.no_grad``.
+        """
+        given = dict(given or {})
+        if set(given) != self.inputs:
+            raise ValueError(f"the graph's inputs are {sorted(map(str, self.inputs))}, given {sorted(map(str, given))}")
+        waiting_on = dict(self.waits_for)
+        ready = [t.name for t in self.tasks if waiting_on[t.name] == 0]
+        results: dict[Hashable, Any] = dict(given)
+        total = len(self.tasks) + len(given)
+        failed: list[BaseException] = []
+        changed = threading.Condition()
+
+        def work() -> None:
+            with torch.inference_mode() if inference else torch.no_grad():
+                while True:
                     with changed:
-                        failed.append(exc)
+                        while not ready and len(results) < total and not failed:
+                            changed.wait()
+                        if failed or len(results) == total:
+                            return
+                        name = max(ready, key=lambda n: (self.path[n], -self.order[n]))
+                        ready.remove(name)
+                    try:
+                        value = self.by_name[name].run(results)
+                    except BaseException as exc:
+                        with changed:
+                            failed.append(exc)
+                            changed.notify_all()
+                        return
+                    with changed:
+                        results[name] = value
+                        for d in self.dependents[name]:
+                            waiting_on[d] -= 1
+                            if waiting_on[d] == 0:
+                                ready.append(d)
                         changed.notify_all()
-                    return
-                with changed:
-                    results[name] = value
-                    for d in dependents[name]:
-                        waiting_on[d] -= 1
-                        if waiting_on[d] == 0:
-                            ready.append(d)
-                    changed.notify_all()
 
-    count = max(1, min(workers, len(tasks)))
-    pool = single_thread_workers(count)
-    for future in [pool.submit(work) for _ in range(count)]:
-        future.result()
-    if failed:
-        raise failed[0]
-    return results
+        count = max(1, min(workers, len(self.tasks)))
+        pool = single_thread_workers(count)
+        for future in [pool.submit(work) for _ in range(count)]:
+            future.result()
+        if failed:
+            raise failed[0]
+        return results
+
+
+def run_graph(tasks: Sequence[Task], workers: int, inference: bool,
+              given: Mapping[Hashable, Any] | None = None) -> dict[Hashable, Any]:
+    """:meth:`TaskGraph.run` of ``tasks`` once (``given``: the results that exist before any task runs)."""
+    return TaskGraph(tasks, tuple((given or {}).keys())).run(workers, inference, given)

@@ -14,7 +14,7 @@ import torch
 
 from mammo_core.detection import worker_pool
 from mammo_core.detection.backbone import FusedFeatureMaps
-from mammo_core.detection.concurrent_branches import ConcurrentBranchMaps, branch_tasks, segment_producers
+from mammo_core.detection.concurrent_branches import TRUNK, ConcurrentBranchMaps, branch_tasks, segment_producers
 from mammo_core.models.fused import FusedDenseNet
 from mammo_core.runtime import openmp_wait
 from tests.helpers.paths import REPO
@@ -73,14 +73,13 @@ def test_the_tasks_are_the_segments_not_reused_and_the_two_fusion_sums():
     maps = trained_extractor()
     plan = maps.shared_segments()
     segments = [list(branch.children()) for branch in maps.fused.branches.values()]
-    trunk = torch.rand(1, 512, 8, 8)
-    tasks = {t.name: t for t in branch_tasks(plan, segments, trunk, maps.fusion_weights)}
+    tasks = {t.name: t for t in branch_tasks(plan, segments, maps.fusion_weights)}
     computed = {(b, i) for b in range(len(segments)) for i in range(len(segments[b])) if i >= plan[b][1]}
     assert set(tasks) == computed | {"middle", "final"}
     producer = segment_producers(plan, [len(s) for s in segments])
     assert set(tasks["final"].after) == {producer[(b, len(s) - 1)] for b, s in enumerate(segments)}
-    for b, i in computed:  # each segment waits for the map before it (none: the trunk)
-        assert tasks[(b, i)].after == (() if i == 0 else (producer[(b, i - 1)],))
+    for b, i in computed:  # each segment waits for the map before it (the first: the graph's input, the trunk)
+        assert tasks[(b, i)].after == ((TRUNK,) if i == 0 else (producer[(b, i - 1)],))
 
 
 def test_branches_run_on_one_thread_workers_and_give_the_same_maps(sleeping_waits, two_threads):
@@ -184,9 +183,9 @@ def test_branch_workers_says_what_an_inference_call_uses(monkeypatch, two_thread
 
 
 @pytest.mark.timeout(300)
-def test_the_detectors_fpn_levels_run_in_the_task_graph_and_give_the_same_pyramid(sleeping_waits, two_threads):
+def test_fpn_and_rpn_head_levels_run_in_the_task_graph_and_give_the_same_detections(sleeping_waits, two_threads):
     from mammo_core.detection import builders
-    from mammo_core.detection.concurrent_branches import ConcurrentFusedBackbone
+    from mammo_core.detection.concurrent_pyramid import ConcurrentFusedBackbone
     from mammo_core.detection.inference import inference_copy
 
     model = builders.build_detector(builders.DetectorConfig(model="ours", classes=["mass"], input_size=288))[0]
@@ -210,8 +209,37 @@ def test_the_detectors_fpn_levels_run_in_the_task_graph_and_give_the_same_pyrami
     assert list(got) == list(expected) == ["0", "1", "2", "pool"]
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4 * float(expected[name].abs().max()))
+    head_inputs: list[int] = []  # the RPN takes the graph's head outputs: the head itself sees only the pool level
+    fast.rpn.head.head.register_forward_pre_hook(lambda module, args: head_inputs.append(len(args[0])))
+    image = x[0].clamp(0, 1)
+    with torch.inference_mode():
+        want, have = model([image])[0], fast([image])[0]
+    assert head_inputs == [1]
+    assert len(want["boxes"]) > 0 and torch.equal(have["labels"], want["labels"])
+    torch.testing.assert_close(have["boxes"], want["boxes"], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(have["scores"], want["scores"], rtol=1e-4, atol=1e-5)
     torch.set_num_threads(1)  # one thread: the plain FPN on the caller, the same pyramid
     with torch.inference_mode():
         single = fast.backbone(x)
     for name, value in expected.items():
         torch.testing.assert_close(single[name], value, rtol=1e-4, atol=1e-4 * float(value.abs().max()))
+
+
+def test_the_rpn_head_returns_offered_outputs_once_for_the_same_maps_on_the_same_thread():
+    from torchvision.models.detection.rpn import RPNHead
+
+    from mammo_core.detection.concurrent_pyramid import PrecomputedRPNHead
+
+    head = PrecomputedRPNHead(RPNHead(4, 3))
+    maps = [torch.rand(1, 4, 6, 5), torch.rand(1, 4, 3, 3)]
+    offered = ([torch.zeros(1)], [torch.ones(1)])
+    head.offer(maps, offered)
+    other: list = []
+    t = threading.Thread(target=lambda: other.append(head(maps)))  # another thread: nothing offered to it
+    t.start()
+    t.join()
+    assert other[0][0][0].shape == (1, 3, 6, 5)
+    assert head([maps[0].clone(), maps[1]])[0][0].shape == (1, 3, 6, 5)  # other tensors: computed (and offer spent)
+    head.offer(maps, offered)
+    assert head(maps) is offered
+    assert head(maps)[0][0].shape == (1, 3, 6, 5)  # an offer is taken once

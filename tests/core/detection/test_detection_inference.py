@@ -74,7 +74,8 @@ def test_inference_copy_of_ours_computes_the_same_maps_and_detections():
     assert counts["dense_blocks_buffered"] >= 3 and counts["transitions_pooled_first"] >= 2
     # stem and three closing transitions (max), the trunk's and each branch's pretrained transition (average)
     assert counts["pools_strided"] == 4 + 4 and counts["hash_decoders_folded"] == 1
-    assert counts["branch_maps_concurrent"] == 1  # the extractor, wrapped (concurrent_branches)
+    # the backbone and the RPN head's levels in one task graph (concurrent_pyramid), the extractor inside it
+    assert counts["pyramids_concurrent"] == 1 and counts["branch_maps_concurrent"] == 0
     # every dense layer (6 + 12 in the trunk, 24 in each of three branches) and transition (1 + 3 + 3 closing)
     assert counts["batchnorm_relus_folded"] == 6 + 12 + 3 * 24 + 7
     assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in fast.modules())
