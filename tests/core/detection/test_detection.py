@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 
@@ -606,3 +607,7 @@ def test_freeze1_and_freeze2_share_their_common_frozen_segments_exactly():
         assert body.shared_segments()[1] == (0, 1)  # the plan follows the weights, never serves stale maps
         for a, b in zip(body(x).values(), unshared(x), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        # a replaced module (no tensor of the old one changed) is seen too: Freeze1's own conv shares again
+        twin = next(body.fused.branches["freeze1"][1].children()).conv1
+        next(body.fused.branches["freeze2"][1].children()).conv1 = copy.deepcopy(twin)
+        assert body.shared_segments()[1] == (0, 2)
