@@ -28,6 +28,8 @@ from torch import Tensor
 from mammo_core.detection.worker_pool import concurrent_workers, single_thread_workers
 
 MIN_BAND_ROWS = 16  # below this the halo rows cost more than a second thread wins
+BARRIER_TIMEOUT_S = 600.0  # a band waiting this long for its neighbours means something is wrong: fail, never hang
+_ONE_AT_A_TIME = threading.Lock()  # two callers' bands interleaved on one pool could each hold a worker at a barrier
 
 BandStep = Callable[[int, int, int], None]  # step(k, first row, end row): step k of one band
 
@@ -48,11 +50,13 @@ def run_in_bands(step: BandStep, steps: int, bands: list[tuple[int, int]], infer
     """``step(k, r0, r1)`` for k in ``range(steps)``, each band on its own one-thread worker.
 
     Every band finishes step k before any band starts step k + 1 (a step reads its neighbours' rows of
-    what earlier steps wrote). A failing step breaks the barrier, so the other bands stop too and the
-    first error is raised here. ``inference``: run the steps under ``torch.inference_mode`` (the caller's
-    mode does not cross threads), else under ``torch.no_grad``.
+    what earlier steps wrote). Calls from several threads take turns: interleaved on one pool, two
+    calls' bands could each hold a worker at their barriers and wait for each other forever. A failing
+    step breaks the barrier, so the other bands stop too and the first error is raised here.
+    ``inference``: run the steps under ``torch.inference_mode`` (the caller's mode does not cross
+    threads), else under ``torch.no_grad``.
     """
-    barrier = threading.Barrier(len(bands))
+    barrier = threading.Barrier(len(bands), timeout=BARRIER_TIMEOUT_S)
 
     def band(r0: int, r1: int) -> None:
         with torch.inference_mode() if inference else torch.no_grad():
@@ -67,14 +71,15 @@ def run_in_bands(step: BandStep, steps: int, bands: list[tuple[int, int]], infer
                 raise
 
     pool = single_thread_workers(len(bands))
-    futures = [pool.submit(band, r0, r1) for r0, r1 in bands]
-    errors = []
-    for future in futures:
-        try:
-            future.result()
-        except threading.BrokenBarrierError as exc:
-            errors.append(exc)
-        except BaseException as exc:
-            errors.insert(0, exc)
+    errors: list[BaseException] = []
+    with _ONE_AT_A_TIME:  # every band of this call must be running at once: no other caller's band in between
+        futures = [pool.submit(band, r0, r1) for r0, r1 in bands]
+        for future in futures:
+            try:
+                future.result()
+            except threading.BrokenBarrierError as exc:
+                errors.append(exc)
+            except BaseException as exc:
+                errors.insert(0, exc)
     if errors:
         raise errors[0]

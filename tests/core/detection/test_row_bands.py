@@ -108,3 +108,56 @@ def test_a_failing_layer_in_one_band_raises_and_leaves_no_worker_waiting(sleepin
     handle.remove()
     with torch.inference_mode():  # the workers are free again
         torch.testing.assert_close(buffered(x), trained_block()(x), rtol=1e-5, atol=1e-4)
+
+
+class InterleavingPool:
+    """The worker pool, except that the first band submitted waits (up to 2 s) until another band is submitted.
+
+    Without callers taking turns, a second caller's bands then queue between the first caller's: both
+    workers hold a band at a barrier whose partner waits behind them.
+    """
+
+    def __init__(self, pool):
+        self.pool, self.count, self.lock, self.another = pool, 0, threading.Lock(), threading.Event()
+
+    def submit(self, fn, *args):
+        with self.lock:
+            n = self.count
+            self.count += 1
+        future = self.pool.submit(fn, *args)
+        if n == 0:
+            self.another.wait(2.0)
+        elif n == 1:
+            self.another.set()
+        return future
+
+
+@pytest.mark.timeout(120)
+def test_two_callers_at_once_take_turns_and_both_finish_with_the_same_maps(sleeping_two_threads, monkeypatch):
+    from mammo_core.detection import row_bands
+
+    buffered = inference.BufferedDenseLayers(trained_block())
+    x = torch.rand(1, 128, 2 * MIN_BAND_ROWS, 8, generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        expected = buffered(x)
+    pool = InterleavingPool(row_bands.single_thread_workers(2))
+    monkeypatch.setattr(row_bands, "single_thread_workers", lambda count: pool)
+    monkeypatch.setattr(row_bands, "BARRIER_TIMEOUT_S", 5.0)  # a deadlock fails the test instead of hanging it
+    got: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        torch.set_num_threads(2)
+        try:
+            with torch.inference_mode():
+                got.append(buffered(x))
+        except BaseException as exc:
+            errors.append(exc)
+
+    callers = [threading.Thread(target=call) for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in callers), errors
+    assert len(got) == 2 and all(torch.equal(g, expected) for g in got)
