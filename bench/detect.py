@@ -15,8 +15,9 @@ Each detector is timed twice: as built (torchvision's eval forward) and as its i
 (``mammo_core.detection.inference``: BatchNorm folded into the convolution before it, BatchNorm + ReLU before
 a 1x1 convolution turned into a per-channel floor, dense blocks buffered, transitions pooled first, identity
 attention removed, the hash decoder folded, pooling from strided views, and on the CPU under sleeping OpenMP
-waits the fused extractor's branch chains run concurrently on one-thread workers; the ResNet-50 gets the
-rewrites that apply to it: its BatchNorm folding and its stem's strided max pool).
+waits, on one-thread workers, the trunk's dense blocks in bands of rows and the branch segments, FPN levels and
+RPN head levels as one task graph; the ResNet-50 gets the rewrites that apply to it: its BatchNorm folding and
+its stem's strided max pool; bands for its bottleneck layers made it slower and are not used).
 On a GPU each inference copy is also timed with its backbone (extractor + FPN) replayed from a CUDA graph
 (``mammo_core.detection.cuda_graphs``, ``graphed`` in the output; the RPN and box heads stay eager, their
 shapes depend on the data), with cuDNN's autotuner on for every model alike: at batch 1 the fused extractor's

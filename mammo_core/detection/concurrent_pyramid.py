@@ -96,6 +96,16 @@ class PrecomputedRPNHead(nn.Module):
         self.head = head
         self._offered = threading.local()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy``, ``torch.save``) starts with nothing offered: a thread's offer stays its own."""
+        state = self.__dict__.copy()
+        state.pop("_offered", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._offered = threading.local()
+
     def offer(self, features: Sequence[Tensor], outputs: tuple[list[Tensor], list[Tensor]]) -> None:
         self._offered.value = (tuple(features), outputs)
 

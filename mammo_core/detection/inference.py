@@ -30,9 +30,11 @@ against the unrewritten model):
 * **Max and average pooling from strided views** (``mammo_core.detection.strided_pools``): PyTorch's CPU
   pooling kernels are slow on NCHW maps (the stem's max pool cost 12 ms at batch 1); separable maxima and
   sums of strided views compute the same windows in a tenth of that.
-* **The fused extractor's branches run concurrently** (``mammo_core.detection.concurrent_branches``): on the
-  CPU with sleeping OpenMP waits, each independent chain of branches runs on its own one-thread worker
-  instead of every small op waking the other intra-op thread; same ops, same order of the fusion sums.
+* **One-thread workers instead of a sleeping intra-op team** (``mammo_core.detection.worker_pool``): on the
+  CPU with sleeping OpenMP waits and two or more threads, the trunk's dense blocks run in bands of rows
+  (``row_bands``), and the branch segments, the fusion sums (in branch order), ours' FPN levels and RPN head
+  levels run as one task graph (``concurrent_branches``, ``concurrent_pyramid``, ``task_graph``) instead
+  of every small op waking the other intra-op thread; same ops.
 
 The ResNet-50 baseline gets every rewrite that applies to it (BatchNorm folding, its stem's max pool), so that a latency
 comparison between the two never compares an optimised model with an unoptimised one.

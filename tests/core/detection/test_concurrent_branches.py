@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import subprocess
 import sys
@@ -243,3 +244,16 @@ def test_the_rpn_head_returns_offered_outputs_once_for_the_same_maps_on_the_same
     head.offer(maps, offered)
     assert head(maps) is offered
     assert head(maps)[0][0].shape == (1, 3, 6, 5)  # an offer is taken once
+
+
+def test_a_copy_of_the_inference_detector_can_be_made_and_runs():
+    """The head's per-thread offer is not copied: deepcopy works, and the copy computes its own outputs."""
+    from torchvision.models.detection.rpn import RPNHead
+
+    from mammo_core.detection.concurrent_pyramid import PrecomputedRPNHead
+
+    head = PrecomputedRPNHead(RPNHead(4, 3))
+    maps = [torch.rand(1, 4, 6, 5)]
+    head.offer(maps, ([torch.zeros(1)], [torch.ones(1)]))
+    twin = copy.deepcopy(head)
+    assert twin(maps)[0][0].shape == (1, 3, 6, 5)
