@@ -1142,7 +1142,7 @@ def _detector_claim(reader: _Reader) -> vd.Claim:
     conditions = [f"ratio ours / frcnn_r50 {ratio:.2f}" if ratio is not None else "",
                   f"{det['latency_threads']} threads" if on_cpu and det.get("latency_threads") else "",
                   openmp_wait.describe(det["latency_omp_wait"]) if on_cpu and det.get("latency_omp_wait") else "",
-                  (f"ours' branches on {ours['latency_branch_workers']} one-thread workers"  # concurrent_branches
+                  (f"ours on {ours['latency_branch_workers']} one-thread workers"  # worker_pool: bands, task graph
                    if on_cpu and (ours.get("latency_branch_workers") or 0) >= 2 else ""),
                   (f"on 1 thread {det['latency_ratio_vs_r50_1_thread']:.2f}"
                    if on_cpu and det.get("latency_ratio_vs_r50_1_thread") else "")]

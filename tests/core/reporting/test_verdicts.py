@@ -245,7 +245,7 @@ def test_the_detector_claim_reads_the_detect_stages_bootstrap_intervals(tmp_path
     assert "ours [0.4000, 0.4700], frcnn_r50 [0.2500, 0.3500]" in row["from"]
     speed = parts.set_index("metric").filter(like="latency", axis=0)["from"].item()
     # what moves a CPU latency is said
-    assert "2 threads, OMP_WAIT_POLICY=PASSIVE, ours' branches on 2 one-thread workers, on 1 thread 0.46)" in speed
+    assert "2 threads, OMP_WAIT_POLICY=PASSIVE, ours on 2 one-thread workers, on 1 thread 0.46)" in speed
     det["device"] = "cuda:0"  # on a GPU neither applies, and the verdict does not claim them
     _write_json(dirs["detect"] / "detection.json", det)
     _reseal(dirs["detect"], "detect")

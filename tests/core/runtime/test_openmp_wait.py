@@ -53,5 +53,5 @@ def test_describe_names_what_libgomp_obeys(values, phrase):
     ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None}, False),
 ])
 def test_threads_sleep_only_under_passive_without_a_spin_count(values, sleep):
-    """What decides whether the extractor's branches run on one-thread workers (concurrent_branches)."""
+    """What decides whether ours runs on one-thread workers (worker_pool: trunk bands, branch and pyramid tasks)."""
     assert openmp_wait.threads_sleep(values) is sleep
