@@ -31,6 +31,16 @@ def _same_frozen(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def fuse_maps(maps: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """The branches' maps weighted and summed in branch order (the paper's fusion, applied to maps)."""
+    total: Tensor | None = None
+    for m, w in zip(maps, weights, strict=True):
+        total = w * m if total is None else total + w * m
+    if total is None:
+        raise ValueError("no branch maps to fuse")
+    return total
+
+
 class FusedFeatureMaps(nn.Module):
     """Trunk output and fused branch maps at two depths, as an ordered dict of feature maps."""
 
@@ -96,11 +106,11 @@ class FusedFeatureMaps(nn.Module):
 
     def _maps(self, x: Tensor) -> OrderedDict[str, Tensor]:
         t = self.fused.trunk_output(x)
-        middle: Tensor | None = None
-        final: Tensor | None = None
+        middles: list[Tensor] = []
+        finals: list[Tensor] = []
         plan = self.shared_segments()
         steps: list[list[Tensor]] = []  # each branch's maps after each of its segments
-        for (source, reused), w, branch in zip(plan, self.fusion_weights, self.fused.branches.values(), strict=True):
+        for (source, reused), branch in zip(plan, self.fused.branches.values(), strict=True):
             segments = list(branch.children())
             outputs = steps[source][:reused] if reused else []
             m = outputs[-1] if outputs else t
@@ -108,10 +118,10 @@ class FusedFeatureMaps(nn.Module):
                 m = segment(m)
                 outputs.append(m)
             steps.append(outputs)
-            f = segments[-1](m)
-            middle = w * m if middle is None else middle + w * m
-            final = w * f if final is None else final + w * f
-        return OrderedDict([("trunk", t), ("middle", middle), ("final", final)])
+            middles.append(m)
+            finals.append(segments[-1](m))
+        return OrderedDict([("trunk", t), ("middle", fuse_maps(middles, self.fusion_weights)),
+                            ("final", fuse_maps(finals, self.fusion_weights))])
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         return self._maps(x)

@@ -20,17 +20,25 @@ convolution results by float rounding at most. It is used only where it wins
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
-from typing import Any
+from collections.abc import Hashable
 
 import torch
 from torch import Tensor, nn
 
-from mammo_core.detection.backbone import FusedFeatureMaps
+from mammo_core.detection.backbone import FusedFeatureMaps, fuse_maps
 from mammo_core.detection.task_graph import Task, TaskGraph
 from mammo_core.detection.worker_pool import concurrent_workers
 
 TRUNK = "trunk"  # the graph's input: the trunk's output, computed before the branches (in bands of rows)
+
+
+def parameter_cost(module: nn.Module, pixels: float = 1.0) -> float:
+    """A task's cost estimate: its parameters times the pixels it works on (relative), plus one.
+
+    At one map size a convolution's work is its parameter count times the pixels; the one keeps tasks
+    without parameters (sums) ordered after real work but above nothing.
+    """
+    return 1.0 + pixels * sum(p.numel() for p in module.parameters())
 
 
 def segment_producers(plan: list[tuple[int, int]], lengths: list[int]) -> dict[tuple[int, int], tuple[int, int]]:
@@ -65,19 +73,13 @@ def branch_tasks(plan: list[tuple[int, int]], segments: list[list[nn.Module]], f
     for (branch, i), made_by in producer.items():
         if made_by == (branch, i):
             module = segments[branch][i]
-            cost = 1.0 + sum(p.numel() for p in module.parameters())
-            tasks.append(Task((branch, i), runner(module, input_of(branch, i)), (input_of(branch, i),), cost))
+            tasks.append(Task((branch, i), runner(module, input_of(branch, i)), (input_of(branch, i),),
+                              parameter_cost(module)))
     middles = [input_of(b, len(s) - 1) for b, s in enumerate(segments)]  # each branch's map before its tail
     finals = [producer[(b, len(s) - 1)] for b, s in enumerate(segments)]
 
     def weighted_sum(keys: list[Hashable]):
-        def run(results: Mapping[Hashable, Any]) -> Tensor:
-            total: Tensor | None = None
-            for key, w in zip(keys, fusion_weights, strict=True):
-                total = w * results[key] if total is None else total + w * results[key]
-            assert total is not None
-            return total
-        return run
+        return lambda results: fuse_maps([results[key] for key in keys], fusion_weights)
 
     tasks.append(Task("middle", weighted_sum(middles), tuple(dict.fromkeys(middles))))
     tasks.append(Task("final", weighted_sum(finals), tuple(dict.fromkeys(finals))))

@@ -29,7 +29,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork
 
 from mammo_core.detection.backbone import FusedBackbone
-from mammo_core.detection.concurrent_branches import TRUNK, ConcurrentBranchMaps
+from mammo_core.detection.concurrent_branches import TRUNK, ConcurrentBranchMaps, parameter_cost
 from mammo_core.detection.task_graph import Task
 
 LEVEL_INPUTS = (TRUNK, "middle", "final")  # the branch graph's results that feed the FPN, finest first
@@ -59,14 +59,11 @@ def fpn_tasks(fpn: FeaturePyramidNetwork, sources: Sequence[Hashable], level_wor
     def merged_key(i: int) -> tuple[str, int]:
         return ("fpn_lateral", i) if i == top else ("fpn_merged", i)
 
-    def work(block: nn.Module, i: int) -> float:
-        return 1.0 + level_work[i] * sum(p.numel() for p in block.parameters())
-
-    tasks = [Task(("fpn_lateral", i), lateral(i), (source,), work(fpn.inner_blocks[i], i))
+    tasks = [Task(("fpn_lateral", i), lateral(i), (source,), parameter_cost(fpn.inner_blocks[i], level_work[i]))
              for i, source in enumerate(sources)]
     tasks += [Task(("fpn_merged", i), merged(i), (("fpn_lateral", i), merged_key(i + 1)))
               for i in range(top - 1, -1, -1)]
-    tasks += [Task(("fpn_output", i), output(i), (merged_key(i),), work(fpn.layer_blocks[i], i))
+    tasks += [Task(("fpn_output", i), output(i), (merged_key(i),), parameter_cost(fpn.layer_blocks[i], level_work[i]))
               for i in range(top + 1)]
     return tasks
 
@@ -80,8 +77,8 @@ def rpn_head_tasks(head: RPNHead, levels: int, level_work: Sequence[float]) -> l
             return head.cls_logits(t), head.bbox_pred(t)
         return run
 
-    cost = sum(p.numel() for p in head.parameters())
-    return [Task(("rpn_head", i), predict(i), (("fpn_output", i),), 1.0 + level_work[i] * cost) for i in range(levels)]
+    return [Task(("rpn_head", i), predict(i), (("fpn_output", i),), parameter_cost(head, level_work[i]))
+            for i in range(levels)]
 
 
 class PrecomputedRPNHead(nn.Module):

@@ -43,14 +43,16 @@ def pooled_length(length: int, kernel: int, stride: int, padding: int, ceil_mode
     return out
 
 
+def _every(x: Tensor, dim: int, start: int, count: int, stride: int) -> Tensor:
+    """The view of ``count`` elements along ``dim``, from ``start``, ``stride`` apart."""
+    index: list[slice] = [slice(None)] * x.dim()
+    index[dim] = slice(start, start + stride * (count - 1) + 1, stride)
+    return x[tuple(index)]
+
+
 def _window_views(x: Tensor, dim: int, kernel: int, stride: int, out: int) -> list[Tensor]:
     """For each offset j < kernel, the view holding element j of every window along ``dim``."""
-    index: list[slice] = [slice(None)] * x.dim()
-    views = []
-    for j in range(kernel):
-        index[dim] = slice(j, j + stride * (out - 1) + 1, stride)
-        views.append(x[tuple(index)])
-    return views
+    return [_every(x, dim, j, out, stride) for j in range(kernel)]
 
 
 def max_along(x: Tensor, dim: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> Tensor:
@@ -70,9 +72,7 @@ def max_along(x: Tensor, dim: int, kernel: int, stride: int, padding: int, ceil_
     full = [j for j, first, last in ranges if first == 0 and last == out - 1]
 
     def view(j: int, first: int, last: int) -> Tensor:
-        start = stride * first + j - padding
-        return x.narrow(dim, start, stride * (last - first) + 1)[
-            (slice(None),) * dim + (slice(None, None, stride),)]
+        return _every(x, dim, stride * first + j - padding, last - first + 1, stride)
 
     if len(full) >= 2:
         result = torch.maximum(view(full[0], 0, out - 1), view(full[1], 0, out - 1))

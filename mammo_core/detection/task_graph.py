@@ -137,8 +137,3 @@ class TaskGraph:
             raise failed[0]
         return results
 
-
-def run_graph(tasks: Sequence[Task], workers: int, inference: bool,
-              given: Mapping[Hashable, Any] | None = None) -> dict[Hashable, Any]:
-    """:meth:`TaskGraph.run` of ``tasks`` once (``given``: the results that exist before any task runs)."""
-    return TaskGraph(tasks, tuple((given or {}).keys())).run(workers, inference, given)

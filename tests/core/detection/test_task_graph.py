@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from mammo_core.detection.task_graph import Task, critical_paths, run_graph
+from mammo_core.detection.task_graph import Task, TaskGraph, critical_paths
 
 
 def recorder(order: list[str], value=None):
@@ -35,7 +35,7 @@ def test_on_one_worker_ready_tasks_start_longest_path_first_and_after_their_inpu
     make = recorder(order)
     tasks = [Task("short", make("short"), (), 1.0), Task("long", make("long"), (), 1.0),
              Task("long2", make("long2"), ("long",), 10.0), Task("join", make("join"), ("short", "long2"), 1.0)]
-    results = run_graph(tasks, 1, inference=True)
+    results = TaskGraph(tasks).run(1, inference=True)
     assert order == ["long", "long2", "short", "join"]
     assert results == {"short": "short", "long": "long", "long2": "long2", "join": "join"}
 
@@ -53,7 +53,7 @@ def test_tasks_read_the_results_they_wait_for_and_run_on_two_workers():
 
     tasks = [Task("x", both_at_once(2)), Task("y", both_at_once(3)),
              Task("sum", lambda r: r["x"] + r["y"], ("x", "y"))]
-    assert run_graph(tasks, 2, inference=False)["sum"] == 5
+    assert TaskGraph(tasks).run(2, inference=False)["sum"] == 5
     assert len(threads) == 2 and all(t.startswith("mammo-worker") for t in threads)
 
 
@@ -66,5 +66,5 @@ def test_a_failing_task_raises_and_the_tasks_waiting_for_it_never_run():
     tasks = [Task("bad", fail), Task("ok", lambda r: ran.append("ok")),
              Task("after_bad", lambda r: ran.append("after_bad"), ("bad",))]
     with pytest.raises(RuntimeError, match="segment 3 failed"):
-        run_graph(tasks, 2, inference=True)
+        TaskGraph(tasks).run(2, inference=True)
     assert "after_bad" not in ran
